@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create or refresh ./.venv with gemserve and its test tools. Re-runs are quick: nothing is reinstalled
+# unless pyproject.toml changed since the last successful set-up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "gemserve needs Python 3.11 or newer")'
+[ -x .venv/bin/python ] || python3 -m venv .venv
+stamp=.venv/.gemserve-setup
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  # llama-cpp-python builds from source here (a few minutes the first time; pip caches the wheel).
+  .venv/bin/python -m pip install --quiet --progress-bar off -e '.[test]'
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,47 @@
+"""One place that turns exceptions into `google.rpc.Status` JSON: `{"error": {"code", "message", "status", "details"}}`.
+
+`ApiError`s keep their status; FastAPI's own validation errors become INVALID_ARGUMENT; unknown routes
+NOT_FOUND; anything unexpected is logged with its traceback and answered 500 INTERNAL without its text.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gemserve.errors import STATUS_CODES, ApiError, invalid_argument
+
+log = logging.getLogger("gemserve.api")
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.to_json(), status_code=error.code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header"))
+        return error_response(invalid_argument(f"Invalid value at '{field}': {first.get('msg')}", field))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code in (404, 405):
+            return error_response(ApiError("NOT_FOUND", "The requested URL was not found on this server."))
+        status = next((s for s, c in STATUS_CODES.items() if c == exc.status_code), "INVALID_ARGUMENT")
+        return error_response(ApiError(status, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(ApiError("INTERNAL", "An internal error has occurred."))

@@ -1,0 +1,122 @@
+"""Routes under `/{v1,v1beta}/models`: list, get, generateContent, streamGenerateContent, countTokens."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from gemserve.api.deps import CallerDep
+from gemserve.api.streaming import streaming_response, until_disconnect
+from gemserve.errors import ApiError, invalid_argument
+from gemserve.models.registry import ModelRegistry, ServedModel
+from gemserve.schema.content import CountTokensRequest, GenerateContentRequest
+from gemserve.schema.wire import parse_json_body, parse_model
+from gemserve.service import generation
+from gemserve.service.requests import conversation, plan_generation, prompt_tokens
+
+router = APIRouter()
+
+API_VERSIONS = ("v1", "v1beta")
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+GENERATION_METHODS = ["generateContent", "streamGenerateContent", "countTokens"]
+
+
+def registry_of(request: Request) -> ModelRegistry:
+    registry: ModelRegistry = request.app.state.registry
+    return registry
+
+
+def check_version(version: str) -> None:
+    if version not in API_VERSIONS:
+        raise ApiError("NOT_FOUND", "The requested URL was not found on this server.")
+
+
+def model_resource(model: ServedModel, name: str | None = None) -> dict[str, Any]:
+    spec = model.spec
+    return {
+        "name": f"models/{name or spec.id}",
+        "baseModelId": spec.id,
+        "version": spec.version,
+        "displayName": spec.display_name,
+        "description": spec.description,
+        "inputTokenLimit": model.input_token_limit,
+        "outputTokenLimit": model.output_token_limit,
+        "supportedGenerationMethods": GENERATION_METHODS,
+        "temperature": spec.temperature,
+        "maxTemperature": spec.max_temperature,
+        "topP": spec.top_p,
+        "topK": spec.top_k,
+    }
+
+
+@router.get("/{version}/models")
+async def list_models(version: str, request: Request, _: CallerDep,
+                      pageSize: int | None = None, pageToken: str | None = None) -> dict[str, Any]:  # noqa: N803
+    check_version(version)
+    size = DEFAULT_PAGE_SIZE if not pageSize else pageSize
+    if size < 0:
+        raise invalid_argument("page_size must not be negative.", "page_size")
+    size = min(size, MAX_PAGE_SIZE)
+    start = _decode_page_token(pageToken) if pageToken else 0
+    models = [model_resource(m) for m in registry_of(request).served()]
+    page: dict[str, Any] = {"models": models[start : start + size]}
+    if start + size < len(models):
+        page["nextPageToken"] = base64.urlsafe_b64encode(f"models:{start + size}".encode()).decode()
+    return page
+
+
+def _decode_page_token(token: str) -> int:
+    try:
+        kind, _, offset = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind == "models" and offset.isdigit():
+            return int(offset)
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise invalid_argument("page_token is not valid.", "page_token")
+
+
+@router.get("/{version}/models/{name}")
+async def get_model(version: str, name: str, request: Request, _: CallerDep) -> dict[str, Any]:
+    check_version(version)
+    if ":" in name:
+        raise ApiError("NOT_FOUND", "The requested URL was not found on this server.")
+    model = registry_of(request).get(name, "getModel", version)
+    return model_resource(model, name.removeprefix("models/"))
+
+
+@router.post("/{version}/models/{name_and_method}")
+async def call_model(version: str, name_and_method: str, request: Request, _: CallerDep) -> Response:
+    check_version(version)
+    name, _sep, method = name_and_method.partition(":")
+    if method not in GENERATION_METHODS:
+        raise ApiError("NOT_FOUND", "The requested URL was not found on this server.")
+    registry = registry_of(request)
+    model = registry.get(name, method, version)
+    body = parse_json_body(await request.body())
+    if method == "countTokens":
+        return JSONResponse(count_tokens(model, body))
+    parsed: GenerateContentRequest = parse_model(GenerateContentRequest, body, "GenerateContentRequest")
+    plan = plan_generation(model, parsed)
+    if method == "streamGenerateContent":
+        sse = request.query_params.get("alt") == "sse"
+        return await streaming_response(generation.stream(plan), sse)
+    return JSONResponse(await until_disconnect(request, generation.generate(plan)))
+
+
+def count_tokens(model: ServedModel, body: Any) -> dict[str, Any]:
+    """Tokens of the prompt exactly as generateContent would build it (chat format included)."""
+    parsed: CountTokensRequest = parse_model(CountTokensRequest, body, "CountTokensRequest")
+    if parsed.contents and parsed.generate_content_request is not None:
+        raise invalid_argument("contents and generate_content_request are mutually exclusive.", "contents")
+    if parsed.generate_content_request is not None:
+        inner = parsed.generate_content_request
+    elif parsed.contents:
+        inner = GenerateContentRequest(contents=parsed.contents)
+    else:
+        raise invalid_argument("* CountTokensRequest: contents or generate_content_request must be set.", "contents")
+    total = len(prompt_tokens(model, conversation(inner)))
+    return {"totalTokens": total, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": total}]}

@@ -1,0 +1,82 @@
+"""The two wire forms of streamGenerateContent, and stopping work when the client goes away.
+
+`alt=sse`: `data: <json>` lines, each followed by a blank line (google-genai, curl examples).
+Otherwise: one JSON array sent element by element (google-generativeai's REST transport).
+The first element is produced before the response starts, so an error that happens before any output still
+gets its proper status code; a later error is sent in-band as the stream's last element.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from gemserve.errors import ApiError
+
+log = logging.getLogger("gemserve.api")
+T = TypeVar("T")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+async def streaming_response(chunks: AsyncIterator[dict[str, Any]], sse: bool) -> StreamingResponse:
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = None
+
+    async def body() -> AsyncIterator[str]:
+        if not sse:
+            yield "["
+        sent = 0
+        pending = [first] if first is not None else []
+        try:
+            while True:
+                for chunk in pending:
+                    yield _frame(chunk, sse, sent)
+                    sent += 1
+                pending = [await anext(chunks)]
+        except StopAsyncIteration:
+            pass
+        except ApiError as exc:
+            yield _frame(exc.to_json(), sse, sent)
+        except Exception:
+            log.exception("stream failed")
+            yield _frame(ApiError("INTERNAL", "An internal error has occurred.").to_json(), sse, sent)
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+        if not sse:
+            yield "]"
+
+    media = "text/event-stream" if sse else "application/json"
+    return StreamingResponse(body(), media_type=media, headers={"Cache-Control": "no-cache"})
+
+
+def _frame(chunk: dict[str, Any], sse: bool, index: int) -> str:
+    if sse:
+        return f"data: {_dumps(chunk)}\r\n\r\n"
+    return ("" if index == 0 else ",\r\n") + _dumps(chunk)
+
+
+async def until_disconnect(request: Request, work: Awaitable[T], poll_seconds: float = 0.25) -> T:
+    """Run `work`, cancelling it if the client disconnects first (so an abandoned generation stops)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_seconds)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ApiError("CANCELLED", "The client closed the request.")
+    finally:
+        if not task.done():
+            task.cancel()

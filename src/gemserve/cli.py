@@ -1,0 +1,110 @@
+"""The `gemserve` command: `serve` runs the API server; `models` lists what a configuration would serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from gemserve.config import Settings, api_keys_from_env, config_file_from, parse_aliases
+from gemserve.models.catalog import CatalogError, ModelSpec, load_catalog
+
+_STANDARD_RECORD_KEYS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's `extra` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD_RECORD_KEYS})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="gemserve", description="A self-hosted Gemini API server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the Gemini API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    _add_model_flags(serve)
+    serve.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
+    serve.add_argument("--max-sequences", type=int, default=8, help="sequences decoded together per model")
+    serve.add_argument("--context-size", type=int, default=None,
+                       help="KV cache tokens shared by a model's sequences (default: the model's window)")
+    serve.add_argument("--log-level", default="info")
+
+    listing = commands.add_parser("models", help="list the models and aliases a configuration serves")
+    _add_model_flags(listing)
+
+    args = parser.parse_args(argv)
+    data_dir = Path(args.data_dir).expanduser().resolve()
+    try:
+        catalog = load_catalog(config_file_from(args.config, data_dir), parse_aliases(args.alias))
+    except CatalogError as exc:
+        raise SystemExit(f"gemserve: {exc}") from None
+    if args.command == "models":
+        for spec in catalog.models.values():
+            names = [a for a, target in catalog.aliases.items() if target == spec.id]
+            print(f"models/{spec.id}\t{spec.path or 'packaged'}\taliases: {', '.join(names) or '-'}")
+        return
+    settings = Settings(
+        data_dir=data_dir, host=args.host, port=args.port, api_keys=api_keys_from_env(),
+        config_file=args.config, aliases=catalog.aliases, threads=args.threads,
+        max_sequences=args.max_sequences, context_size=args.context_size,
+    )
+    _serve(settings, catalog, args.log_level)
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default="./data", help="where models, caches and records live")
+    parser.add_argument("--config", default=None, help="model configuration (TOML); default: "
+                        "$GEMSERVE_CONFIG or <data-dir>/gemserve.toml")
+    parser.add_argument("--alias", action="append", default=[], metavar="NAME=MODEL",
+                        help="serve MODEL under another name too, e.g. gemini-2.0-flash=gemma-3-270m")
+
+
+def _serve(settings: Settings, catalog, log_level: str) -> None:  # type: ignore[no-untyped-def]
+    import uvicorn
+
+    from gemserve.api.app import create_app
+    from gemserve.engine.backends.llamacpp import LlamaCppEngine
+    from gemserve.models.registry import ModelRegistry
+
+    setup_logging(log_level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def engine_factory(path: Path, spec: ModelSpec) -> LlamaCppEngine:
+        return LlamaCppEngine(path, context_size=spec.context_size or settings.context_size,
+                              max_sequences=settings.max_sequences, threads=settings.threads)
+
+    registry = ModelRegistry(catalog, settings.data_dir, engine_factory)
+    registry.load_all()
+    if settings.open_mode:
+        logging.getLogger("gemserve").warning(
+            "open local mode: no API keys configured (set GEMSERVE_API_KEYS to require keys)")
+    app = create_app(settings, registry)
+    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_config=None,
+                timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

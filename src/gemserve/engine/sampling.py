@@ -1,0 +1,99 @@
+"""Choosing the next token from a row of logits: a pure function of the logits, the parameters and an RNG.
+
+Order of operations, as in llama.cpp and the Gemini API's description: presence/frequency penalties on the
+tokens generated so far, then temperature, top-k, top-p (nucleus) and a draw. Temperature 0 is greedy.
+Reported log-probabilities are those of the model's own distribution (log-softmax of the raw logits, before
+penalties and temperature), so they can be checked against the model and compared across settings.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from gemserve.engine.types import SamplingParams
+
+_NUCLEUS_FIRST_K = 256
+_DIRECT_K = 4096
+
+
+@dataclass(frozen=True)
+class Choice:
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - float(np.max(logits))
+    return shifted - np.log(np.sum(np.exp(shifted)))
+
+
+def sample(logits: np.ndarray, params: SamplingParams, generated: Counter[int], rng: np.random.Generator) -> Choice:
+    """Pick a token from `logits` (shape [vocab]); `generated` counts the tokens this sequence produced so far."""
+    scores = _penalized(logits, params, generated)
+    if params.temperature <= 0.0 or params.top_k == 1:
+        token = int(np.argmax(scores))
+    else:
+        token = _draw(scores, params, rng)
+    if params.logprobs is None:
+        return Choice(token, None, ())
+    logprobs = log_softmax(logits)
+    top: tuple[tuple[int, float], ...] = ()
+    if params.logprobs > 0:
+        k = min(params.logprobs, logprobs.shape[0])
+        best = np.argpartition(-logprobs, k - 1)[:k]
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        top = tuple((int(t), float(logprobs[t])) for t in best)
+    return Choice(token, float(logprobs[token]), top)
+
+
+def _penalized(logits: np.ndarray, params: SamplingParams, generated: Counter[int]) -> np.ndarray:
+    if not generated or (params.presence_penalty == 0.0 and params.frequency_penalty == 0.0):
+        return logits
+    scores = np.array(logits, dtype=np.float32, copy=True)
+    tokens = np.fromiter(generated.keys(), dtype=np.int64, count=len(generated))
+    counts = np.fromiter(generated.values(), dtype=np.float32, count=len(generated))
+    scores[tokens] -= params.presence_penalty + params.frequency_penalty * counts
+    return scores
+
+
+def _draw(scores: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    vocab = scores.shape[0]
+    k = params.top_k if 0 < params.top_k < vocab else vocab
+    temperature = params.temperature
+    if params.top_p >= 1.0 and k == vocab:
+        scaled = scores.astype(np.float64) / temperature
+        weights = np.exp(scaled - scaled.max())
+        return int(rng.choice(vocab, p=weights / weights.sum()))
+    if params.top_p >= 1.0 or k <= _DIRECT_K:
+        ids, weights = _head(scores, k, temperature)
+        total = float(weights.sum())
+    else:
+        # Nucleus over a huge vocabulary: the head of the sorted distribution is enough; grow it until it
+        # holds top_p of the mass. `total` is the whole distribution's mass in the same units as `weights`.
+        scaled = scores.astype(np.float64) / temperature
+        total = float(np.sum(np.exp(scaled - scaled.max())))
+        k_try = _NUCLEUS_FIRST_K
+        while True:
+            ids, weights = _head(scores, k_try, temperature)
+            if k_try >= k or weights.sum() >= params.top_p * total:
+                break
+            k_try = min(k, k_try * 4)
+    if params.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(weights), params.top_p * total)) + 1
+        ids, weights = ids[:keep], weights[:keep]
+    return int(ids[rng.choice(len(ids), p=weights / weights.sum())])
+
+
+def _head(scores: np.ndarray, k: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """The k best token ids, best first, with tempered weights relative to the best token's (which is 1)."""
+    if k < scores.shape[0]:
+        ids = np.argpartition(-scores, k - 1)[:k]
+    else:
+        ids = np.arange(scores.shape[0])
+    ids = ids[np.argsort(-scores[ids], kind="stable")]
+    scaled = scores[ids].astype(np.float64) / temperature
+    return ids, np.exp(scaled - scaled[0])

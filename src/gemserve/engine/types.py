@@ -1,0 +1,76 @@
+"""What the engine takes and gives: token ids in, token events out. No HTTP, no text, no JSON here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. `temperature == 0` is greedy decoding; `top_k == 0` means no top-k cut."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    # None: no log-probabilities; 0: only the chosen token's; n: also the n most likely tokens at each step.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: tuple[int, ...]
+    sampling: SamplingParams
+    max_new_tokens: int
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token, with its log-probability under the model's distribution when asked for."""
+
+    token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The sequence ended: `"STOP"` at the model's end-of-turn token, `"MAX_TOKENS"` at the budget."""
+
+    reason: str
+
+
+Event = TokenEvent | FinishEvent
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    context_length: int
+    vocab_size: int
+    bos_text: str  # the BOS token as chat templates spell it ("<bos>"), or "" for models without one
+    eos_text: str
+    chat_template: str | None
+    architecture: str
+
+
+class Engine(Protocol):
+    """A loaded model serving many generations at once. Implementations must not block the event loop."""
+
+    metadata: ModelMetadata
+
+    def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]: ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes a token stands for (a piece of UTF-8 that may end mid-character)."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Stream events for one sequence; closing the iterator early cancels the generation."""
+        ...
+
+    def close(self) -> None: ...

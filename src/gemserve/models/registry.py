@@ -1,0 +1,74 @@
+"""The models this server has loaded: each catalog entry with its engine and chat format.
+
+Every configured model is loaded at start-up, so the first request pays no loading time and a broken model
+file stops the server at once instead of failing a user's request later.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gemserve.engine.types import Engine
+from gemserve.errors import not_found
+from gemserve.models.catalog import Catalog, ModelSpec, packaged_default_gguf
+from gemserve.models.chat_format import ChatFormat
+
+log = logging.getLogger("gemserve.models")
+
+EngineFactory = Callable[[Path, ModelSpec], Engine]
+
+
+@dataclass
+class ServedModel:
+    spec: ModelSpec
+    engine: Engine
+    chat: ChatFormat
+
+    @property
+    def input_token_limit(self) -> int:
+        return self.engine.metadata.context_length
+
+    @property
+    def output_token_limit(self) -> int:
+        return min(self.spec.output_token_limit, self.engine.metadata.context_length)
+
+
+class ModelRegistry:
+    def __init__(self, catalog: Catalog, data_dir: Path, engine_factory: EngineFactory) -> None:
+        self.catalog = catalog
+        self._data_dir = data_dir
+        self._factory = engine_factory
+        self._served: dict[str, ServedModel] = {}
+
+    def load_all(self) -> None:
+        for spec in self.catalog.models.values():
+            started = time.perf_counter()
+            path = spec.path or packaged_default_gguf(self._data_dir)
+            engine = self._factory(path, spec)
+            meta = engine.metadata
+            chat = ChatFormat(meta.chat_template, meta.architecture, meta.bos_text, meta.eos_text)
+            self._served[spec.id] = ServedModel(spec, engine, chat)
+            log.info("model loaded", extra={"model": spec.id, "path": str(path),
+                                            "seconds": round(time.perf_counter() - started, 2)})
+
+    def get(self, name: str, method: str = "generateContent", api_version: str = "v1beta") -> ServedModel:
+        spec = self.catalog.resolve(name)
+        if spec is None or spec.id not in self._served:
+            shown = name if name.startswith("models/") else f"models/{name}"
+            raise not_found(
+                f"{shown} is not found for API version {api_version}, or is not supported for {method}. "
+                "Call ListModels to see the list of available models and their supported methods."
+            )
+        return self._served[spec.id]
+
+    def served(self) -> list[ServedModel]:
+        return list(self._served.values())
+
+    def close(self) -> None:
+        for model in self._served.values():
+            model.engine.close()
+        self._served.clear()

@@ -1,0 +1,177 @@
+"""How request bodies arrive on the wire and how they are turned into Python values.
+
+Google's JSON parser is more forgiving than `json.loads` in ways the official clients and the reference's curl
+examples rely on: a trailing comma, snake_case *and* camelCase names for every field, enums as names or
+numbers, a single object where a list is expected. This module handles the first two for the whole body;
+`OneOrMany` and `ProtoEnum` handle the others field by field. Keys the user defines (function arguments,
+function responses, schema property names, raw JSON schemas, labels) are never rewritten.
+
+It does not know the fields of any resource: that is the pydantic models' job (`gemserve.schema.*`), which
+reject unknown names the way Google does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Any, TypeVar
+
+import json5
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic.alias_generators import to_camel
+
+from gemserve.errors import ApiError, invalid_argument
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_NESTING = 64
+
+# Values under these keys belong to the user: no key inside them is renamed.
+_OPAQUE = frozenset({"args", "response", "responseJsonSchema", "parametersJsonSchema", "labels", "default",
+                     "example", "partialArgs"})
+# Maps whose keys are user-chosen names and whose values are schemas again.
+_NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions"})
+
+_SNAKE = re.compile(r"_([a-z0-9])")
+
+
+def camel(name: str) -> str:
+    """`mime_type` -> `mimeType`; names already in camelCase and `@type` are left alone."""
+    if name.startswith("_"):
+        return name
+    return _SNAKE.sub(lambda m: m.group(1).upper(), name)
+
+
+def snake(name: str) -> str:
+    """`generationConfig.maxOutputTokens` -> `generation_config.max_output_tokens`, as Google's messages spell it."""
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", lambda m: "_" + m.group(1).lower(), name)
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """Parse a request body; trailing commas are accepted as Google's parser accepts them."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError("INVALID_ARGUMENT", f"Request payload size exceeds the limit: {MAX_BODY_BYTES} bytes.")
+    if not raw.strip():
+        return {}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise invalid_argument("Invalid JSON payload received. Request body is not valid UTF-8.") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as strict_error:
+        try:
+            return json5.loads(text)
+        except (ValueError, RecursionError):
+            raise invalid_argument(
+                f"Invalid JSON payload received. {strict_error.msg} at line {strict_error.lineno} "
+                f"column {strict_error.colno}."
+            ) from None
+
+
+def camelize(value: Any, path: str = "", depth: int = 0) -> Any:
+    """Rename every field to camelCase, leaving user-defined keys untouched. Rejects a field given twice."""
+    if depth > MAX_NESTING:
+        raise invalid_argument(f"Invalid JSON payload received. Nesting deeper than {MAX_NESTING} levels.")
+    if isinstance(value, list):
+        return [camelize(item, path, depth + 1) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        name = camel(key)
+        if name in out:
+            where = f" at '{snake(path)}'" if path else ""
+            raise invalid_argument(
+                f'Invalid JSON payload received. Duplicate field "{key}"{where}.', snake(path) or None
+            )
+        child = f"{path}.{name}" if path else name
+        if name in _OPAQUE:
+            out[name] = item
+        elif name in _NAMED_SCHEMAS and isinstance(item, dict):
+            out[name] = {prop: camelize(schema, f"{child}.{prop}", depth + 1) for prop, schema in item.items()}
+        else:
+            out[name] = camelize(item, child, depth + 1)
+    return out
+
+
+class WireModel(BaseModel):
+    """A REST message: camelCase on the wire, unknown fields rejected as Google rejects them."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, dict) else value
+
+
+T = TypeVar("T")
+OneOrMany = Annotated[list[T], BeforeValidator(_as_list)]
+"""A repeated field that also accepts a single object in its place, as Google's parser does."""
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def enum_by_name_or_number(members: list[str]) -> Callable[[Any], Any]:
+    """Accept an enum as its name or as its proto number (google-generativeai sends numbers)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int):
+            return members[value] if 0 <= value < len(members) else value
+        if isinstance(value, str) and value.isdigit():
+            return convert(int(value))
+        return value
+
+    return convert
+
+
+def parse_model(model: type[BaseModel], body: Any, what: str) -> Any:
+    """Validate a camelized body into `model`, turning the first problem into Google's wording."""
+    if not isinstance(body, dict):
+        raise invalid_argument(f"Invalid JSON payload received. Expected an object for {what}.")
+    try:
+        return model.model_validate(camelize(body))
+    except ValidationError as exc:
+        raise _describe(exc) from None
+
+
+def _describe(exc: ValidationError) -> ApiError:
+    error = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in error["loc"]]
+    # pydantic reports list positions as numbers: fold them into the field name, `contents[0].parts`.
+    parts: list[str] = []
+    for piece in loc:
+        if piece.isdigit() and parts:
+            parts[-1] += f"[{piece}]"
+        elif not piece.startswith("function-") and "[" not in piece:
+            parts.append(piece)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        name = parts[-1] if parts else ""
+        parent = snake(".".join(parts[:-1]))
+        at = f" at '{parent}'" if parent else ""
+        message = f'Invalid JSON payload received. Unknown name "{name}"{at}: Cannot find field.'
+        return invalid_argument(message, parent or name)
+    field = snake(".".join(parts))
+    value = error.get("input")
+    shown = json.dumps(value)[:100] if _jsonable(value) else repr(value)[:100]
+    reason = error["msg"]
+    if kind == "enum" or kind == "literal_error":
+        reason = f"Invalid value. {reason}"
+    message = f"Invalid value at '{field}', {shown}: {reason}"
+    return invalid_argument(message, field)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,0 +1,205 @@
+"""Checking a GenerateContentRequest and turning it into a plan the engine can run.
+
+Everything a client can get wrong is caught here with a 400 naming the field, before any engine work: roles,
+empty contents, features this server does not offer yet, generation parameters out of range, a prompt longer
+than the model's window. What is accepted becomes a `GenerationPlan`: prompt tokens plus per-candidate engine
+requests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from gemserve.engine.types import GenerationRequest, SamplingParams
+from gemserve.errors import invalid_argument
+from gemserve.models.chat_format import Message
+from gemserve.models.registry import ServedModel
+from gemserve.schema.content import Content, GenerateContentRequest, GenerationConfig
+
+MAX_STOP_SEQUENCES = 5
+MAX_CANDIDATES = 8
+MAX_LOGPROBS = 20
+PENALTY_RANGE = 2.0
+GEMINI_HARM_CATEGORIES = {
+    "HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH", "HARM_CATEGORY_SEXUALLY_EXPLICIT",
+    "HARM_CATEGORY_DANGEROUS_CONTENT", "HARM_CATEGORY_CIVIC_INTEGRITY",
+}
+TEXT_MIME_TYPES = {"text/plain", ""}
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    model: ServedModel
+    prompt: tuple[int, ...]
+    candidates: tuple[GenerationRequest, ...]
+    stop_sequences: tuple[str, ...]
+    logprobs: int | None  # None: no logprobs in the response
+
+
+def conversation(request: GenerateContentRequest) -> list[Message]:
+    """The request's system instruction and turns as chat messages, with every part checked."""
+    messages: list[Message] = []
+    if request.system_instruction is not None:
+        text = _text_of(request.system_instruction, "system_instruction")
+        if text:
+            messages.append(Message("system", text))
+    if not request.contents:
+        raise invalid_argument("* GenerateContentRequest.contents: contents is not specified", "contents")
+    for i, content in enumerate(request.contents):
+        role = content.role or "user"
+        if role not in ("user", "model"):
+            raise invalid_argument(
+                f"Please use a valid role: user, model. (contents[{i}].role is {content.role!r})",
+                f"contents[{i}].role",
+            )
+        messages.append(Message("assistant" if role == "model" else "user", _text_of(content, f"contents[{i}]")))
+    return messages
+
+
+def _text_of(content: Content, where: str) -> str:
+    if not content.parts:
+        raise invalid_argument(f"* GenerateContentRequest.{where}.parts: contents.parts must not be empty.",
+                               f"{where}.parts")
+    texts = []
+    for j, part in enumerate(content.parts):
+        field = f"{where}.parts[{j}]"
+        if part.text is not None:
+            texts.append(part.text)
+            continue
+        if part.inline_data is not None or part.file_data is not None:
+            raise invalid_argument(f"{field}: this model accepts text only; images, audio, video and files "
+                                   "are not supported.", field)
+        if part.function_call is not None or part.function_response is not None:
+            raise invalid_argument(f"{field}: function calling is not supported by this server yet.", field)
+        if part.executable_code is not None or part.code_execution_result is not None:
+            raise invalid_argument(f"{field}: code execution is not supported by this server yet.", field)
+        raise invalid_argument(f"{field}: a part must contain data (set text).", field)
+    return "".join(texts)
+
+
+def check_unsupported(request: GenerateContentRequest) -> None:
+    """Reject features this server does not offer yet, rather than silently answering without them."""
+    if request.tools:
+        raise invalid_argument("tools: function calling, code execution and search tools are not supported "
+                               "by this server yet.", "tools")
+    if request.tool_config is not None:
+        raise invalid_argument("tool_config: tools are not supported by this server yet.", "tool_config")
+    if request.cached_content:
+        raise invalid_argument("cached_content: context caching is not supported by this server yet.",
+                               "cached_content")
+    seen: set[str] = set()
+    for i, setting in enumerate(request.safety_settings or []):
+        if setting.category not in GEMINI_HARM_CATEGORIES:
+            raise invalid_argument(f"safety_settings[{i}].category: {setting.category} is not a valid harm "
+                                   f"category for this model.", f"safety_settings[{i}].category")
+        if setting.category in seen:
+            raise invalid_argument(f"safety_settings[{i}]: {setting.category} is set more than once.",
+                                   f"safety_settings[{i}].category")
+        seen.add(setting.category)
+    config = request.generation_config
+    if config is None:
+        return
+    if (config.response_mime_type or "") not in TEXT_MIME_TYPES:
+        raise invalid_argument(f"generation_config.response_mime_type: {config.response_mime_type!r} is not "
+                               "supported by this server yet; use text/plain.", "generation_config.response_mime_type")
+    if config.response_schema is not None or config.response_json_schema is not None:
+        raise invalid_argument("generation_config.response_schema: structured output is not supported by this "
+                               "server yet.", "generation_config.response_schema")
+    if config.response_modalities and set(config.response_modalities) != {"TEXT"}:
+        raise invalid_argument("generation_config.response_modalities: this model only produces TEXT.",
+                               "generation_config.response_modalities")
+
+
+def _check_range(value: float | None, name: str, low: float, high: float) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value) or not low <= value <= high:
+        raise invalid_argument(f"generation_config.{name}: {value} is out of range; it must be between {low} "
+                               f"and {high} (inclusive).", f"generation_config.{name}")
+
+
+def sampling_settings(config: GenerationConfig | None, model: ServedModel) -> tuple[SamplingParams, int, int | None]:
+    """(sampling parameters, candidate count, logprobs setting) from a request's generation config."""
+    config = config or GenerationConfig()
+    spec = model.spec
+    _check_range(config.temperature, "temperature", 0.0, spec.max_temperature)
+    _check_range(config.top_p, "top_p", 0.0, 1.0)
+    _check_range(config.presence_penalty, "presence_penalty", -PENALTY_RANGE, PENALTY_RANGE)
+    _check_range(config.frequency_penalty, "frequency_penalty", -PENALTY_RANGE, PENALTY_RANGE)
+    if config.top_k is not None and config.top_k < 1:
+        raise invalid_argument(f"generation_config.top_k: {config.top_k} is invalid; it must be a positive "
+                               "integer.", "generation_config.top_k")
+    count = 1 if config.candidate_count is None else config.candidate_count
+    if not 1 <= count <= MAX_CANDIDATES:
+        raise invalid_argument(f"generation_config.candidate_count: {count} is out of range; it must be between 1 "
+                               f"and {MAX_CANDIDATES}.", "generation_config.candidate_count")
+    logprobs: int | None = None
+    if config.logprobs is not None and not config.response_logprobs:
+        raise invalid_argument("generation_config.logprobs: logprobs is only valid if response_logprobs is true.",
+                               "generation_config.logprobs")
+    if config.response_logprobs:
+        logprobs = config.logprobs or 0
+        if not 0 <= logprobs <= MAX_LOGPROBS:
+            raise invalid_argument(f"generation_config.logprobs: {logprobs} is out of range; it must be between 0 "
+                                   f"and {MAX_LOGPROBS}.", "generation_config.logprobs")
+    if config.seed is not None and not -(2**31) <= config.seed < 2**31:
+        raise invalid_argument("generation_config.seed: must be a 32-bit integer.", "generation_config.seed")
+    params = SamplingParams(
+        temperature=spec.temperature if config.temperature is None else config.temperature,
+        top_p=spec.top_p if config.top_p is None else config.top_p,
+        top_k=spec.top_k if config.top_k is None else config.top_k,
+        presence_penalty=config.presence_penalty or 0.0,
+        frequency_penalty=config.frequency_penalty or 0.0,
+        seed=config.seed,
+        logprobs=logprobs,
+    )
+    return params, count, logprobs
+
+
+def stop_sequences(config: GenerationConfig | None) -> tuple[str, ...]:
+    stops = tuple((config.stop_sequences if config else None) or ())
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise invalid_argument(f"generation_config.stop_sequences: at most {MAX_STOP_SEQUENCES} stop sequences are "
+                               f"allowed, got {len(stops)}.", "generation_config.stop_sequences")
+    for i, stop in enumerate(stops):
+        if not stop:
+            raise invalid_argument(f"generation_config.stop_sequences[{i}]: a stop sequence must not be empty.",
+                                   f"generation_config.stop_sequences[{i}]")
+    return stops
+
+
+def prompt_tokens(model: ServedModel, messages: list[Message]) -> list[int]:
+    text = model.chat.render(messages)
+    bos = model.engine.metadata.bos_text
+    has_bos = bool(bos) and text.startswith(bos)
+    return model.engine.tokenize(text, add_bos=bool(bos) and not has_bos, parse_special=True)
+
+
+def plan_generation(model: ServedModel, request: GenerateContentRequest, adapter: str | None = None) -> GenerationPlan:
+    check_unsupported(request)
+    config = request.generation_config
+    params, count, logprobs = sampling_settings(config, model)
+    stops = stop_sequences(config)
+    prompt = prompt_tokens(model, conversation(request))
+    limit = model.input_token_limit
+    if len(prompt) >= limit:
+        raise invalid_argument(f"The input token count ({len(prompt)}) exceeds the maximum number of tokens allowed "
+                               f"({limit}).", "contents")
+    max_new = model.output_token_limit if not config or not config.max_output_tokens else config.max_output_tokens
+    if config and config.max_output_tokens is not None and not 0 <= config.max_output_tokens <= model.output_token_limit:
+        raise invalid_argument(f"generation_config.max_output_tokens: {config.max_output_tokens} is out of range; it "
+                               f"must be between 1 and {model.output_token_limit}.",
+                               "generation_config.max_output_tokens")
+    max_new = min(max_new, limit - len(prompt))
+    candidates = tuple(
+        GenerationRequest(
+            prompt=tuple(prompt),
+            # Each candidate draws from its own stream: seed, seed + 1, ... keeps the whole answer reproducible.
+            sampling=params if params.seed is None else replace(params, seed=params.seed + i),
+            max_new_tokens=max_new,
+            adapter=adapter,
+        )
+        for i in range(count)
+    )
+    return GenerationPlan(model, tuple(prompt), candidates, stops, logprobs)
