@@ -86,15 +86,25 @@ def _serve(settings: Settings, catalog, log_level: str) -> None:  # type: ignore
     import uvicorn
 
     from gemserve.api.app import create_app
-    from gemserve.engine.backends.llamacpp import LlamaCppEngine
+    from gemserve.engine.types import Engine
     from gemserve.models.registry import ModelRegistry
 
     setup_logging(log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
 
-    def engine_factory(path: Path, spec: ModelSpec) -> LlamaCppEngine:
-        return LlamaCppEngine(path, context_size=spec.context_size or settings.context_size,
-                              max_sequences=settings.max_sequences, threads=settings.threads)
+    def engine_factory(path: Path, spec: ModelSpec) -> Engine:
+        # A Hugging Face directory runs on transformers, a GGUF file on llama.cpp. Each backend is imported
+        # only when a model needs it: torch alone takes seconds to import.
+        context_size = spec.context_size or settings.context_size
+        if path.is_dir():
+            from gemserve.engine.backends.transformers import TransformersEngine
+
+            return TransformersEngine(path, context_size=context_size, max_sequences=settings.max_sequences,
+                                      threads=settings.threads)
+        from gemserve.engine.backends.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(path, context_size=context_size, max_sequences=settings.max_sequences,
+                              threads=settings.threads)
 
     registry = ModelRegistry(catalog, settings.data_dir, engine_factory)
     registry.load_all()

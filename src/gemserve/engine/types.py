@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
+class EngineError(RuntimeError):
+    """The engine could not run a sequence (out of context memory, or the engine thread died)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen. `temperature == 0` is greedy decoding; `top_k == 0` means no top-k cut."""

