@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from gemserve.engine.sampling import sample
 from gemserve.engine.types import (
@@ -70,15 +70,13 @@ class TransformersEngine:
         prefill_chunk: int = 256,
     ) -> None:
         transformers.utils.logging.disable_progress_bar()  # stderr carries JSON log lines only
-        if threads:
-            torch.set_num_threads(threads)
         try:
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise EngineError(f"transformers could not load {path}: {exc}") from exc
         self._model = model.eval()
+        self._threads = threads
         self._tokenizer: PreTrainedTokenizerBase = tokenizer
         self._added = dict(tokenizer.added_tokens_decoder)  # id -> AddedToken
         self._byte_level = _uses_byte_level(tokenizer)
@@ -86,6 +84,7 @@ class TransformersEngine:
         self._prefill_chunk = prefill_chunk
         self._max_sequences = max_sequences
 
+        config = model.config
         text_config = config.get_text_config()
         trained = getattr(text_config, "max_position_embeddings", None) or context_size
         if not trained:
@@ -199,6 +198,8 @@ class TransformersEngine:
     # ---- the engine thread --------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self._threads:  # torch's thread count is set per thread: this one runs the model
+            torch.set_num_threads(self._threads)
         try:
             with torch.inference_mode():  # thread-local, so it is entered here and not in __init__
                 while self._admit():
