@@ -233,6 +233,8 @@ def test_unservable_requests_raise_engine_error(engine: TransformersEngine) -> N
         asyncio.run(collect(engine, adapter))
     with pytest.raises(EngineError, match="tokens of context"):
         asyncio.run(collect(engine, request([1] * 100, 100)))
+    with pytest.raises(EngineError, match="no tokens"):
+        asyncio.run(collect(engine, request([], 1)))
 
 
 def test_metadata_comes_from_config_and_tokenizer(engine: TransformersEngine) -> None:

@@ -160,8 +160,10 @@ class TransformersEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if request.adapter is not None:
             raise EngineError("this engine does not serve LoRA adapters yet")
+        if not request.prompt:
+            raise EngineError("the prompt has no tokens")
         needed = len(request.prompt) + request.max_new_tokens - 1
-        if not request.prompt or needed > self.metadata.context_length:
+        if needed > self.metadata.context_length:
             raise EngineError(f"the request needs {needed} tokens of context; the model has "
                               f"{self.metadata.context_length}")
         loop = asyncio.get_running_loop()
