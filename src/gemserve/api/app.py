@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gemserve.api import models
 from gemserve.api.errors import install_error_handlers
@@ -15,6 +16,34 @@ from gemserve.config import Settings
 from gemserve.models.registry import ModelRegistry
 
 log = logging.getLogger("gemserve.http")
+
+
+class RequestLog:
+    """One log line per request: method, path, status, time. A plain ASGI middleware, because Starlette's
+    BaseHTTPMiddleware would hide client disconnects from the routes (and they cancel generations).
+    The path only: the query string may carry the API key (`?key=`), and bodies are the user's data."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            log.info("request", extra={"method": scope["method"], "path": scope["path"], "status": status,
+                                       "ms": round((time.perf_counter() - started) * 1000, 1)})
 
 
 def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
@@ -35,14 +64,6 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     install_error_handlers(app)
     app.include_router(models.router)
 
-    @app.middleware("http")
-    async def request_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        # The path only: the query string may carry the API key (`?key=`), and bodies are the user's data.
-        started = time.perf_counter()
-        response = await call_next(request)
-        log.info("request", extra={"method": request.method, "path": request.url.path,
-                                   "status": response.status_code,
-                                   "ms": round((time.perf_counter() - started) * 1000, 1)})
-        return response
+    app.add_middleware(RequestLog)
 
     return app

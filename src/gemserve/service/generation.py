@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gemserve.engine.types import Event, FinishEvent, TokenEvent
+from gemserve.engine.types import EngineError, Event, FinishEvent, TokenEvent
+from gemserve.errors import ApiError
 from gemserve.service.requests import GenerationPlan
 from gemserve.service.text import TextStream
 
@@ -82,6 +83,8 @@ class Generation:
                 if event is None:
                     live -= 1
                     continue
+                if isinstance(event, EngineError):
+                    raise ApiError("UNAVAILABLE", f"The model could not finish this request: {event}") from event
                 if isinstance(event, BaseException):
                     raise event
                 delta = self._apply(self.candidates[index], event)
