@@ -21,7 +21,8 @@ def test_field_given_in_both_spellings_is_rejected() -> None:
 
 
 def test_trailing_commas_are_accepted_like_googles_parser() -> None:
-    assert parse_json_body(b'{"contents": [{"parts": [{"text": "hi"}]},],}') == {"contents": [{"parts": [{"text": "hi"}]}]}
+    parsed = parse_json_body(b'{"contents": [{"parts": [{"text": "hi"}]},],}')
+    assert parsed == {"contents": [{"parts": [{"text": "hi"}]}]}
 
 
 def test_broken_json_names_the_position() -> None:

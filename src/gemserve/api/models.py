@@ -57,7 +57,7 @@ def model_resource(model: ServedModel, name: str | None = None) -> dict[str, Any
 async def list_models(version: str, request: Request, _: CallerDep,
                       pageSize: int | None = None, pageToken: str | None = None) -> dict[str, Any]:  # noqa: N803
     check_version(version)
-    size = DEFAULT_PAGE_SIZE if not pageSize else pageSize
+    size = pageSize or DEFAULT_PAGE_SIZE
     if size < 0:
         raise invalid_argument("page_size must not be negative.", "page_size")
     size = min(size, MAX_PAGE_SIZE)

@@ -34,10 +34,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def sample(logits: np.ndarray, params: SamplingParams, generated: Counter[int], rng: np.random.Generator) -> Choice:
     """Pick a token from `logits` (shape [vocab]); `generated` counts the tokens this sequence produced so far."""
     scores = _penalized(logits, params, generated)
-    if params.temperature <= 0.0 or params.top_k == 1:
-        token = int(np.argmax(scores))
-    else:
-        token = _draw(scores, params, rng)
+    greedy = params.temperature <= 0.0 or params.top_k == 1
+    token = int(np.argmax(scores)) if greedy else _draw(scores, params, rng)
     if params.logprobs is None:
         return Choice(token, None, ())
     logprobs = log_softmax(logits)
@@ -90,10 +88,7 @@ def _draw(scores: np.ndarray, params: SamplingParams, rng: np.random.Generator) 
 
 def _head(scores: np.ndarray, k: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
     """The k best token ids, best first, with tempered weights relative to the best token's (which is 1)."""
-    if k < scores.shape[0]:
-        ids = np.argpartition(-scores, k - 1)[:k]
-    else:
-        ids = np.arange(scores.shape[0])
+    ids = np.argpartition(-scores, k - 1)[:k] if k < scores.shape[0] else np.arange(scores.shape[0])
     ids = ids[np.argsort(-scores[ids], kind="stable")]
     scaled = scores[ids].astype(np.float64) / temperature
     return ids, np.exp(scaled - scaled[0])

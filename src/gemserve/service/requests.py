@@ -88,7 +88,7 @@ def check_unsupported(request: GenerateContentRequest) -> None:
     if request.cached_content:
         raise invalid_argument("cached_content: context caching is not supported by this server yet.",
                                "cached_content")
-    seen: set[str] = set()
+    seen: set[str | None] = set()
     for i, setting in enumerate(request.safety_settings or []):
         if setting.category not in GEMINI_HARM_CATEGORIES:
             raise invalid_argument(f"safety_settings[{i}].category: {setting.category} is not a valid harm "
@@ -186,12 +186,11 @@ def plan_generation(model: ServedModel, request: GenerateContentRequest, adapter
     if len(prompt) >= limit:
         raise invalid_argument(f"The input token count ({len(prompt)}) exceeds the maximum number of tokens allowed "
                                f"({limit}).", "contents")
-    max_new = model.output_token_limit if not config or not config.max_output_tokens else config.max_output_tokens
-    if config and config.max_output_tokens is not None and not 0 <= config.max_output_tokens <= model.output_token_limit:
-        raise invalid_argument(f"generation_config.max_output_tokens: {config.max_output_tokens} is out of range; it "
-                               f"must be between 1 and {model.output_token_limit}.",
-                               "generation_config.max_output_tokens")
-    max_new = min(max_new, limit - len(prompt))
+    requested = config.max_output_tokens if config else None  # 0 is proto3's "unset"
+    if requested is not None and not 0 <= requested <= model.output_token_limit:
+        raise invalid_argument(f"generation_config.max_output_tokens: {requested} is out of range; it must be "
+                               f"between 1 and {model.output_token_limit}.", "generation_config.max_output_tokens")
+    max_new = min(requested or model.output_token_limit, limit - len(prompt))
     candidates = tuple(
         GenerationRequest(
             prompt=tuple(prompt),
