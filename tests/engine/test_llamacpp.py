@@ -113,3 +113,24 @@ def test_seeded_sampling_reproduces(engine: LlamaCppEngine) -> None:
     first, _ = asyncio.run(run(engine, request(engine, "My favourite animal is", 20, params)))
     second, _ = asyncio.run(run(engine, request(engine, "My favourite animal is", 20, params)))
     assert [t.token for t in first] == [t.token for t in second]
+
+
+def test_a_conversation_reuses_its_cached_prefix(engine: LlamaCppEngine, default_gguf: Path) -> None:
+    first = request(engine, "The history of Rome begins with a small settlement on the Tiber", 8)
+    tokens, _ = asyncio.run(run(engine, first))
+    before = engine.reused_tokens
+    follow_up = list(first.prompt) + [t.token for t in tokens] + engine.tokenize(" and then", add_bos=False,
+                                                                                  parse_special=False)
+    params = SamplingParams(temperature=0.0, logprobs=1)
+    second, _ = asyncio.run(run(engine, GenerationRequest(tuple(follow_up), params, 6)))
+    assert engine.reused_tokens - before >= len(first.prompt)
+    # What the reused cache gives must be what the model gives on the whole sequence.
+    reference = llama_cpp.Llama(str(default_gguf), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    try:
+        sequence = follow_up + [t.token for t in second]
+        reference.eval(sequence)
+        scores = np.array(reference.scores[: len(sequence)])
+    finally:
+        reference.close()
+    gaps = [abs(t.logprob - float(log_softmax(scores[len(follow_up) - 1 + i])[t.token])) for i, t in enumerate(second)]
+    assert max(gaps) < 0.5 and sum(gaps) / len(gaps) < 0.15

@@ -1,61 +1,39 @@
 """The llama.cpp engine: one loaded GGUF model serving many sequences with continuous batching.
 
-One thread owns the llama.cpp context. Each step it takes every running sequence's next token plus chunks of
-waiting prompts (up to `n_ubatch` tokens in all) into one batch, runs a single forward pass, and samples only
-where a token is due: logits are requested for a prompt's last token and for decoding tokens, nowhere else.
-Sequences join and leave between steps. Events go back to each request's asyncio queue; a request that goes
-away (client disconnect, stop sequence) is dropped at the next step and its KV cache cells freed.
+One thread owns the llama.cpp context. Each step it takes the running sequences of one LoRA adapter (or of the
+base model) - every decoding sequence's next token plus chunks of waiting prompts, up to `ubatch` tokens in
+all - into one batch, runs a single forward pass, and samples only where a token is due: logits are requested
+for a prompt's last token and for decoding tokens, nowhere else. Sequences join and leave between steps; when
+several adapters have work, steps take turns between them (llama.cpp applies adapters per context, not per
+sequence). Events go back to each request's asyncio queue; a request that goes away (client disconnect, stop
+sequence) is dropped at the next step.
+
+A finished sequence's cache is kept (least recently used first out) so that a later request that starts with
+the same tokens - the next turn of a conversation, the same long instructions - only computes what is new.
 
 ctypes releases the GIL during `llama_decode`, so the event loop keeps serving HTTP while a step runs.
-Not here: text, chat formats, stop sequences (the service layer), and LoRA adapters (not yet).
+Not here: text, chat formats, stop sequences (the service layer).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
-import os
 import threading
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import llama_cpp as llama
 import numpy as np
 
+from gemserve.engine.backends.llamacpp_model import LlamaModel
 from gemserve.engine.sampling import sample
-from gemserve.engine.types import (
-    EngineError,
-    Event,
-    FinishEvent,
-    GenerationRequest,
-    ModelMetadata,
-    TokenEvent,
-)
+from gemserve.engine.types import EngineError, Event, FinishEvent, GenerationRequest, TokenEvent
 
 log = logging.getLogger("gemserve.engine")
 
-_backend_lock = threading.Lock()
-_backend_ready = False
-
-
-@llama.llama_log_callback
-def _forward_log(level: int, text: bytes, _: ctypes.c_void_p) -> None:
-    """llama.cpp talks a lot while loading; its lines go to our log at debug level (errors at error level)."""
-    message = text.decode("utf-8", errors="replace").rstrip()
-    if message:
-        log.log(logging.ERROR if level == 3 else logging.DEBUG, "llama.cpp: %s", message)
-
-
-def _init_backend() -> None:
-    global _backend_ready
-    with _backend_lock:
-        if not _backend_ready:
-            llama.llama_log_set(_forward_log, ctypes.c_void_p(0))
-            llama.llama_backend_init()
-            _backend_ready = True
+MIN_REUSED_PREFIX = 8  # shorter common prefixes are not worth a cache slot
 
 
 @dataclass(eq=False)
@@ -64,64 +42,35 @@ class _Sequence:
     emit: Callable[[Event | BaseException], None]
     rng: np.random.Generator
     seq_id: int = -1
-    n_past: int = 0  # tokens of this sequence already in the KV cache
+    history: list[int] = field(default_factory=list)  # tokens whose keys and values are in the cache
     pending: list[int] = field(default_factory=list)  # tokens to feed in the next steps
     generated: Counter[int] = field(default_factory=Counter)
     n_generated: int = 0
     cancelled: bool = False
 
 
+@dataclass
+class _Kept:
+    """The cache of a finished sequence, kept under its sequence id for reuse."""
+
+    tokens: list[int]
+    adapter: str | None
+
+
 class LlamaCppEngine:
     """Serves one GGUF model. `max_sequences` sequences decode together; more requests wait their turn."""
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        context_size: int | None = None,
-        max_sequences: int = 8,
-        threads: int | None = None,
-        ubatch: int = 512,
-    ) -> None:
-        _init_backend()
-        model_params = llama.llama_model_default_params()
-        model = llama.llama_model_load_from_file(str(path).encode(), model_params)
-        if not model:
-            raise EngineError(f"llama.cpp could not load {path}")
-        self._model = model
-        self._vocab = llama.llama_model_get_vocab(model)
-        self._n_vocab = llama.llama_vocab_n_tokens(self._vocab)
-        trained = llama.llama_model_n_ctx_train(model)
-        n_ctx = context_size or trained
-        threads = threads or os.cpu_count() or 1
-
-        ctx_params = llama.llama_context_default_params()
-        ctx_params.n_ctx = n_ctx
-        ctx_params.n_batch = ubatch
-        ctx_params.n_ubatch = ubatch
-        ctx_params.n_seq_max = max_sequences
-        ctx_params.kv_unified = True  # all sequences share the cache, so one long prompt may use it all
-        ctx_params.n_threads = threads
-        ctx_params.n_threads_batch = threads
-        ctx = llama.llama_init_from_model(model, ctx_params)
-        if not ctx:
-            llama.llama_model_free(model)
-            raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
-        self._ctx = ctx
-        self._memory = llama.llama_get_memory(ctx)
-        self._ubatch = ubatch
-        self._batch = llama.llama_batch_init(ubatch, 0, 1)
-        self._free_ids = list(range(max_sequences - 1, -1, -1))
-        self._piece_cache: dict[int, bytes] = {}
-
-        self.metadata = ModelMetadata(
-            context_length=min(n_ctx, trained),
-            vocab_size=self._n_vocab,
-            bos_text=self._token_text(llama.llama_vocab_bos(self._vocab)),
-            eos_text=self._token_text(llama.llama_vocab_eos(self._vocab)),
-            chat_template=self._meta("tokenizer.chat_template"),
-            architecture=self._meta("general.architecture") or "",
-        )
+    def __init__(self, path: Path, *, context_size: int | None = None, max_sequences: int = 8,
+                 threads: int | None = None, ubatch: int = 512) -> None:
+        # Twice as many llama.cpp sequence ids as running sequences: the other half holds kept prefixes.
+        self._llm = LlamaModel(path, context_size=context_size, sequences=2 * max_sequences, threads=threads,
+                               ubatch=ubatch)
+        self.metadata = self._llm.metadata
+        self._max_running = max_sequences
+        self._free_ids = list(range(2 * max_sequences - 1, -1, -1))
+        self._kept: OrderedDict[int, _Kept] = OrderedDict()
+        self._turn = 0
+        self.reused_tokens = 0  # prompt tokens served from kept caches, for tests and benchmarks
 
         self._cond = threading.Condition()
         self._incoming: deque[_Sequence] = deque()
@@ -131,47 +80,25 @@ class LlamaCppEngine:
         self._thread = threading.Thread(target=self._loop, name="gemserve-llamacpp", daemon=True)
         self._thread.start()
 
-    # ---- tokens -------------------------------------------------------------------------------------------
-
     def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        buf = (llama.llama_token * capacity)()
-        n = llama.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_bos, parse_special)
-        if n < 0:  # the buffer was too small: -n is the size needed
-            capacity = -n
-            buf = (llama.llama_token * capacity)()
-            n = llama.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_bos, parse_special)
-        return list(buf[:n])
+        return self._llm.tokenize(text, add_bos=add_bos, parse_special=parse_special)
 
     def token_bytes(self, token: int) -> bytes:
-        piece = self._piece_cache.get(token)
-        if piece is None:
-            buf = ctypes.create_string_buffer(64)
-            n = llama.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = llama.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
-            piece = buf.raw[:n]
-            self._piece_cache[token] = piece
-        return piece
+        return self._llm.token_bytes(token)
 
     def is_end_of_generation(self, token: int) -> bool:
-        return bool(llama.llama_vocab_is_eog(self._vocab, token))
-
-    # ---- generation ---------------------------------------------------------------------------------------
+        return self._llm.is_end_of_generation(token)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        if request.adapter is not None:
-            raise EngineError("this engine does not serve LoRA adapters yet")
+        if not request.prompt:
+            raise EngineError("the prompt has no tokens")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
 
         def emit(event: Event | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        seed = request.sampling.seed
-        rng = np.random.default_rng(seed if seed is not None else None)
+        rng = np.random.default_rng(request.sampling.seed)
         seq = _Sequence(request=request, emit=emit, rng=rng, pending=list(request.prompt))
         with self._cond:
             if self._failure is not None:
@@ -194,9 +121,7 @@ class LlamaCppEngine:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=30)
-        llama.llama_batch_free(self._batch)
-        llama.llama_free(self._ctx)
-        llama.llama_model_free(self._model)
+        self._llm.close()
 
     # ---- the engine thread --------------------------------------------------------------------------------
 
@@ -208,12 +133,13 @@ class LlamaCppEngine:
                         self._cond.wait()
                     if self._closed:
                         break
-                    while self._incoming and self._free_ids:
+                    admitted = []
+                    while self._incoming and len(self._running) + len(admitted) < self._max_running:
                         seq = self._incoming.popleft()
-                        if seq.cancelled:
-                            continue
-                        seq.seq_id = self._free_ids.pop()
-                        self._running.append(seq)
+                        if not seq.cancelled:
+                            admitted.append(seq)
+                for seq in admitted:
+                    self._admit(seq)
                 self._step()
         except BaseException as exc:  # the thread must never die silently: fail every waiting request
             log.exception("engine thread failed")
@@ -225,86 +151,112 @@ class LlamaCppEngine:
             for seq in waiting:
                 seq.emit(EngineError("the engine stopped while serving this request"))
 
+    def _admit(self, seq: _Sequence) -> None:
+        """Give `seq` a sequence id, starting from the kept cache that shares the longest prefix with it."""
+        prompt = seq.pending
+        best_id, best_len = -1, 0
+        for seq_id, kept in self._kept.items():
+            if kept.adapter == seq.request.adapter:
+                common = _common_prefix(kept.tokens, prompt)
+                if common > best_len:
+                    best_id, best_len = seq_id, common
+        best_len = min(best_len, len(prompt) - 1)  # the last prompt token is always fed, for its logits
+        if best_len >= MIN_REUSED_PREFIX and self._llm.forget(best_id, best_len):
+            del self._kept[best_id]
+            seq.seq_id = best_id
+            seq.history = prompt[:best_len]
+            seq.pending = prompt[best_len:]
+            self.reused_tokens += best_len
+        else:
+            seq.seq_id = self._free_ids.pop() if self._free_ids else self._evict_oldest_kept()
+            self._llm.forget(seq.seq_id)
+        self._running.append(seq)
+
     def _step(self) -> None:
         for seq in [s for s in self._running if s.cancelled]:
-            self._release(seq)
+            self._finish(seq)
         if not self._running:
             return
-        batch = self._batch
-        n = 0
-        plan: list[tuple[_Sequence, int]] = []  # (sequence, tokens it puts into this batch)
+        adapter = self._next_adapter()
+        try:
+            self._llm.use_adapter(adapter)
+        except EngineError as exc:
+            for seq in [s for s in self._running if s.request.adapter == adapter]:
+                seq.emit(exc)
+                self._finish(seq, keep=False)
+            return
+        entries: list[tuple[int, int, list[int], bool]] = []
+        plan: list[_Sequence] = []
+        room = self._llm.ubatch
         # Decoding sequences first (one token each), then prompt chunks in what room is left.
-        for seq in sorted(self._running, key=lambda s: len(s.pending) > 1):
-            chunk = seq.pending[: self._ubatch - n]
+        for seq in sorted((s for s in self._running if s.request.adapter == adapter), key=lambda s: len(s.pending)):
+            chunk = seq.pending[:room]
             if not chunk:
                 break
-            for i, token in enumerate(chunk):
-                batch.token[n + i] = token
-                batch.pos[n + i] = seq.n_past + i
-                batch.n_seq_id[n + i] = 1
-                batch.seq_id[n + i][0] = seq.seq_id
-                batch.logits[n + i] = False
-            n += len(chunk)
-            if len(chunk) == len(seq.pending):
-                batch.logits[n - 1] = True
-            plan.append((seq, len(chunk)))
-        batch.n_tokens = n
-        status = llama.llama_decode(self._ctx, batch)
-        if status != 0:
-            # llama.cpp restores the cache of a batch it could not place; nothing of ours moved yet.
-            self._drop_youngest(status)
+            entries.append((seq.seq_id, len(seq.history), chunk, len(chunk) == len(seq.pending)))
+            plan.append(seq)
+            room -= len(chunk)
+        if not self._llm.decode(entries):
+            self._make_room()
             return
         row = 0
-        for seq, size in plan:
-            seq.n_past += size
-            del seq.pending[:size]
-            row += size
-            if not seq.pending:
+        for seq, (_, _, chunk, wants_logits) in zip(plan, entries, strict=True):
+            seq.history.extend(chunk)
+            del seq.pending[: len(chunk)]
+            row += len(chunk)
+            if wants_logits:
                 self._advance(seq, row - 1)
 
+    def _next_adapter(self) -> str | None:
+        """Steps take turns between the adapters (None: the base model) that running sequences use."""
+        adapters = sorted({s.request.adapter for s in self._running}, key=lambda a: a or "")
+        self._turn = (self._turn + 1) % len(adapters)
+        return adapters[self._turn]
+
     def _advance(self, seq: _Sequence, row: int) -> None:
-        logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
-        choice = sample(logits, seq.request.sampling, seq.generated, seq.rng)
-        if self.is_end_of_generation(choice.token):
+        choice = sample(self._llm.logits(row), seq.request.sampling, seq.generated, seq.rng)
+        if self._llm.is_end_of_generation(choice.token):
             seq.emit(FinishEvent("STOP"))
-            self._release(seq)
+            self._finish(seq)
             return
         seq.generated[choice.token] += 1
         seq.n_generated += 1
         seq.emit(TokenEvent(choice.token, choice.logprob, choice.top))
         if seq.n_generated >= seq.request.max_new_tokens:
             seq.emit(FinishEvent("MAX_TOKENS"))
-            self._release(seq)
+            self._finish(seq)
             return
         seq.pending.append(choice.token)
 
-    def _drop_youngest(self, status: int) -> None:
-        """The batch did not fit the KV cache: give up the sequence with least context so the others go on."""
-        victim = min(self._running, key=lambda s: s.n_past)
-        log.warning("llama_decode returned %d; dropping the sequence with the least context", status)
-        victim.emit(EngineError("the server ran out of context memory for this request"))
-        self._release(victim)
-
-    def _release(self, seq: _Sequence) -> None:
-        llama.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+    def _finish(self, seq: _Sequence, keep: bool = True) -> None:
         self._running.remove(seq)
-        self._free_ids.append(seq.seq_id)
         seq.cancelled = True
+        if keep and len(seq.history) >= MIN_REUSED_PREFIX:
+            self._kept[seq.seq_id] = _Kept(seq.history, seq.request.adapter)
+        else:
+            self._llm.forget(seq.seq_id)
+            self._free_ids.append(seq.seq_id)
 
-    # ---- model facts --------------------------------------------------------------------------------------
+    def _evict_oldest_kept(self) -> int:
+        seq_id, _ = self._kept.popitem(last=False)
+        self._llm.forget(seq_id)
+        return seq_id
 
-    def _meta(self, key: str) -> str | None:
-        size = 1 << 16
-        buf = ctypes.create_string_buffer(size)
-        n = llama.llama_model_meta_val_str(self._model, key.encode(), buf, size)
-        if n < 0:
-            return None
-        if n >= size:
-            buf = ctypes.create_string_buffer(n + 1)
-            llama.llama_model_meta_val_str(self._model, key.encode(), buf, n + 1)
-        return buf.value.decode("utf-8", errors="replace")
+    def _make_room(self) -> None:
+        """The batch did not fit the KV cache: drop kept caches first, then the sequence with least context."""
+        if self._kept:
+            while self._kept:
+                self._free_ids.append(self._evict_oldest_kept())
+            return
+        victim = min(self._running, key=lambda s: len(s.history))
+        log.warning("KV cache full; dropping the sequence with the least context")
+        victim.emit(EngineError("the server ran out of context memory for this request"))
+        self._finish(victim, keep=False)
 
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return (llama.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,200 @@
+"""A thin, typed layer over llama-cpp-python's C API: one model, one context, its KV cache and LoRA adapters.
+
+It knows nothing of requests or scheduling (`llamacpp.py` does that); it turns the C calls the scheduler needs
+into Python methods with Python types. Every method must be called from one thread (the engine thread), except
+the token helpers, which only read the vocabulary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from pathlib import Path
+
+import llama_cpp as llama
+import numpy as np
+
+from gemserve.engine.types import EngineError, ModelMetadata
+
+log = logging.getLogger("gemserve.engine")
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+@llama.llama_log_callback
+def _forward_log(level: int, text: bytes, _: ctypes.c_void_p) -> None:
+    """llama.cpp talks a lot while loading; its lines go to our log at debug level (errors at error level)."""
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message:
+        log.log(logging.ERROR if level == 3 else logging.DEBUG, "llama.cpp: %s", message)
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama.llama_log_set(_forward_log, ctypes.c_void_p(0))
+            llama.llama_backend_init()
+            _backend_ready = True
+
+
+class LlamaModel:
+    def __init__(self, path: Path, *, context_size: int | None, sequences: int, threads: int | None,
+                 ubatch: int) -> None:
+        _init_backend()
+        model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
+        if not model:
+            raise EngineError(f"llama.cpp could not load {path}")
+        self._model = model
+        self._vocab = llama.llama_model_get_vocab(model)
+        self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+        trained = llama.llama_model_n_ctx_train(model)
+        n_ctx = context_size or trained
+        threads = threads or os.cpu_count() or 1
+
+        params = llama.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = ubatch
+        params.n_ubatch = ubatch
+        params.n_seq_max = sequences
+        params.kv_unified = True  # all sequences share the cache, so one long prompt may use it all
+        params.swa_full = True  # keep whole histories in sliding-window layers too, so prefixes can be reused
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        ctx = llama.llama_init_from_model(model, params)
+        if not ctx:
+            llama.llama_model_free(model)
+            raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
+        self._ctx = ctx
+        self._memory = llama.llama_get_memory(ctx)
+        self.ubatch = ubatch
+        self._batch = llama.llama_batch_init(ubatch, 0, 1)
+        self._adapters: dict[str, llama.llama_adapter_lora_p] = {}
+        self._active_adapter: str | None = None
+        self._pieces: dict[int, bytes] = {}
+        self.metadata = ModelMetadata(
+            context_length=min(n_ctx, trained),
+            vocab_size=self.n_vocab,
+            bos_text=self._token_text(llama.llama_vocab_bos(self._vocab)),
+            eos_text=self._token_text(llama.llama_vocab_eos(self._vocab)),
+            chat_template=self._meta("tokenizer.chat_template"),
+            architecture=self._meta("general.architecture") or "",
+        )
+
+    # ---- tokens (any thread) ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (llama.llama_token * capacity)()
+        n = llama.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_bos, parse_special)
+        if n < 0:  # the buffer was too small: -n is the size needed
+            capacity = -n
+            buf = (llama.llama_token * capacity)()
+            n = llama.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_bos, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            piece = buf.raw[:n]
+            self._pieces[token] = piece
+        return piece
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self._vocab, token))
+
+    # ---- forward passes (engine thread) -------------------------------------------------------------------
+
+    def decode(self, entries: list[tuple[int, int, list[int], bool]]) -> bool:
+        """One forward pass over `(seq_id, first position, tokens, want logits of the last)` entries.
+
+        False when the tokens did not fit the KV cache; llama.cpp then leaves the cache as it was."""
+        batch = self._batch
+        n = 0
+        for seq_id, start, tokens, want_logits in entries:
+            for i, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = start + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq_id
+                batch.logits[n] = False
+                n += 1
+            if want_logits:
+                batch.logits[n - 1] = True
+        batch.n_tokens = n
+        status = llama.llama_decode(self._ctx, batch)
+        if status < 0:
+            raise EngineError(f"llama_decode failed with status {status}")
+        return status == 0
+
+    def logits(self, row: int) -> np.ndarray:
+        """The logits of batch row `row` of the last decode (a view: use it before the next decode)."""
+        return np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
+
+    def forget(self, seq_id: int, start: int = 0) -> bool:
+        """Drop a sequence's cache from position `start` on; False if llama.cpp cannot cut it there."""
+        return bool(llama.llama_memory_seq_rm(self._memory, seq_id, start, -1))
+
+    # ---- LoRA adapters (engine thread) --------------------------------------------------------------------
+
+    def use_adapter(self, path: str | None) -> None:
+        """Make `path` (a llama.cpp LoRA GGUF) the adapter of the next forward passes; None for the base."""
+        if path == self._active_adapter:
+            return
+        if path is None:
+            llama.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            adapter = self._adapters.get(path)
+            if adapter is None:
+                adapter = llama.llama_adapter_lora_init(self._model, path.encode())
+                if not adapter:
+                    raise EngineError(f"llama.cpp could not load the adapter {path}")
+                self._adapters[path] = adapter
+            adapters = (llama.llama_adapter_lora_p_ctypes * 1)(adapter)
+            scales = (ctypes.c_float * 1)(1.0)
+            if llama.llama_set_adapters_lora(self._ctx, adapters, 1, scales) != 0:
+                raise EngineError(f"llama.cpp could not apply the adapter {path}")
+        self._active_adapter = path
+
+    def unload_adapter(self, path: str) -> None:
+        adapter = self._adapters.pop(path, None)
+        if adapter is not None:
+            if self._active_adapter == path:
+                self.use_adapter(None)
+            llama.llama_adapter_lora_free(adapter)
+
+    def close(self) -> None:
+        llama.llama_set_adapters_lora(self._ctx, None, 0, None)
+        for adapter in self._adapters.values():
+            llama.llama_adapter_lora_free(adapter)
+        self._adapters.clear()
+        llama.llama_batch_free(self._batch)
+        llama.llama_free(self._ctx)
+        llama.llama_model_free(self._model)
+
+    # ---- model facts --------------------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        size = 1 << 16
+        buf = ctypes.create_string_buffer(size)
+        n = llama.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+        if n < 0:
+            return None
+        if n >= size:
+            buf = ctypes.create_string_buffer(n + 1)
+            llama.llama_model_meta_val_str(self._model, key.encode(), buf, n + 1)
+        return buf.value.decode("utf-8", errors="replace")
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return (llama.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
