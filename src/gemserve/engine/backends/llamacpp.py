@@ -133,7 +133,7 @@ class LlamaCppEngine:
                         self._cond.wait()
                     if self._closed:
                         break
-                    admitted = []
+                    admitted: list[_Sequence] = []
                     while self._incoming and len(self._running) + len(admitted) < self._max_running:
                         seq = self._incoming.popleft()
                         if not seq.cancelled:

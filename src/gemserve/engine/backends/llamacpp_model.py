@@ -159,7 +159,7 @@ class LlamaModel:
                 if not adapter:
                     raise EngineError(f"llama.cpp could not load the adapter {path}")
                 self._adapters[path] = adapter
-            adapters = (llama.llama_adapter_lora_p_ctypes * 1)(adapter)
+            adapters = (llama.llama_adapter_lora_p_ctypes * 1)(adapter)  # type: ignore[misc]
             scales = (ctypes.c_float * 1)(1.0)
             if llama.llama_set_adapters_lora(self._ctx, adapters, 1, scales) != 0:
                 raise EngineError(f"llama.cpp could not apply the adapter {path}")
