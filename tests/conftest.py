@@ -87,3 +87,14 @@ def keyed_server(data_dir: Path, default_gguf: Path, tmp_path_factory: pytest.Te
     srv = start_server(data_dir, log, api_keys=f"{API_KEY},{OTHER_KEY}", extra=("--max-sequences", "2"))
     yield srv
     stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def registry_server(data_dir: Path, default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Keys required, no tuning worker: tuned models stay CREATING, for tests of the records and access rules."""
+    log = tmp_path_factory.mktemp("logs") / "registry.log"
+    own_data = tmp_path_factory.mktemp("registry-data")
+    (own_data / "models").symlink_to(default_gguf.parent)
+    srv = start_server(own_data, log, api_keys=f"{API_KEY},{OTHER_KEY}", extra=("--no-tuning-worker",))
+    yield srv
+    stop_server(srv)

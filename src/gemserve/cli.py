@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--max-sequences", type=int, default=8, help="sequences decoded together per model")
     serve.add_argument("--context-size", type=int, default=None,
                        help="KV cache tokens shared by a model's sequences (default: the model's window)")
+    serve.add_argument("--no-tuning-worker", action="store_true",
+                       help="do not run the tuning worker in this server (run `python -m gemserve.tuning.worker "
+                       "--data-dir D` elsewhere, or tuning jobs wait)")
     serve.add_argument("--log-level", default="info")
 
     listing = commands.add_parser("models", help="list the models and aliases a configuration serves")
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(
         data_dir=data_dir, host=args.host, port=args.port, api_keys=api_keys_from_env(),
         config_file=args.config, aliases=catalog.aliases, threads=args.threads,
-        max_sequences=args.max_sequences, context_size=args.context_size,
+        max_sequences=args.max_sequences, context_size=args.context_size, tuning_worker=not args.no_tuning_worker,
     )
     _serve(settings, catalog, args.log_level)
 

@@ -21,6 +21,7 @@ class Settings:
     threads: int | None = None  # engine threads; None: all cores
     max_sequences: int = 8  # sequences decoded together per model
     context_size: int | None = None  # KV cache tokens shared by all sequences; None: the model's window
+    tuning_worker: bool = True  # run the tuning worker beside the server
 
     @property
     def open_mode(self) -> bool:

@@ -10,10 +10,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gemserve.api import models
+from gemserve.api import models, tuned_models
 from gemserve.api.errors import install_error_handlers
 from gemserve.config import Settings
 from gemserve.models.registry import ModelRegistry
+from gemserve.service.tuned_models import TunedModels
+from gemserve.service.tuning_worker import WorkerSupervisor
+from gemserve.store.db import Database
+from gemserve.store.tuned_models import TunedModelStore
 
 log = logging.getLogger("gemserve.http")
 
@@ -53,16 +57,24 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if not registry.served():
             registry.load_all()
+        app.state.tuned_models.sweep()
+        supervisor = WorkerSupervisor(settings.data_dir)
+        if settings.tuning_worker:
+            supervisor.start()
         log.info("serving", extra={"models": [m.spec.id for m in registry.served()],
                                    "open_mode": settings.open_mode})
         yield
+        await supervisor.stop()
         registry.close()
 
     app = FastAPI(title="gemserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.registry = registry
+    store = TunedModelStore(Database(settings.data_dir / "gemserve.db"))
+    app.state.tuned_models = TunedModels(store, registry.catalog, settings.data_dir)
     install_error_handlers(app)
     app.include_router(models.router)
+    app.include_router(tuned_models.router)
 
     app.add_middleware(RequestLog)
 

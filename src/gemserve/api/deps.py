@@ -7,22 +7,14 @@ The key itself is never stored or logged: the caller is known by a digest of it.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from gemserve.config import Settings
 from gemserve.errors import ERROR_INFO_TYPE, ApiError
-
-LOCAL_OWNER = "local"
-
-
-@dataclass(frozen=True)
-class Caller:
-    owner: str  # a stable, non-secret id of the API key ("local" in open mode)
+from gemserve.identity import OPEN_MODE_CALLER, Caller, caller_for_key
 
 
 def settings_of(request: Request) -> Settings:
@@ -34,7 +26,7 @@ def caller(request: Request) -> Caller:
     settings = settings_of(request)
     key = request.headers.get("x-goog-api-key") or request.query_params.get("key")
     if settings.open_mode:
-        return Caller(LOCAL_OWNER)
+        return OPEN_MODE_CALLER
     if not key:
         raise ApiError(
             "PERMISSION_DENIED",
@@ -48,7 +40,7 @@ def caller(request: Request) -> Caller:
             [{"@type": ERROR_INFO_TYPE, "reason": "API_KEY_INVALID", "domain": "googleapis.com",
               "metadata": {"service": "generativelanguage.googleapis.com"}}],
         )
-    return Caller("key-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+    return caller_for_key(key)
 
 
 CallerDep = Annotated[Caller, Depends(caller)]

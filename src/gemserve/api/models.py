@@ -15,7 +15,7 @@ from gemserve.models.registry import ModelRegistry, ServedModel
 from gemserve.schema.content import CountTokensRequest, GenerateContentRequest
 from gemserve.schema.wire import parse_json_body, parse_model
 from gemserve.service import generation
-from gemserve.service.requests import conversation, plan_generation, prompt_tokens
+from gemserve.service.requests import Target, base_target, conversation, plan_generation, prompt_tokens
 
 router = APIRouter()
 
@@ -99,8 +99,13 @@ async def call_model(version: str, name_and_method: str, request: Request, _: Ca
     body = parse_json_body(await request.body())
     if method == "countTokens":
         return JSONResponse(count_tokens(model, body))
+    return await generate_response(request, method, base_target(model), body)
+
+
+async def generate_response(request: Request, method: str, target: Target, body: Any) -> Response:
+    """generateContent or streamGenerateContent (`alt=sse` or a JSON array) for a base or tuned model."""
     parsed: GenerateContentRequest = parse_model(GenerateContentRequest, body, "GenerateContentRequest")
-    plan = plan_generation(model, parsed)
+    plan = plan_generation(target, parsed)
     if method == "streamGenerateContent":
         sse = request.query_params.get("alt") == "sse"
         return await streaming_response(generation.stream(plan), sse)

@@ -132,7 +132,7 @@ class Generation:
         return {
             "candidates": candidates,
             "usageMetadata": self.usage(),
-            "modelVersion": self.plan.model.spec.id,
+            "modelVersion": self.plan.version,
             "responseId": self.response_id,
         }
 

@@ -29,8 +29,33 @@ TEXT_MIME_TYPES = {"text/plain", ""}
 
 
 @dataclass(frozen=True)
+class Defaults:
+    """Sampling defaults of what the request names: a model's, or a tuned model's own."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request generates with: a served base model, maybe a LoRA adapter on it, and what to call it."""
+
+    model: ServedModel
+    version: str  # the modelVersion responses report
+    defaults: Defaults
+    adapter: str | None = None
+
+
+def base_target(model: ServedModel) -> Target:
+    spec = model.spec
+    return Target(model, spec.id, Defaults(spec.temperature, spec.top_p, spec.top_k))
+
+
+@dataclass(frozen=True)
 class GenerationPlan:
     model: ServedModel
+    version: str
     prompt: tuple[int, ...]
     candidates: tuple[GenerationRequest, ...]
     stop_sequences: tuple[str, ...]
@@ -119,10 +144,11 @@ def _check_range(value: float | None, name: str, low: float, high: float) -> Non
                                f"and {high} (inclusive).", f"generation_config.{name}")
 
 
-def sampling_settings(config: GenerationConfig | None, model: ServedModel) -> tuple[SamplingParams, int, int | None]:
+def sampling_settings(config: GenerationConfig | None, target: Target) -> tuple[SamplingParams, int, int | None]:
     """(sampling parameters, candidate count, logprobs setting) from a request's generation config."""
     config = config or GenerationConfig()
-    spec = model.spec
+    spec = target.model.spec
+    defaults = target.defaults
     _check_range(config.temperature, "temperature", 0.0, spec.max_temperature)
     _check_range(config.top_p, "top_p", 0.0, 1.0)
     _check_range(config.presence_penalty, "presence_penalty", -PENALTY_RANGE, PENALTY_RANGE)
@@ -146,9 +172,9 @@ def sampling_settings(config: GenerationConfig | None, model: ServedModel) -> tu
     if config.seed is not None and not -(2**31) <= config.seed < 2**31:
         raise invalid_argument("generation_config.seed: must be a 32-bit integer.", "generation_config.seed")
     params = SamplingParams(
-        temperature=spec.temperature if config.temperature is None else config.temperature,
-        top_p=spec.top_p if config.top_p is None else config.top_p,
-        top_k=spec.top_k if config.top_k is None else config.top_k,
+        temperature=defaults.temperature if config.temperature is None else config.temperature,
+        top_p=defaults.top_p if config.top_p is None else config.top_p,
+        top_k=defaults.top_k if config.top_k is None else config.top_k,
         presence_penalty=config.presence_penalty or 0.0,
         frequency_penalty=config.frequency_penalty or 0.0,
         seed=config.seed,
@@ -176,10 +202,11 @@ def prompt_tokens(model: ServedModel, messages: list[Message]) -> list[int]:
     return model.engine.tokenize(text, add_bos=bool(bos) and not has_bos, parse_special=True)
 
 
-def plan_generation(model: ServedModel, request: GenerateContentRequest, adapter: str | None = None) -> GenerationPlan:
+def plan_generation(target: Target, request: GenerateContentRequest) -> GenerationPlan:
+    model = target.model
     check_unsupported(request)
     config = request.generation_config
-    params, count, logprobs = sampling_settings(config, model)
+    params, count, logprobs = sampling_settings(config, target)
     stops = stop_sequences(config)
     prompt = prompt_tokens(model, conversation(request))
     limit = model.input_token_limit
@@ -197,8 +224,8 @@ def plan_generation(model: ServedModel, request: GenerateContentRequest, adapter
             # Each candidate draws from its own stream: seed, seed + 1, ... keeps the whole answer reproducible.
             sampling=params if params.seed is None else replace(params, seed=params.seed + i),
             max_new_tokens=max_new,
-            adapter=adapter,
+            adapter=target.adapter,
         )
         for i in range(count)
     )
-    return GenerationPlan(model, tuple(prompt), candidates, stops, logprobs)
+    return GenerationPlan(model, target.version, tuple(prompt), candidates, stops, logprobs)

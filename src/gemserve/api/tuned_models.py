@@ -1,0 +1,110 @@
+"""Routes under `/{v1,v1beta}/tunedModels`: create, get, list, patch, delete, generate, and their operations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from gemserve.api.deps import CallerDep
+from gemserve.api.models import check_version, generate_response, registry_of
+from gemserve.errors import ApiError
+from gemserve.schema.tuning import TunedModelIn
+from gemserve.schema.wire import camelize, parse_json_body, parse_model
+from gemserve.service.requests import Defaults, Target
+from gemserve.service.tuned_models import TunedModels
+
+router = APIRouter()
+
+GENERATION_METHODS = ("generateContent", "streamGenerateContent")
+
+
+def tuned_models_of(request: Request) -> TunedModels:
+    service: TunedModels = request.app.state.tuned_models
+    return service
+
+
+def _not_found() -> ApiError:
+    return ApiError("NOT_FOUND", "The requested URL was not found on this server.")
+
+
+@router.post("/{version}/tunedModels")
+async def create_tuned_model(version: str, request: Request, caller: CallerDep,
+                             tunedModelId: str | None = None) -> dict[str, Any]:  # noqa: N803
+    check_version(version)
+    body = parse_model(TunedModelIn, parse_json_body(await request.body()), "TunedModel")
+    return tuned_models_of(request).create(caller, body, tunedModelId)
+
+
+@router.get("/{version}/tunedModels")
+async def list_tuned_models(version: str, request: Request, caller: CallerDep, pageSize: int | None = None,  # noqa: N803
+                            pageToken: str | None = None, filter: str | None = None) -> dict[str, Any]:  # noqa: A002, N803
+    check_version(version)
+    return tuned_models_of(request).list(caller, pageSize, pageToken, filter)
+
+
+@router.get("/{version}/tunedModels/{model_id}")
+async def get_tuned_model(version: str, model_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
+    check_version(version)
+    if ":" in model_id:
+        raise _not_found()
+    return tuned_models_of(request).get(caller, model_id)
+
+
+@router.patch("/{version}/tunedModels/{model_id}")
+async def patch_tuned_model(version: str, model_id: str, request: Request, caller: CallerDep,
+                            updateMask: str | None = None) -> dict[str, Any]:  # noqa: N803
+    check_version(version)
+    raw = parse_json_body(await request.body())
+    parsed = parse_model(TunedModelIn, raw, "TunedModel")
+    present = set(camelize(raw)) if isinstance(raw, dict) else set()
+    return tuned_models_of(request).patch(caller, model_id, parsed, present, updateMask)
+
+
+@router.delete("/{version}/tunedModels/{model_id}")
+async def delete_tuned_model(version: str, model_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
+    check_version(version)
+    tuned_models_of(request).delete(caller, model_id)
+    return {}
+
+
+@router.post("/{version}/tunedModels/{name_and_method}")
+async def call_tuned_model(version: str, name_and_method: str, request: Request, caller: CallerDep) -> Response:
+    check_version(version)
+    name, _, method = name_and_method.partition(":")
+    if method not in GENERATION_METHODS:
+        raise _not_found()
+    body = parse_json_body(await request.body())
+    tuned = tuned_models_of(request).usable(caller, name)
+    model = registry_of(request).get(tuned.base_model, method, version)
+    spec = model.spec
+    defaults = Defaults(spec.temperature if tuned.temperature is None else tuned.temperature,
+                        spec.top_p if tuned.top_p is None else tuned.top_p,
+                        spec.top_k if tuned.top_k is None else tuned.top_k)
+    target = Target(model, tuned.name, defaults, str(tuned.adapter))
+    return await generate_response(request, method, target, body)
+
+
+@router.get("/{version}/tunedModels/{model_id}/operations")
+async def list_operations(version: str, model_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
+    check_version(version)
+    return tuned_models_of(request).list_operations(caller, model_id)
+
+
+@router.get("/{version}/tunedModels/{model_id}/operations/{operation_id}")
+async def get_operation(version: str, model_id: str, operation_id: str, request: Request,
+                        caller: CallerDep) -> dict[str, Any]:
+    check_version(version)
+    return tuned_models_of(request).get_operation(caller, model_id, operation_id)
+
+
+@router.post("/{version}/tunedModels/{model_id}/operations/{operation_and_method}")
+async def cancel_operation(version: str, model_id: str, operation_and_method: str, request: Request,
+                           caller: CallerDep) -> dict[str, Any]:
+    check_version(version)
+    operation_id, _, method = operation_and_method.partition(":")
+    if method != "cancel":
+        raise _not_found()
+    tuned_models_of(request).cancel_operation(caller, model_id, operation_id)
+    return {}

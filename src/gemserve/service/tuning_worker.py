@@ -1,0 +1,68 @@
+"""Keeping the tuning worker running beside the HTTP server.
+
+Training runs in its own process (`python -m gemserve.tuning.worker`), so the API stays responsive and a crash
+in training cannot take the server down. The supervisor starts it, restarts it if it dies (a killed worker's
+job resumes from its checkpoint in the new one), and stops it with the server. Its pid is written to
+`<data_dir>/tuning/worker.pid` for operators and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger("gemserve.tuning")
+
+RESTART_DELAY_SECONDS = 1.0
+
+
+class WorkerSupervisor:
+    def __init__(self, data_dir: Path) -> None:
+        self._data_dir = data_dir
+        self._process: subprocess.Popen[bytes] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def pid_file(self) -> Path:
+        return self._data_dir / "tuning" / "worker.pid"
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while not self._stopping:
+            self._spawn()
+            assert self._process is not None
+            code = await asyncio.to_thread(self._process.wait)
+            if self._stopping:
+                break
+            log.warning("tuning worker exited; restarting", extra={"exit_code": code})
+            await asyncio.sleep(RESTART_DELAY_SECONDS)
+
+    def _spawn(self) -> None:
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        # The worker logs JSON lines to stderr like the server; they go to the server's stderr.
+        self._process = subprocess.Popen([sys.executable, "-m", "gemserve.tuning.worker",
+                                          "--data-dir", str(self._data_dir)])
+        self.pid_file.write_text(str(self._process.pid))
+        log.info("tuning worker started", extra={"pid": self._process.pid})
+
+    async def stop(self) -> None:
+        self._stopping = True
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()  # the worker checkpoints and exits on SIGTERM
+            try:
+                await asyncio.wait_for(asyncio.to_thread(process.wait), timeout=30)
+            except TimeoutError:
+                process.kill()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.pid_file.unlink(missing_ok=True)

@@ -1,0 +1,75 @@
+"""The metadata database: one SQLite file under the data directory, with ordered, recorded migrations.
+
+Each migration is a named function applied once, in order, inside a transaction, and recorded in
+`schema_migrations`; adding a table or column means appending a function, never editing an applied one.
+Connections are opened per call site with WAL journaling, so the HTTP server and the tuning worker can share
+the file safely.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def _create_tuned_models(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE tuned_models (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            display_name TEXT NOT NULL DEFAULT '',
+            description TEXT NOT NULL DEFAULT '',
+            base_model TEXT NOT NULL,
+            source_tuned_model TEXT,
+            create_time TEXT NOT NULL,
+            update_time TEXT NOT NULL,
+            temperature REAL,
+            top_p REAL,
+            top_k INTEGER,
+            hyperparameters TEXT NOT NULL,
+            reader_project_numbers TEXT NOT NULL DEFAULT '[]',
+            operation_id TEXT NOT NULL,
+            example_count INTEGER NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX tuned_models_owner ON tuned_models (owner, create_time)")
+
+
+MIGRATIONS: list[tuple[str, Migration]] = [
+    ("0001_create_tuned_models", _create_tuned_models),
+]
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plain = sqlite3.connect(path)
+        plain.execute("PRAGMA journal_mode=WAL")  # must happen outside a transaction
+        plain.close()
+        with self.connect() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied TEXT NOT NULL)")
+            applied = {row[0] for row in db.execute("SELECT name FROM schema_migrations")}
+            for name, migrate in MIGRATIONS:
+                if name not in applied:
+                    migrate(db)
+                    db.execute("INSERT INTO schema_migrations VALUES (?, datetime('now'))", (name,))
+
+    @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        """A connection whose changes commit together when the block ends, or not at all."""
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
