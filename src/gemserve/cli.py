@@ -8,7 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from gemserve import cli_tuning
 from gemserve.config import Settings, api_keys_from_env, config_file_from, parse_aliases
+from gemserve.identity import project_number
 from gemserve.models.catalog import CatalogError, ModelSpec, load_catalog
 
 _STANDARD_RECORD_KEYS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -58,7 +60,17 @@ def main(argv: list[str] | None = None) -> None:
     listing = commands.add_parser("models", help="list the models and aliases a configuration serves")
     _add_model_flags(listing)
 
+    number = commands.add_parser("project-number", help="the project number of an API key, for readerProjectNumbers")
+    number.add_argument("key")
+    cli_tuning.add_commands(commands)
+
     args = parser.parse_args(argv)
+    if args.command == "project-number":
+        print(project_number(args.key))
+        return
+    if args.command in ("tune", "tuned-models"):
+        cli_tuning.run(args)
+        return
     data_dir = Path(args.data_dir).expanduser().resolve()
     try:
         catalog = load_catalog(config_file_from(args.config, data_dir), parse_aliases(args.alias))
