@@ -4,7 +4,7 @@ from collections import Counter
 
 import numpy as np
 
-from gemserve.engine.sampling import log_softmax, sample
+from gemserve.engine.sampling import log_softmax, sample, top_ids
 from gemserve.engine.types import SamplingParams
 
 LOGITS = np.array([1.0, 3.0, 2.0, 0.5, -1.0], dtype=np.float32)
@@ -66,3 +66,14 @@ def test_nucleus_on_a_large_flat_vocabulary_grows_its_head() -> None:
     rng = np.random.default_rng(0)
     tokens = {sample(logits, SamplingParams(temperature=1.0, top_p=0.5), Counter(), rng).token for _ in range(200)}
     assert len(tokens) > 150  # half of a flat vocabulary is 50k tokens, not the first 256
+
+
+def test_top_ids_is_exact_with_and_without_the_prefilter() -> None:
+    rng = np.random.default_rng(0)
+    peaked = rng.normal(size=50_000).astype(np.float32) * 4  # many scores within the margin
+    flat_then_gap = np.concatenate([np.full(10, 100.0), np.zeros(50_000)]).astype(np.float32)  # too few near
+    for scores in (peaked, flat_then_gap):
+        for k in (1, 5, 64, 300):
+            expected = np.argsort(-scores, kind="stable")[:k]
+            assert sorted(scores[top_ids(scores, k)], reverse=True) == sorted(scores[expected], reverse=True)
+            assert list(scores[top_ids(scores, k)]) == sorted(scores[top_ids(scores, k)], reverse=True)
