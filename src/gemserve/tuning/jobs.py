@@ -217,10 +217,13 @@ def parse_job(raw: Any) -> Job:
     return job
 
 
+_KIND_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list"}
+
+
 def _field(obj: dict[str, Any], key: str, kind: type, where: str | None = None) -> Any:
     value = obj.get(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise JobError(f"{where or key} must be a {kind.__name__.replace('str', 'string')}, got {value!r:.80}")
+        raise JobError(f"{where or key} must be {_KIND_NAMES[kind]}, got {value!r:.80}")
     return value
 
 
