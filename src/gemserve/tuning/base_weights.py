@@ -80,29 +80,19 @@ def _read_marker(target: Path) -> dict[str, Any]:
 
 
 def gguf_prompt_metadata(gguf_file: Path) -> dict[str, Any]:
-    """Architecture, chat template and BOS/EOS texts from a GGUF's metadata, as llama.cpp reads them."""
-    import gguf
+    """Architecture, chat template and BOS/EOS texts, as the llama.cpp engine reports them when serving."""
+    from gemserve.tuning.gguf_vocab import GgufVocab
 
-    reader = gguf.GGUFReader(gguf_file)
-
-    def value(key: str) -> Any:
-        field = reader.get_field(key)
-        return None if field is None else field.contents()
-
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-
-    def token_text(key: str) -> str:
-        token_id = value(key)
-        if tokens is None or token_id is None or not 0 <= token_id < len(tokens.data):
-            return ""
-        return str(tokens.contents(token_id))
-
-    return {
-        "architecture": value("general.architecture") or "",
-        "chat_template": value("tokenizer.chat_template"),
-        "bos_text": token_text("tokenizer.ggml.bos_token_id"),
-        "eos_text": token_text("tokenizer.ggml.eos_token_id"),
-    }
+    vocab = GgufVocab(gguf_file)
+    try:
+        return {
+            "architecture": vocab.meta("general.architecture") or "",
+            "chat_template": vocab.meta("tokenizer.chat_template"),
+            "bos_text": vocab.token_text(vocab.bos_id),
+            "eos_text": vocab.token_text(vocab.eos_id),
+        }
+    finally:
+        vocab.close()
 
 
 def _convert_gguf(gguf_file: Path, target: Path, source: dict[str, Any]) -> None:

@@ -16,18 +16,17 @@ only text_input/output pairs).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import llama_cpp as llama
 import torch
 
 from gemserve.models.chat_format import ChatFormat, Message
 from gemserve.tuning.base_weights import BaseModel
+from gemserve.tuning.gguf_vocab import GgufVocab
 from gemserve.tuning.jobs import Example, JobError
 
 log = logging.getLogger("gemserve.tuning")
@@ -86,60 +85,10 @@ class HFTextTokenizer:
         return None
 
 
-@llama.llama_log_callback
-def _quiet_llama_log(level: int, text: bytes, _: ctypes.c_void_p) -> None:
-    """llama.cpp prints a lot while loading; its errors go to our log, the rest is dropped."""
-    if level == 3 and text:
-        log.error("llama.cpp: %s", text.decode("utf-8", errors="replace").rstrip())
-
-
-class LlamaCppTextTokenizer:
-    """llama.cpp's tokenizer of a GGUF file, the vocabulary alone loaded (well under a second)."""
-
-    def __init__(self, gguf_file: Path) -> None:
-        llama.llama_log_set(_quiet_llama_log, ctypes.c_void_p(0))
-        llama.llama_backend_init()
-        params = llama.llama_model_default_params()
-        params.vocab_only = True
-        model = llama.llama_model_load_from_file(str(gguf_file).encode(), params)
-        if not model:
-            raise JobError(f"llama.cpp could not read the vocabulary of {gguf_file}")
-        self._model = model
-        self._vocab = llama.llama_model_get_vocab(model)
-        bos = llama.llama_vocab_bos(self._vocab)
-        self.bos_id = bos if bos >= 0 else None
-        self.eos_id = int(llama.llama_vocab_eos(self._vocab))
-
-    def tokenize(self, text: str, *, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        for _ in range(2):
-            buf = (llama.llama_token * capacity)()
-            n = llama.llama_tokenize(self._vocab, data, len(data), buf, capacity, False, parse_special)
-            if n >= 0:
-                return list(buf[:n])
-            capacity = -n  # the buffer was too small: -n is the size needed
-        raise JobError("llama.cpp could not tokenize an example")
-
-    def special_token_id(self, text: str) -> int | None:
-        ids = self.tokenize(text, parse_special=True)
-        if len(ids) == 1 and ids != self.tokenize(text, parse_special=False):
-            return ids[0]
-        return None
-
-    def close(self) -> None:
-        if self._model:
-            llama.llama_model_free(self._model)
-            self._model = None
-
-    def __del__(self) -> None:
-        self.close()
-
-
 def text_tokenizer(base: BaseModel) -> TextTokenizer:
     """The tokenizer serving uses for this base model."""
     if base.gguf_file is not None:
-        return LlamaCppTextTokenizer(base.gguf_file)
+        return GgufVocab(base.gguf_file)
     return HFTextTokenizer(base.hf_dir)
 
 

@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--once", action="store_true", help="exit when no job is left instead of waiting")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    # Before tqdm is imported: progress bars (transformers' GGUF conversion has one) would break the JSON lines.
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
     from gemserve.cli import setup_logging
 
