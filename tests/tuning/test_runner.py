@@ -120,3 +120,34 @@ def test_missing_source_adapter_fails_the_job(tiny_gemma: Path, tmp_path: Path) 
     directory = submit(tmp_path, tiny_gemma, source_adapter=tmp_path / "no-adapter")
     assert run_job(tmp_path, directory) == jobs.FAILED
     assert "is not an adapter directory" in jobs.read_progress(directory)["error"]
+
+
+def test_a_job_whose_worker_keeps_dying_fails(tiny_gemma: Path, tmp_path: Path) -> None:
+    directory = submit(tmp_path, tiny_gemma)
+    jobs.write_progress(directory, {**jobs.default_progress(), "state": "RUNNING", "attempts": 3})
+    assert run_job(tmp_path, directory) == jobs.FAILED
+    assert "stopped 3 times while running this job" in jobs.read_progress(directory)["error"]
+
+
+def test_clean_shutdowns_do_not_count_as_attempts(tiny_gemma: Path, tmp_path: Path) -> None:
+    directory = submit(tmp_path, tiny_gemma, epochs=5)
+    for _ in range(4):
+        steps: list[int] = []
+        options = RunOptions(should_stop=lambda steps=steps: len(steps) >= 2, on_step=steps.append)
+        assert run_job(tmp_path, directory, options) == jobs.RUNNING
+    assert jobs.read_progress(directory)["attempts"] == 0
+    assert run_job(tmp_path, directory) == jobs.SUCCEEDED
+    assert jobs.read_progress(directory)["completed_steps"] == 15
+
+
+def test_a_job_directory_deleted_while_running_does_not_crash(tiny_gemma: Path, tmp_path: Path) -> None:
+    import shutil
+
+    directory = submit(tmp_path, tiny_gemma, epochs=5)
+
+    def delete_at_step_2(step: int) -> None:
+        if step == 2:
+            shutil.rmtree(directory)
+
+    assert run_job(tmp_path, directory, RunOptions(on_step=delete_at_step_2)) == jobs.FAILED
+    assert not directory.exists()

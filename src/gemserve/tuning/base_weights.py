@@ -105,6 +105,8 @@ def _convert_gguf(gguf_file: Path, target: Path, source: dict[str, Any]) -> None
              extra={"gguf": str(gguf_file), "target": str(target)})
     transformers.utils.logging.disable_progress_bar()  # stderr carries JSON log lines only
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # from a worker killed while converting
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         # Dense float32 weights: PEFT trains plain nn.Linear layers, not packed GGUF blocks.

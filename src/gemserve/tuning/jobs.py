@@ -3,7 +3,8 @@
     <data_dir>/tuning/jobs/<job_id>/
         job.json        the request, written atomically by the server before the worker may see the job
         cancel          empty; the server creates it to ask for cancellation
-        progress.json   written atomically by the worker only; missing means QUEUED
+        progress.json   written atomically by the worker only; missing means QUEUED (it also holds `attempts`,
+                        the worker's own count of runs, which the server may ignore)
         checkpoint.pt   the worker's own resume point (private to the worker)
         adapter/        present only after success: adapter_config.json + adapter_model.safetensors (PEFT)
                         and adapter.gguf (llama.cpp LoRA)

@@ -6,7 +6,8 @@
              -> adapter/ (PEFT + GGUF) -> progress SUCCEEDED
 
 Any error a job can cause (bad job.json, an example too long, an unsupported base) ends it FAILED with a
-readable message; nothing it does raises out of `run_job`. Log lines carry ids, counts and timings, never the
+readable message; nothing it does raises out of `run_job`. progress.json also counts `attempts`: a job whose
+worker died MAX_ATTEMPTS times while running it fails instead of taking every new worker down with it. Log lines carry ids, counts and timings, never the
 examples' text. Not here: picking jobs, locking, signals (`worker.py`).
 """
 
@@ -27,6 +28,8 @@ from gemserve.tuning.jobs import CANCELLED, FAILED, FINISHED_STATES, RUNNING, SU
 log = logging.getLogger("gemserve.tuning")
 
 CHECKPOINT_EVERY = 10  # steps
+# A job whose worker died this many times while running it (killed for memory, say) is failed, not retried.
+MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ def run_job(data_dir: Path, job_dir: Path, options: RunOptions | None = None) ->
         expected = isinstance(exc, JobError | ValueError | FileNotFoundError)
         message = str(exc) if expected else f"internal error: {type(exc).__name__}: {exc}"
         log.error("tuning job failed", exc_info=not expected, extra={"job_id": job_id, "error": message})
+        if not job_dir.is_dir():  # deleted under us (its tuned model was deleted): nothing to report to
+            return FAILED
         _finish(job_dir, progress, FAILED, error=message)
         return FAILED
 
@@ -73,7 +78,12 @@ def _run(data_dir: Path, job_dir: Path, job: Job, progress: dict[str, Any], opti
         _finish(job_dir, progress, CANCELLED)
         log.info("tuning job cancelled before it started", extra=extra)
         return CANCELLED
-    progress.update(state=RUNNING, total_steps=job.total_steps, start_time=progress["start_time"] or jobs.utc_now())
+    attempts = int(progress.get("attempts") or 0) + 1  # a clean shutdown gives its attempt back
+    if attempts > MAX_ATTEMPTS:
+        raise JobError(f"the tuning worker stopped {MAX_ATTEMPTS} times while running this job without finishing "
+                       "it (killed, or out of memory?); it is not tried again")
+    progress.update(state=RUNNING, total_steps=job.total_steps, start_time=progress["start_time"] or jobs.utc_now(),
+                    attempts=attempts)
     jobs.write_progress(job_dir, progress)
     log.info("tuning job started", extra={**extra, "base_model": job.base_model_id,
                                           "examples": len(job.examples), "total_steps": job.total_steps})
@@ -107,6 +117,8 @@ def _run(data_dir: Path, job_dir: Path, job: Job, progress: dict[str, Any], opti
             return CANCELLED
         if options.should_stop():
             save_checkpoint(checkpoint_file, trainer.state_dict())
+            progress["attempts"] = attempts - 1
+            jobs.write_progress(job_dir, progress)
             log.info("tuning job checkpointed for shutdown", extra={**extra, "step": trainer.step})
             return RUNNING
         snapshot = trainer.train_step()
