@@ -7,8 +7,10 @@
 
 Any error a job can cause (bad job.json, an example too long, an unsupported base) ends it FAILED with a
 readable message; nothing it does raises out of `run_job`. progress.json also counts `attempts`: a job whose
-worker died MAX_ATTEMPTS times while running it fails instead of taking every new worker down with it. Log lines carry ids, counts and timings, never the
-examples' text. Not here: picking jobs, locking, signals (`worker.py`).
+worker died MAX_ATTEMPTS times while running it fails instead of taking every new worker down with it.
+Log lines carry ids, counts and timings, never the examples' text.
+
+Not here: picking jobs, locking, signals (`worker.py`).
 """
 
 from __future__ import annotations
