@@ -16,7 +16,6 @@ only text_input/output pairs).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,6 @@ from gemserve.models.chat_format import ChatFormat, Message
 from gemserve.tuning.base_weights import BaseModel
 from gemserve.tuning.gguf_vocab import GgufVocab
 from gemserve.tuning.jobs import Example, JobError
-
-log = logging.getLogger("gemserve.tuning")
 
 IGNORE = -100  # label of tokens the loss skips (torch's cross_entropy default ignore_index)
 MAX_EXAMPLE_TOKENS = 2048  # prompt + target; a longer example fails the job rather than being cut silently

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # Before tqdm is imported: progress bars (transformers' GGUF conversion has one) would break the JSON lines.
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # Everything the worker loads is on this machine; no library should try the model hub (and time out).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from gemserve.cli import setup_logging
 
