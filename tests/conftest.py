@@ -41,6 +41,16 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    data_dir: Path
+
+
+def own_data_dir(tmp_path_factory: pytest.TempPathFactory, shared: Path, name: str) -> Path:
+    """A data dir of its own that shares the assembled model and converted weights with `shared`."""
+    own = tmp_path_factory.mktemp(name)
+    for sub in ("models", "hf"):
+        (shared / sub).mkdir(exist_ok=True)
+        (own / sub).symlink_to(shared / sub)
+    return own
 
 
 def start_server(data_dir: Path, log: Path, api_keys: str = "", extra: tuple[str, ...] = ()) -> Server:
@@ -56,7 +66,7 @@ def start_server(data_dir: Path, log: Path, api_keys: str = "", extra: tuple[str
             raise RuntimeError(f"server exited early:\n{log.read_text()}")
         try:
             httpx.get(f"{url}/v1beta/models", headers={"x-goog-api-key": API_KEY}, timeout=1)
-            return Server(url, process, log)
+            return Server(url, process, log, data_dir)
         except httpx.TransportError:
             time.sleep(0.2)
     process.kill()
@@ -75,7 +85,7 @@ def stop_server(server: Server) -> None:
 def server(data_dir: Path, default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The server in open local mode, with gemini-2.0-flash as an alias of the default model."""
     log = tmp_path_factory.mktemp("logs") / "open.log"
-    srv = start_server(data_dir, log, extra=("--alias", "gemini-2.0-flash=gemma-3-270m"))
+    srv = start_server(data_dir, log, extra=("--alias", "gemini-2.0-flash=gemma-3-270m", "--no-tuning-worker"))
     yield srv
     stop_server(srv)
 
@@ -84,7 +94,8 @@ def server(data_dir: Path, default_gguf: Path, tmp_path_factory: pytest.TempPath
 def keyed_server(data_dir: Path, default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The server with API keys required."""
     log = tmp_path_factory.mktemp("logs") / "keyed.log"
-    srv = start_server(data_dir, log, api_keys=f"{API_KEY},{OTHER_KEY}", extra=("--max-sequences", "2"))
+    srv = start_server(data_dir, log, api_keys=f"{API_KEY},{OTHER_KEY}",
+                       extra=("--max-sequences", "2", "--no-tuning-worker"))
     yield srv
     stop_server(srv)
 
@@ -93,8 +104,7 @@ def keyed_server(data_dir: Path, default_gguf: Path, tmp_path_factory: pytest.Te
 def registry_server(data_dir: Path, default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """Keys required, no tuning worker: tuned models stay CREATING, for tests of the records and access rules."""
     log = tmp_path_factory.mktemp("logs") / "registry.log"
-    own_data = tmp_path_factory.mktemp("registry-data")
-    (own_data / "models").symlink_to(default_gguf.parent)
+    own_data = own_data_dir(tmp_path_factory, data_dir, "registry-data")
     srv = start_server(own_data, log, api_keys=f"{API_KEY},{OTHER_KEY}", extra=("--no-tuning-worker",))
     yield srv
     stop_server(srv)

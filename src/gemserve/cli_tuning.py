@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 POLL_SECONDS = 1.0
 

@@ -26,10 +26,11 @@ _backend_ready = False
 
 @llama.llama_log_callback
 def _forward_log(level: int, text: bytes, _: ctypes.c_void_p) -> None:
-    """llama.cpp talks a lot while loading; its lines go to our log at debug level (errors at error level)."""
+    """llama.cpp talks a lot while loading; its lines go to our log at debug level (warnings and errors at theirs)."""
     message = text.decode("utf-8", errors="replace").rstrip()
     if message:
-        log.log(logging.ERROR if level == 3 else logging.DEBUG, "llama.cpp: %s", message)
+        # ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line.
+        log.log({3: logging.WARNING, 4: logging.ERROR}.get(level, logging.DEBUG), "llama.cpp: %s", message)
 
 
 def _init_backend() -> None:
