@@ -42,6 +42,11 @@ class Delta:
     finish: str | None
 
 
+def _merge(first: Delta, then: Delta) -> Delta:
+    return Delta(first.index, first.text + then.text, first.chosen + then.chosen, first.top + then.top,
+                 then.finish or first.finish)
+
+
 class Generation:
     """One generateContent call in flight: `deltas()` yields candidate outputs as they become final."""
 
@@ -79,16 +84,24 @@ class Generation:
         try:
             live = len(tasks)
             while live:
-                index, event = await queue.get()
-                if event is None:
-                    live -= 1
-                    continue
-                if isinstance(event, EngineError):
-                    raise ApiError("UNAVAILABLE", f"The model could not finish this request: {event}") from event
-                if isinstance(event, BaseException):
-                    raise event
-                delta = self._apply(self.candidates[index], event)
-                if delta is not None:
+                # Whatever else has arrived meanwhile goes out with it: a client that reads slower than the
+                # model writes gets fewer, larger chunks instead of falling behind.
+                arrived = [await queue.get()]
+                while not queue.empty():
+                    arrived.append(queue.get_nowait())
+                merged: dict[int, Delta] = {}
+                for index, event in arrived:
+                    if event is None:
+                        live -= 1
+                        continue
+                    if isinstance(event, EngineError):
+                        raise ApiError("UNAVAILABLE", f"The model could not finish this request: {event}") from event
+                    if isinstance(event, BaseException):
+                        raise event
+                    delta = self._apply(self.candidates[index], event)
+                    if delta is not None:
+                        merged[index] = _merge(merged[index], delta) if index in merged else delta
+                for delta in merged.values():
                     yield delta
         finally:
             for task in tasks:

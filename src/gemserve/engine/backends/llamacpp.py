@@ -5,8 +5,8 @@ base model) - every decoding sequence's next token plus chunks of waiting prompt
 all - into one batch, runs a single forward pass, and samples only where a token is due: logits are requested
 for a prompt's last token and for decoding tokens, nowhere else. Sequences join and leave between steps; when
 several adapters have work, steps take turns between them (llama.cpp applies adapters per context, not per
-sequence). Events go back to each request's asyncio queue; a request that goes away (client disconnect, stop
-sequence) is dropped at the next step.
+sequence). A step's events go back to the event loop together (`engine/sequences.py`); a request that goes
+away (client disconnect, stop sequence) is dropped at the next step.
 
 A finished sequence's cache is kept (least recently used first out) so that a later request that starts with
 the same tokens - the next turn of a conversation, the same long instructions - only computes what is new.
@@ -20,16 +20,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from gemserve.engine.backends.llamacpp_model import LlamaModel
-from gemserve.engine.sampling import sample
-from gemserve.engine.types import EngineError, Event, FinishEvent, GenerationRequest, TokenEvent
+from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance
+from gemserve.engine.types import EngineError, Event, GenerationRequest
 
 log = logging.getLogger("gemserve.engine")
 
@@ -37,16 +37,9 @@ MIN_REUSED_PREFIX = 8  # shorter common prefixes are not worth a cache slot
 
 
 @dataclass(eq=False)
-class _Sequence:
-    request: GenerationRequest
-    emit: Callable[[Event | BaseException], None]
-    rng: np.random.Generator
+class _Sequence(Sequence):
     seq_id: int = -1
     history: list[int] = field(default_factory=list)  # tokens whose keys and values are in the cache
-    pending: list[int] = field(default_factory=list)  # tokens to feed in the next steps
-    generated: Counter[int] = field(default_factory=Counter)
-    n_generated: int = 0
-    cancelled: bool = False
 
 
 @dataclass
@@ -72,11 +65,9 @@ class LlamaCppEngine:
         self._turn = 0
         self.reused_tokens = 0  # prompt tokens served from kept caches, for tests and benchmarks
 
-        self._cond = threading.Condition()
-        self._incoming: deque[_Sequence] = deque()
+        self._inbox: Inbox[_Sequence] = Inbox()
+        self._outbox = Outbox()
         self._running: list[_Sequence] = []
-        self._closed = False
-        self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="gemserve-llamacpp", daemon=True)
         self._thread.start()
 
@@ -89,37 +80,18 @@ class LlamaCppEngine:
     def is_end_of_generation(self, token: int) -> bool:
         return self._llm.is_end_of_generation(token)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if not request.prompt:
             raise EngineError("the prompt has no tokens")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
 
-        def emit(event: Event | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+        def make(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Message]) -> _Sequence:
+            rng = np.random.default_rng(request.sampling.seed)
+            return _Sequence(request=request, loop=loop, queue=queue, rng=rng, pending=list(request.prompt))
 
-        rng = np.random.default_rng(request.sampling.seed)
-        seq = _Sequence(request=request, emit=emit, rng=rng, pending=list(request.prompt))
-        with self._cond:
-            if self._failure is not None:
-                raise EngineError("the engine has stopped") from self._failure
-            self._incoming.append(seq)
-            self._cond.notify()
-        try:
-            while True:
-                event = await queue.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if isinstance(event, FinishEvent):
-                    return
-        finally:
-            seq.cancelled = True
+        return self._inbox.stream(make)
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
+        self._inbox.close()
         self._thread.join(timeout=30)
         self._llm.close()
 
@@ -128,28 +100,18 @@ class LlamaCppEngine:
     def _loop(self) -> None:
         try:
             while True:
-                with self._cond:
-                    while not self._closed and not self._incoming and not self._running:
-                        self._cond.wait()
-                    if self._closed:
-                        break
-                    admitted: list[_Sequence] = []
-                    while self._incoming and len(self._running) + len(admitted) < self._max_running:
-                        seq = self._incoming.popleft()
-                        if not seq.cancelled:
-                            admitted.append(seq)
+                admitted = self._inbox.take(self._max_running - len(self._running), busy=bool(self._running))
+                if admitted is None:
+                    break
                 for seq in admitted:
                     self._admit(seq)
                 self._step()
+                self._outbox.flush()
         except BaseException as exc:  # the thread must never die silently: fail every waiting request
             log.exception("engine thread failed")
-            with self._cond:
-                self._failure = exc
-                waiting = list(self._running) + list(self._incoming)
-                self._running.clear()
-                self._incoming.clear()
-            for seq in waiting:
-                seq.emit(EngineError("the engine stopped while serving this request"))
+            self._outbox.flush()
+            self._inbox.fail(exc, self._running)
+            self._running.clear()
 
     def _admit(self, seq: _Sequence) -> None:
         """Give `seq` a sequence id, starting from the kept cache that shares the longest prefix with it."""
@@ -182,7 +144,7 @@ class LlamaCppEngine:
             self._llm.use_adapter(adapter)
         except EngineError as exc:
             for seq in [s for s in self._running if s.request.adapter == adapter]:
-                seq.emit(exc)
+                self._outbox.put(seq, exc)
                 self._finish(seq, keep=False)
             return
         entries: list[tuple[int, int, list[int], bool]] = []
@@ -214,19 +176,8 @@ class LlamaCppEngine:
         return adapters[self._turn]
 
     def _advance(self, seq: _Sequence, row: int) -> None:
-        choice = sample(self._llm.logits(row), seq.request.sampling, seq.generated, seq.rng)
-        if self._llm.is_end_of_generation(choice.token):
-            seq.emit(FinishEvent("STOP"))
+        if advance(seq, self._llm.logits(row), self._llm.is_end_of_generation, self._outbox):
             self._finish(seq)
-            return
-        seq.generated[choice.token] += 1
-        seq.n_generated += 1
-        seq.emit(TokenEvent(choice.token, choice.logprob, choice.top))
-        if seq.n_generated >= seq.request.max_new_tokens:
-            seq.emit(FinishEvent("MAX_TOKENS"))
-            self._finish(seq)
-            return
-        seq.pending.append(choice.token)
 
     def _finish(self, seq: _Sequence, keep: bool = True) -> None:
         self._running.remove(seq)
@@ -250,7 +201,7 @@ class LlamaCppEngine:
             return
         victim = min(self._running, key=lambda s: len(s.history))
         log.warning("KV cache full; dropping the sequence with the least context")
-        victim.emit(EngineError("the server ran out of context memory for this request"))
+        self._outbox.put(victim, EngineError("the server ran out of context memory for this request"))
         self._finish(victim, keep=False)
 
 

@@ -16,9 +16,8 @@ import asyncio
 import logging
 import re
 import threading
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,12 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from gemserve.engine.sampling import sample
+from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance
 from gemserve.engine.types import (
     EngineError,
     Event,
-    FinishEvent,
     GenerationRequest,
     ModelMetadata,
-    TokenEvent,
 )
 
 log = logging.getLogger("gemserve.engine")
@@ -46,15 +43,8 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 @dataclass(eq=False)
-class _Sequence:
-    request: GenerationRequest
-    emit: Callable[[Event | BaseException], None]
-    rng: np.random.Generator
-    pending: list[int]  # tokens to feed in this sequence's next turns
+class _Sequence(Sequence):
     cache: Any = None  # the model's past_key_values, created by its first forward pass
-    generated: Counter[int] = field(default_factory=Counter)
-    n_generated: int = 0
-    cancelled: bool = False
 
 
 class TransformersEngine:
@@ -105,11 +95,9 @@ class TransformersEngine:
             architecture=config.model_type,
         )
 
-        self._cond = threading.Condition()
-        self._incoming: deque[_Sequence] = deque()
+        self._inbox: Inbox[_Sequence] = Inbox()
+        self._outbox = Outbox()
         self._running: list[_Sequence] = []
-        self._closed = False
-        self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="gemserve-transformers", daemon=True)
         self._thread.start()
 
@@ -157,7 +145,7 @@ class TransformersEngine:
 
     # ---- generation ---------------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if request.adapter is not None:
             raise EngineError("this engine does not serve LoRA adapters yet")
         if not request.prompt:
@@ -166,35 +154,15 @@ class TransformersEngine:
         if needed > self.metadata.context_length:
             raise EngineError(f"the request needs {needed} tokens of context; the model has "
                               f"{self.metadata.context_length}")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
 
-        def emit(event: Event | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+        def make(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Message]) -> _Sequence:
+            rng = np.random.default_rng(request.sampling.seed)
+            return _Sequence(request=request, loop=loop, queue=queue, rng=rng, pending=list(request.prompt))
 
-        seed = request.sampling.seed
-        rng = np.random.default_rng(seed if seed is not None else None)
-        seq = _Sequence(request=request, emit=emit, rng=rng, pending=list(request.prompt))
-        with self._cond:
-            if self._failure is not None or self._closed:
-                raise EngineError("the engine has stopped") from self._failure
-            self._incoming.append(seq)
-            self._cond.notify()
-        try:
-            while True:
-                event = await queue.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if isinstance(event, FinishEvent):
-                    return
-        finally:
-            seq.cancelled = True
+        return self._inbox.stream(make)
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
+        self._inbox.close()
         self._thread.join(timeout=30)
 
     # ---- the engine thread --------------------------------------------------------------------------------
@@ -204,32 +172,22 @@ class TransformersEngine:
             torch.set_num_threads(self._threads)
         try:
             with torch.inference_mode():  # thread-local, so it is entered here and not in __init__
-                while self._admit():
+                while True:
+                    admitted = self._inbox.take(self._max_sequences - len(self._running), busy=bool(self._running))
+                    if admitted is None:
+                        break
+                    self._running.extend(admitted)
                     for seq in list(self._running):
                         if seq.cancelled:
                             self._release(seq)
                         else:
                             self._turn(seq)
+                        self._outbox.flush()
         except BaseException as exc:  # the thread must never die silently: fail every waiting request
             log.exception("engine thread failed")
-            self._failure = exc
-        with self._cond:
-            waiting = list(self._running) + list(self._incoming)
+            self._outbox.flush()
+            self._inbox.fail(exc, self._running)
             self._running.clear()
-            self._incoming.clear()
-        for seq in waiting:
-            seq.emit(EngineError("the engine stopped while serving this request"))
-
-    def _admit(self) -> bool:
-        """Wait for work and move waiting sequences into free places; False once the engine is closed."""
-        with self._cond:
-            while not self._closed and not self._incoming and not self._running:
-                self._cond.wait()
-            while self._incoming and len(self._running) < self._max_sequences:
-                seq = self._incoming.popleft()
-                if not seq.cancelled:
-                    self._running.append(seq)
-            return not self._closed
 
     def _turn(self, seq: _Sequence) -> None:
         """One forward pass for `seq`: the next chunk of its prompt, or its last sampled token."""
@@ -239,7 +197,7 @@ class TransformersEngine:
                               logits_to_keep=1)  # input_ids: [1, len(chunk)] -> logits: [1, 1, vocab]
         except Exception as exc:  # e.g. out of memory: this sequence fails, the others go on
             log.exception("forward pass failed")
-            seq.emit(EngineError(f"the model failed on this request: {exc}"))
+            self._outbox.put(seq, EngineError(f"the model failed on this request: {exc}"))
             self._release(seq)
             return
         seq.cache = out.past_key_values
@@ -248,19 +206,8 @@ class TransformersEngine:
             self._advance(seq, out.logits[0, -1].numpy())
 
     def _advance(self, seq: _Sequence, logits: np.ndarray) -> None:
-        choice = sample(logits, seq.request.sampling, seq.generated, seq.rng)
-        if self.is_end_of_generation(choice.token):
-            seq.emit(FinishEvent("STOP"))
+        if advance(seq, logits, self.is_end_of_generation, self._outbox):
             self._release(seq)
-            return
-        seq.generated[choice.token] += 1
-        seq.n_generated += 1
-        seq.emit(TokenEvent(choice.token, choice.logprob, choice.top))
-        if seq.n_generated >= seq.request.max_new_tokens:
-            seq.emit(FinishEvent("MAX_TOKENS"))
-            self._release(seq)
-            return
-        seq.pending.append(choice.token)
 
     def _release(self, seq: _Sequence) -> None:
         self._running.remove(seq)

@@ -1,0 +1,138 @@
+"""What every engine backend shares: sequences handed from the event loop to one engine thread, the choice of
+each next token, and events handed back.
+
+`Inbox` is the way in: `stream()` (on the event loop) queues a sequence and yields its events; the engine thread
+`take()`s new sequences between steps. `Outbox` is the way back: events produced during one engine step are
+delivered together, one wake-up of the event loop per step rather than one per token. `advance()` is the step
+every decoding sequence takes once its logits are known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from gemserve.engine.sampling import sample
+from gemserve.engine.types import EngineError, Event, FinishEvent, GenerationRequest, TokenEvent
+
+Message = Event | BaseException
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Message]
+    rng: np.random.Generator
+    pending: list[int] = field(default_factory=list)  # tokens to feed in the next steps
+    generated: Counter[int] = field(default_factory=Counter)
+    n_generated: int = 0
+    cancelled: bool = False
+
+
+S = TypeVar("S", bound=Sequence)
+
+
+class Outbox:
+    """Events of one engine step, grouped by event loop, handed over in one call each."""
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Message], Message]]] = {}
+
+    def put(self, seq: Sequence, message: Message) -> None:
+        self._items.setdefault(seq.loop, []).append((seq.queue, message))
+
+    def flush(self) -> None:
+        items, self._items = self._items, {}
+        for loop, messages in items.items():
+            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting any more
+                loop.call_soon_threadsafe(_deliver, messages)
+
+
+def _deliver(messages: list[tuple[asyncio.Queue[Message], Message]]) -> None:
+    for queue, message in messages:
+        queue.put_nowait(message)
+
+
+def advance(seq: Sequence, logits: np.ndarray, is_end: Callable[[int], bool], outbox: Outbox) -> bool:
+    """Choose `seq`'s next token from `logits` and report it. True when the sequence has ended."""
+    choice = sample(logits, seq.request.sampling, seq.generated, seq.rng)
+    if is_end(choice.token):
+        outbox.put(seq, FinishEvent("STOP"))
+        return True
+    seq.generated[choice.token] += 1
+    seq.n_generated += 1
+    outbox.put(seq, TokenEvent(choice.token, choice.logprob, choice.top))
+    if seq.n_generated >= seq.request.max_new_tokens:
+        outbox.put(seq, FinishEvent("MAX_TOKENS"))
+        return True
+    seq.pending.append(choice.token)
+    return False
+
+
+class Inbox(Generic[S]):
+    """Sequences on their way to the engine thread, and whether that thread still runs."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._incoming: deque[S] = deque()
+        self._closed = False
+        self._failure: BaseException | None = None
+
+    async def stream(self, make: Callable[[asyncio.AbstractEventLoop, asyncio.Queue[Message]], S],
+                     ) -> AsyncIterator[Event]:
+        """Queue the sequence `make` builds and yield its events; leaving early cancels it."""
+        queue: asyncio.Queue[Message] = asyncio.Queue()
+        seq = make(asyncio.get_running_loop(), queue)
+        with self._cond:
+            if self._failure is not None or self._closed:
+                raise EngineError("the engine has stopped") from self._failure
+            self._incoming.append(seq)
+            self._cond.notify()
+        try:
+            while True:
+                message = await queue.get()
+                if isinstance(message, BaseException):
+                    raise message
+                yield message
+                if isinstance(message, FinishEvent):
+                    return
+        finally:
+            seq.cancelled = True
+
+    def take(self, room: int, busy: bool) -> list[S] | None:
+        """Up to `room` new sequences; waits while there is nothing to do (`busy` is False). None once closed."""
+        with self._cond:
+            while not self._closed and not self._incoming and not busy:
+                self._cond.wait()
+            if self._closed:
+                return None
+            taken: list[S] = []
+            while self._incoming and len(taken) < room:
+                seq = self._incoming.popleft()
+                if not seq.cancelled:
+                    taken.append(seq)
+            return taken
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def fail(self, exc: BaseException, running: list[S]) -> None:
+        """The engine thread died: every sequence it had or would have gets an error, later ones too."""
+        with self._cond:
+            self._failure = exc
+            waiting = list(running) + list(self._incoming)
+            self._incoming.clear()
+        outbox = Outbox()
+        for seq in waiting:
+            outbox.put(seq, EngineError("the engine stopped while serving this request"))
+        outbox.flush()
