@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -109,6 +111,13 @@ def test_reference_example_with_a_killed_worker_then_the_model_has_learned(tunin
     assert client.models.generate_content(model=result.name, contents="X", config=config_new).model_version \
         == result.name
 
+    # Deleting it frees the adapter; the base model keeps serving.
+    legacy.delete_tuned_model(result.name)
+    gone = httpx.post(f"{tuning_server.url}/v1beta/{result.name}:generateContent", headers=HEADERS, timeout=30,
+                      json={"contents": [{"parts": [{"text": "I"}]}]})
+    assert gone.status_code == 404
+    assert client.models.generate_content(model="gemma-3-270m", contents="I", config=config_new).text is not None
+
 
 def test_google_genai_tunings_flow(tuning_server: Server) -> None:
     client = genai.Client(api_key=API_KEY, http_options=types.HttpOptions(base_url=tuning_server.url))
@@ -132,3 +141,27 @@ def test_google_genai_tunings_flow(tuning_server: Server) -> None:
                                               config=types.GenerateContentConfig(max_output_tokens=4))
     assert response.candidates[0].content.parts[0].text is not None
     assert client.models.get(model=job.name).name == job.name
+
+
+def test_command_line_tune_and_list(tuning_server: Server, tmp_path: Path) -> None:
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text('{"text_input": "red", "output": "green"}\n{"text_input": "blue", "output": "yellow"}\n')
+    env = {**os.environ, "GEMSERVE_API_KEY": API_KEY}
+    tuned = subprocess.run(
+        [sys.executable, "-m", "gemserve.cli", "tune", str(examples), "--server", tuning_server.url,
+         "--display-name", "Colour pairs", "--epochs", "1", "--batch-size", "2"],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert tuned.returncode == 0, tuned.stderr
+    name = tuned.stdout.strip()
+    assert name.startswith("tunedModels/colour-pairs-")
+    assert "step" in tuned.stderr  # the progress bar
+    listed = subprocess.run([sys.executable, "-m", "gemserve.cli", "tuned-models", "list", "--server",
+                             tuning_server.url], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert f"{name}\tACTIVE\tmodels/gemma-3-270m\tColour pairs" in listed.stdout.splitlines()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text_input": "only input"}\n')
+    refused = subprocess.run([sys.executable, "-m", "gemserve.cli", "tune", str(bad), "--server", tuning_server.url],
+                             env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode != 0 and "needs text_input and output" in refused.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -65,7 +66,11 @@ async def patch_tuned_model(version: str, model_id: str, request: Request, calle
 @router.delete("/{version}/tunedModels/{model_id}")
 async def delete_tuned_model(version: str, model_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
     check_version(version)
-    tuned_models_of(request).delete(caller, model_id)
+    served = tuned_models_of(request).delete(caller, model_id)
+    if served is not None:
+        base_model, adapter = served
+        with contextlib.suppress(ApiError):  # a base model no longer served has nothing to free
+            registry_of(request).get(base_model).engine.forget_adapter(str(adapter))
     return {}
 
 

@@ -224,12 +224,16 @@ class TunedModels:
         self._store.update(record)
         return self.resource(record)
 
-    def delete(self, caller: Caller, name: str) -> None:
+    def delete(self, caller: Caller, name: str) -> tuple[str, Path] | None:
+        """Cancel the model's job, forget the model, remove its files. Returns (base model, llama.cpp adapter)
+        when the model was being served, so that the engine can free the adapter."""
         record = self._owned(caller, name)
         job_dir = self._job_dir(record)
+        adapter = self._adapter_of(record)
         jobs.request_cancel(job_dir)
         self._store.delete(record.id)
         self.sweep()
+        return (record.base_model, adapter[1]) if adapter and adapter[1] else None
 
     def sweep(self) -> None:
         """Remove job directories whose model was deleted, once their job has stopped."""

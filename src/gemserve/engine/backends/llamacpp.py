@@ -68,6 +68,8 @@ class LlamaCppEngine:
         self._inbox: Inbox[_Sequence] = Inbox()
         self._outbox = Outbox()
         self._running: list[_Sequence] = []
+        self._forgotten: set[str] = set()  # adapters to unload, filled from other threads
+        self._forgotten_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="gemserve-llamacpp", daemon=True)
         self._thread.start()
 
@@ -89,6 +91,10 @@ class LlamaCppEngine:
             return _Sequence(request=request, loop=loop, queue=queue, rng=rng, pending=list(request.prompt))
 
         return self._inbox.stream(make)
+
+    def forget_adapter(self, path: str) -> None:
+        with self._forgotten_lock:
+            self._forgotten.add(path)
 
     def close(self) -> None:
         self._inbox.close()
@@ -137,6 +143,7 @@ class LlamaCppEngine:
     def _step(self) -> None:
         for seq in [s for s in self._running if s.cancelled]:
             self._finish(seq)
+        self._unload_forgotten()
         if not self._running:
             return
         adapter = self._next_adapter()
@@ -168,6 +175,20 @@ class LlamaCppEngine:
             row += len(chunk)
             if wants_logits:
                 self._advance(seq, row - 1)
+
+    def _unload_forgotten(self) -> None:
+        with self._forgotten_lock:
+            if not self._forgotten:
+                return
+            in_use = {s.request.adapter for s in self._running}
+            done = {path for path in self._forgotten if path not in in_use}
+            self._forgotten -= done
+        for path in done:
+            self._llm.unload_adapter(path)
+            for seq_id in [i for i, kept in self._kept.items() if kept.adapter == path]:
+                del self._kept[seq_id]
+                self._llm.forget(seq_id)
+                self._free_ids.append(seq_id)
 
     def _next_adapter(self) -> str | None:
         """Steps take turns between the adapters (None: the base model) that running sequences use."""

@@ -161,6 +161,9 @@ class TransformersEngine:
 
         return self._inbox.stream(make)
 
+    def forget_adapter(self, path: str) -> None:
+        """This engine serves no adapters: nothing to free."""
+
     def close(self) -> None:
         self._inbox.close()
         self._thread.join(timeout=30)
