@@ -1,0 +1,110 @@
+"""The official JavaScript client, @google/genai, unmodified apart from its base URL, against a real server.
+
+tests/api/js/genai_smoke.mjs makes the calls and prints what came back as one JSON object; this test installs the
+pinned client with `npm ci` (once: node_modules is reused while it holds the locked version) and checks the answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Server
+
+JS_DIR = Path(__file__).parent / "js"
+SCRIPT = JS_DIR / "genai_smoke.mjs"
+MAX_OUTPUT_TOKENS = 8  # as in genai_smoke.mjs
+
+
+def locked_genai_version() -> str:
+    lock = json.loads((JS_DIR / "package-lock.json").read_text())
+    return str(lock["packages"]["node_modules/@google/genai"]["version"])
+
+
+def installed_genai_version() -> str | None:
+    manifest = JS_DIR / "node_modules" / "@google" / "genai" / "package.json"
+    if not manifest.is_file():
+        return None
+    return str(json.loads(manifest.read_text()).get("version"))
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """The node executable, with the locked @google/genai installed into tests/api/js/node_modules."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are needed on PATH to run the @google/genai client")
+    if installed_genai_version() != locked_genai_version():
+        # A failure here (the npm registry unreachable, say) fails the test: it is not a reason to skip.
+        result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, f"npm ci failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        assert installed_genai_version() == locked_genai_version()
+    return node
+
+
+def run_smoke(node: str, server: Server, api_version: str | None) -> dict[str, Any]:
+    # The client also reads GOOGLE_*/GEMINI_* variables (base URL, Vertex AI mode, API version, keys): leave them out.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    env.update(GEMSERVE_URL=server.url, GEMSERVE_API_KEY="anything")
+    if api_version is not None:
+        env["GEMSERVE_API_VERSION"] = api_version
+    result = subprocess.run([node, str(SCRIPT)], cwd=JS_DIR, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"genai_smoke.mjs failed ({result.returncode}):\n{result.stderr}\n{result.stdout}"
+    return dict(json.loads(result.stdout))
+
+
+def check_answer(answer: dict[str, Any]) -> None:
+    assert isinstance(answer["text"], str) and answer["text"]
+    assert answer["finishReason"] in ("MAX_TOKENS", "STOP")
+    assert answer["index"] == 0 and answer["role"] == "model"
+    usage = answer["usage"]
+    assert usage["promptTokenCount"] > 0 and 0 < usage["candidatesTokenCount"] <= MAX_OUTPUT_TOKENS
+    assert usage["totalTokenCount"] == usage["promptTokenCount"] + usage["candidatesTokenCount"]
+    assert answer["modelVersion"] == "gemma-3-270m"
+    assert answer["responseId"]
+
+
+# None: the client's own default, which is v1 for @google/genai 3.x.
+@pytest.mark.parametrize("api_version", [None, "v1beta"], ids=["default-version", "v1beta"])
+def test_google_genai_js_client(node: str, server: Server, api_version: str | None) -> None:
+    out = run_smoke(node, server, api_version)
+    version = api_version or "v1"
+    assert out["apiVersion"] == version and out["requestUrl"] == f"{server.url}/{version}"
+
+    whole = out["generate"]
+    check_answer(whole)
+
+    stream = out["stream"]
+    assert stream["text"] == whole["text"]
+    assert stream["finishReason"] == whole["finishReason"]
+    assert stream["finishReasons"][:-1] == [None] * (stream["chunks"] - 1)
+    assert stream["usage"] == whole["usage"]
+    assert stream["modelVersion"] == "gemma-3-270m"
+    if whole["usage"]["candidatesTokenCount"] > 1:
+        assert stream["chunks"] > 1
+
+    assert out["countTokens"]["totalTokens"] == whole["usage"]["promptTokenCount"]
+
+    model = out["get"]
+    assert model["name"] == "models/gemma-3-270m"
+    assert model["inputTokenLimit"] == 8192 and model["outputTokenLimit"] == 8192  # --context-size 8192
+    assert "generateContent" in model["supportedActions"]
+    assert model["temperature"] == 1.0 and model["topP"] == 0.95 and model["topK"] == 64
+    assert "models/gemma-3-270m" in out["list"]
+    assert all(name.startswith("models/") for name in out["list"])
+
+    chat = out["chat"]
+    first, second = chat["first"], chat["second"]
+    check_answer(first)
+    check_answer(second)
+    assert chat["historyRoles"] == ["user", "model", "user", "model"]
+    # The second turn's prompt holds the first exchange (question and answer) as well as the new question.
+    first_usage, second_usage = first["usage"], second["usage"]
+    assert second_usage["promptTokenCount"] > first_usage["promptTokenCount"] + first_usage["candidatesTokenCount"]
