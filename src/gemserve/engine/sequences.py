@@ -126,13 +126,13 @@ class Inbox(Generic[S]):
             self._closed = True
             self._cond.notify()
 
-    def fail(self, exc: BaseException, running: list[S]) -> None:
-        """The engine thread died: every sequence it had or would have gets an error, later ones too."""
+    def fail(self, exc: BaseException, running: list[S], outbox: Outbox) -> None:
+        """The engine thread died: what it produced is delivered, then every sequence it had or would have gets
+        an error, later ones too."""
         with self._cond:
             self._failure = exc
             waiting = list(running) + list(self._incoming)
             self._incoming.clear()
-        outbox = Outbox()
         for seq in waiting:
             outbox.put(seq, EngineError("the engine stopped while serving this request"))
         outbox.flush()

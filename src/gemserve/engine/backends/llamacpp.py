@@ -115,8 +115,7 @@ class LlamaCppEngine:
                 self._outbox.flush()
         except BaseException as exc:  # the thread must never die silently: fail every waiting request
             log.exception("engine thread failed")
-            self._outbox.flush()
-            self._inbox.fail(exc, self._running)
+            self._inbox.fail(exc, self._running, self._outbox)
             self._running.clear()
 
     def _admit(self, seq: _Sequence) -> None:

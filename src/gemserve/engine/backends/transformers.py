@@ -188,8 +188,7 @@ class TransformersEngine:
                         self._outbox.flush()
         except BaseException as exc:  # the thread must never die silently: fail every waiting request
             log.exception("engine thread failed")
-            self._outbox.flush()
-            self._inbox.fail(exc, self._running)
+            self._inbox.fail(exc, self._running, self._outbox)
             self._running.clear()
 
     def _turn(self, seq: _Sequence) -> None:
