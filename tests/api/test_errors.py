@@ -76,6 +76,15 @@ CASES: list[tuple[str, str, str, Any, int, str]] = [
     ("unknown route", "GET", "/v1beta/nothing-here", None, 404, "not found"),
     ("bad page token", "GET", "/v1beta/models?pageToken=zzz", None, 400, "page_token"),
     ("count tokens without contents", "POST", "/v1beta/models/gemma-3-270m:countTokens", {}, 400, "contents"),
+    ("empty text", "POST", GEN, {"contents": [{"parts": [{"text": ""}]}]}, 400, "empty text parameter"),
+    ("deeply nested", "POST", GEN, "[" * 5000 + "]" * 5000, 400, "Nesting deeper"),
+    ("lone surrogate", "POST", GEN, '{"contents": [{"parts": [{"text": "\\ud800"}]}]}', 400, "unpaired surrogate"),
+    ("candidates beyond the context", "POST", GEN, {"contents": [{"parts": [{"text": "word " * 1100}]}],
+                                                    "generationConfig": {"candidateCount": 8}}, 400,
+     "do not fit the model's context"),
+    ("count tokens with tools", "POST", "/v1beta/models/gemma-3-270m:countTokens",
+     {"generateContentRequest": {**GOOD, "tools": [{"codeExecution": {}}]}}, 400, "tools"),
+    ("body over the size limit", "POST", GEN, b" " * (32 * 1024 * 1024 + 1), 400, "payload size exceeds"),
     ("stream with bad config", "POST", "/v1beta/models/gemma-3-270m:streamGenerateContent?alt=sse",
      with_config(topP=7), 400, "top_p"),
 ]
@@ -109,6 +118,18 @@ def test_field_violation_detail_names_the_field(server: Server) -> None:
 
 
 def test_server_still_serves_after_the_table(server: Server) -> None:
+    assert send(server, "POST", GEN, GOOD).status_code == 200
+
+
+def test_extreme_but_valid_sampling_values_are_served(server: Server) -> None:
+    greedy = send(server, "POST", GEN, with_config(temperature=0, maxOutputTokens=6)).json()
+    tiny = send(server, "POST", GEN, with_config(temperature=1e-320, maxOutputTokens=6))
+    assert tiny.status_code == 200, tiny.text  # a temperature that underflows is greedy, not a dead engine
+    assert tiny.json()["candidates"][0]["content"] == greedy["candidates"][0]["content"]
+    negative_seed = [send(server, "POST", GEN, with_config(seed=-1, temperature=1.5, maxOutputTokens=6))
+                     for _ in range(2)]
+    assert [r.status_code for r in negative_seed] == [200, 200]
+    assert negative_seed[0].json()["candidates"] == negative_seed[1].json()["candidates"]
     assert send(server, "POST", GEN, GOOD).status_code == 200
 
 

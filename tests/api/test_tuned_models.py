@@ -83,6 +83,10 @@ INVALID = [
     ("display name too long", {"displayName": "x" * 41}, "display_name"),
     ("temperature out of range", {"temperature": 5}, "temperature"),
     ("unknown field", {"tuningTaskk": {}}, 'Unknown name "tuningTaskk"'),
+    ("blank output", {"tuningTask": {"trainingData": {"examples": {"examples": [{"textInput": "a", "output": " "}]}}}},
+     "examples[0].output"),
+    ("top_k beyond int32", {"topK": 2**63}, "top_k"),
+    ("impossible project number", {"readerProjectNumbers": [10**30]}, "reader_project_numbers[0]"),
     ("unknown source model", {"baseModel": None, "tunedModelSource": {"tunedModel": "tunedModels/nope"}},
      "tunedModels/nope"),
 ]

@@ -51,3 +51,15 @@ def test_wrong_type_names_the_field_in_snake_case() -> None:
     with pytest.raises(ApiError) as info:
         parse_model(GenerateContentRequest, {"generationConfig": {"maxOutputTokens": "many"}}, "x")
     assert "generation_config.max_output_tokens" in info.value.message
+
+
+def test_trailing_commas_inside_strings_are_kept() -> None:
+    body = b'{"a": ["x,]", "say \\"hi\\",}",], "b": "c:\\\\",}'
+    assert parse_json_body(body) == {"a": ["x,]", 'say "hi",}'], "b": "c:\\"}
+
+
+def test_deep_nesting_and_unpaired_surrogates_are_client_errors() -> None:
+    with pytest.raises(ApiError, match="Nesting"):
+        parse_json_body(b"[" * 5000 + b"]" * 5000)
+    with pytest.raises(ApiError, match="surrogate"):
+        parse_json_body(b'{"displayName": "\\udc00"}')

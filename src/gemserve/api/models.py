@@ -9,13 +9,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from gemserve.api.deps import CallerDep
-from gemserve.api.streaming import streaming_response, until_disconnect
+from gemserve.api.streaming import read_json, streaming_response, until_disconnect
 from gemserve.errors import ApiError, invalid_argument
 from gemserve.models.registry import ModelRegistry, ServedModel
 from gemserve.schema.content import CountTokensRequest, GenerateContentRequest
-from gemserve.schema.wire import parse_json_body, parse_model
+from gemserve.schema.wire import parse_model
 from gemserve.service import generation
-from gemserve.service.requests import Target, base_target, conversation, plan_generation, prompt_tokens
+from gemserve.service.requests import (
+    Target,
+    base_target,
+    check_unsupported,
+    conversation,
+    plan_generation,
+    prompt_tokens,
+)
 
 router = APIRouter()
 
@@ -96,7 +103,7 @@ async def call_model(version: str, name_and_method: str, request: Request, _: Ca
         raise ApiError("NOT_FOUND", "The requested URL was not found on this server.")
     registry = registry_of(request)
     model = registry.get(name, method, version)
-    body = parse_json_body(await request.body())
+    body = await read_json(request)
     if method == "countTokens":
         return JSONResponse(count_tokens(model, body))
     return await generate_response(request, method, base_target(model), body)
@@ -108,7 +115,7 @@ async def generate_response(request: Request, method: str, target: Target, body:
     plan = plan_generation(target, parsed)
     if method == "streamGenerateContent":
         sse = request.query_params.get("alt") == "sse"
-        return await streaming_response(generation.stream(plan), sse)
+        return await streaming_response(request, generation.stream(plan), sse)
     return JSONResponse(await until_disconnect(request, generation.generate(plan)))
 
 
@@ -119,6 +126,7 @@ def count_tokens(model: ServedModel, body: Any) -> dict[str, Any]:
         raise invalid_argument("contents and generate_content_request are mutually exclusive.", "contents")
     if parsed.generate_content_request is not None:
         inner = parsed.generate_content_request
+        check_unsupported(inner)
     elif parsed.contents:
         inner = GenerateContentRequest(contents=parsed.contents)
     else:

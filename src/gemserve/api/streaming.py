@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from gemserve.errors import ApiError
+from gemserve.schema.wire import MAX_BODY_BYTES, parse_json_body
 
 log = logging.getLogger("gemserve.api")
 T = TypeVar("T")
@@ -27,11 +28,15 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-async def streaming_response(chunks: AsyncIterator[dict[str, Any]], sse: bool) -> StreamingResponse:
+async def streaming_response(request: Request, chunks: AsyncIterator[dict[str, Any]], sse: bool,
+                             ) -> StreamingResponse:
     try:
-        first = await anext(chunks)
+        first = await until_disconnect(request, anext(chunks))  # a long prefill stops if the client leaves
     except StopAsyncIteration:
         first = None
+    except ApiError:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        raise
 
     async def body() -> AsyncIterator[str]:
         if not sse:
@@ -64,6 +69,21 @@ def _frame(chunk: dict[str, Any], sse: bool, index: int) -> str:
     if sse:
         return f"data: {_dumps(chunk)}\r\n\r\n"
     return ("" if index == 0 else ",\r\n") + _dumps(chunk)
+
+
+async def read_json(request: Request) -> Any:
+    """The request's JSON body, refused once it passes the size limit rather than read whole first."""
+    too_big = ApiError("INVALID_ARGUMENT", f"Request payload size exceeds the limit: {MAX_BODY_BYTES} bytes.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    return parse_json_body(b"".join(chunks))
 
 
 async def until_disconnect(request: Request, work: Awaitable[T], poll_seconds: float = 0.25) -> T:

@@ -10,9 +10,10 @@ from fastapi.responses import Response
 
 from gemserve.api.deps import CallerDep
 from gemserve.api.models import check_version, generate_response, registry_of
+from gemserve.api.streaming import read_json
 from gemserve.errors import ApiError
 from gemserve.schema.tuning import TunedModelIn
-from gemserve.schema.wire import camelize, parse_json_body, parse_model
+from gemserve.schema.wire import camelize, parse_model
 from gemserve.service.requests import Defaults, Target
 from gemserve.service.tuned_models import TunedModels
 
@@ -34,7 +35,7 @@ def _not_found() -> ApiError:
 async def create_tuned_model(version: str, request: Request, caller: CallerDep,
                              tunedModelId: str | None = None) -> dict[str, Any]:  # noqa: N803
     check_version(version)
-    body = parse_model(TunedModelIn, parse_json_body(await request.body()), "TunedModel")
+    body = parse_model(TunedModelIn, await read_json(request), "TunedModel")
     return tuned_models_of(request).create(caller, body, tunedModelId)
 
 
@@ -57,7 +58,7 @@ async def get_tuned_model(version: str, model_id: str, request: Request, caller:
 async def patch_tuned_model(version: str, model_id: str, request: Request, caller: CallerDep,
                             updateMask: str | None = None) -> dict[str, Any]:  # noqa: N803
     check_version(version)
-    raw = parse_json_body(await request.body())
+    raw = await read_json(request)
     parsed = parse_model(TunedModelIn, raw, "TunedModel")
     present = set(camelize(raw)) if isinstance(raw, dict) else set()
     return tuned_models_of(request).patch(caller, model_id, parsed, present, updateMask)
@@ -80,7 +81,7 @@ async def call_tuned_model(version: str, name_and_method: str, request: Request,
     name, _, method = name_and_method.partition(":")
     if method not in GENERATION_METHODS:
         raise _not_found()
-    body = parse_json_body(await request.body())
+    body = await read_json(request)
     tuned = tuned_models_of(request).usable(caller, name)
     model = registry_of(request).get(tuned.base_model, method, version)
     spec = model.spec

@@ -15,6 +15,7 @@ import numpy as np
 
 from gemserve.engine.types import SamplingParams
 
+MIN_TEMPERATURE = 1e-4  # below this, dividing logits by the temperature overflows to inf: decode greedily
 _NUCLEUS_FIRST_K = 256
 _DIRECT_K = 4096
 _PREFILTER_MARGIN = 16.0
@@ -35,7 +36,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def sample(logits: np.ndarray, params: SamplingParams, generated: Counter[int], rng: np.random.Generator) -> Choice:
     """Pick a token from `logits` (shape [vocab]); `generated` counts the tokens this sequence produced so far."""
     scores = _penalized(logits, params, generated)
-    greedy = params.temperature <= 0.0 or params.top_k == 1
+    greedy = params.temperature < MIN_TEMPERATURE or params.top_k == 1
     token = int(np.argmax(scores)) if greedy else _draw(scores, params, rng)
     if params.logprobs is None:
         return Choice(token, None, ())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +22,8 @@ import numpy as np
 
 from gemserve.engine.sampling import sample
 from gemserve.engine.types import EngineError, Event, FinishEvent, GenerationRequest, TokenEvent
+
+log = logging.getLogger("gemserve.engine")
 
 Message = Event | BaseException
 
@@ -61,9 +64,21 @@ def _deliver(messages: list[tuple[asyncio.Queue[Message], Message]]) -> None:
         queue.put_nowait(message)
 
 
+def rng_for(seed: int | None) -> np.random.Generator:
+    """A sequence's random stream; any 32-bit seed, negative ones too, as the API allows."""
+    return np.random.default_rng(None if seed is None else seed & 0xFFFFFFFF)
+
+
 def advance(seq: Sequence, logits: np.ndarray, is_end: Callable[[int], bool], outbox: Outbox) -> bool:
-    """Choose `seq`'s next token from `logits` and report it. True when the sequence has ended."""
-    choice = sample(logits, seq.request.sampling, seq.generated, seq.rng)
+    """Choose `seq`'s next token from `logits` and report it. True when the sequence has ended.
+
+    A failure here belongs to this sequence alone: it gets the error and ends; the engine goes on."""
+    try:
+        choice = sample(logits, seq.request.sampling, seq.generated, seq.rng)
+    except Exception as exc:
+        log.exception("sampling failed")
+        outbox.put(seq, EngineError(f"sampling failed for this request: {exc}"))
+        return True
     if is_end(choice.token):
         outbox.put(seq, FinishEvent("STOP"))
         return True

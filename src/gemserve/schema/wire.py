@@ -18,7 +18,6 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Annotated, Any, TypeVar
 
-import json5
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
@@ -59,15 +58,51 @@ def parse_json_body(raw: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise invalid_argument("Invalid JSON payload received. Request body is not valid UTF-8.") from exc
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as strict_error:
         try:
-            return json5.loads(text)
-        except (ValueError, RecursionError):
-            raise invalid_argument(
-                f"Invalid JSON payload received. {strict_error.msg} at line {strict_error.lineno} "
-                f"column {strict_error.colno}."
-            ) from None
+            value = json.loads(text)
+        except json.JSONDecodeError as strict_error:
+            try:
+                value = json.loads(_without_trailing_commas(text))
+            except json.JSONDecodeError:
+                raise invalid_argument(
+                    f"Invalid JSON payload received. {strict_error.msg} at line {strict_error.lineno} "
+                    f"column {strict_error.colno}."
+                ) from None
+    except RecursionError:
+        raise invalid_argument(f"Invalid JSON payload received. Nesting deeper than {MAX_NESTING} levels.") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # JSON's \ud800 escapes can spell strings that are not Unicode text
+        raise invalid_argument("Invalid JSON payload received. A string holds an unpaired surrogate (\\ud800-"
+                               "\\udfff); text must be valid Unicode.") from None
+    return value
+
+
+def _without_trailing_commas(text: str) -> str:
+    """`[1, 2,]` -> `[1, 2]` and `{"a": 1,}` -> `{"a": 1}`, leaving strings alone; one pass over the text."""
+    out: list[str] = []
+    in_string = escaped = False
+    pending_comma = -1  # index in `out` of a comma that a closing bracket may still cancel
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+            pending_comma = -1
+        elif char in "]}" and pending_comma >= 0:
+            out[pending_comma] = ""
+            pending_comma = -1
+        elif char == ",":
+            pending_comma = len(out)
+        elif not char.isspace():
+            pending_comma = -1
+        out.append(char)
+    return "".join(out)
 
 
 def camelize(value: Any, path: str = "", depth: int = 0) -> Any:

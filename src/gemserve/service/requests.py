@@ -90,6 +90,9 @@ def _text_of(content: Content, where: str) -> str:
     for j, part in enumerate(content.parts):
         field = f"{where}.parts[{j}]"
         if part.text is not None:
+            if not part.text:
+                raise invalid_argument(f"{field}.text: Unable to submit request because it has an empty text "
+                                       "parameter. Add a value to the parameter and try again.", f"{field}.text")
             texts.append(part.text)
             continue
         if part.inline_data is not None or part.file_data is not None:
@@ -213,6 +216,10 @@ def plan_generation(target: Target, request: GenerateContentRequest) -> Generati
     if len(prompt) >= limit:
         raise invalid_argument(f"The input token count ({len(prompt)}) exceeds the maximum number of tokens allowed "
                                f"({limit}).", "contents")
+    if count * (len(prompt) + 1) > limit:
+        raise invalid_argument(f"generation_config.candidate_count: {count} candidates of a {len(prompt)}-token "
+                               f"prompt do not fit the model's context of {limit} tokens.",
+                               "generation_config.candidate_count")
     requested = config.max_output_tokens if config else None  # 0 is proto3's "unset"
     if requested is not None and not 0 <= requested <= model.output_token_limit:
         raise invalid_argument(f"generation_config.max_output_tokens: {requested} is out of range; it must be "

@@ -98,7 +98,13 @@ class TunedModels:
         )
         if not self._store.insert(record):
             raise ApiError("ALREADY_EXISTS", f"Tuned model with name tunedModels/{model_id} already exists.")
+        job_dir = self._job_dir(record)
         try:
+            if source_adapter is not None:
+                # The job keeps its own copy, so deleting the source model cannot break it while it waits or
+                # resumes. The worker ignores the directory until job.json appears.
+                job_dir.mkdir(parents=True, exist_ok=True)
+                source_adapter = Path(shutil.copytree(source_adapter, job_dir / "source_adapter"))
             jobs.write_job(self._data_dir, {
                 "job_id": record.job_id, "created": created,
                 "base_model": {"id": spec.id, "path": str(base_path)},
@@ -108,8 +114,13 @@ class TunedModels:
                 "lora": {"rank": 8, "alpha": 16},
                 "seed": secrets.randbelow(2**31),
             })
-        except BaseException:
+        except jobs.JobError as exc:
             self._store.delete(model_id)  # no record without its job
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise invalid_argument(f"The tuning job was refused: {exc}.") from exc
+        except BaseException:
+            self._store.delete(model_id)
+            shutil.rmtree(job_dir, ignore_errors=True)
             raise
         return self.operation(record)
 
@@ -365,11 +376,12 @@ def _examples(body: TunedModelIn) -> list[dict[str, str]]:
         if example.text_input is None:
             raise invalid_argument(f"{where}.text_input: every example needs a text input (all examples must be "
                                    "of the same type: text).", f"{where}.text_input")
-        if not example.output:
+        output = example.output or ""
+        if not output.strip():
             raise invalid_argument(f"{where}.output: the expected output must not be empty.", f"{where}.output")
-        if len(example.text_input) + len(example.output) > MAX_EXAMPLE_CHARS:
+        if len(example.text_input) + len(output) > MAX_EXAMPLE_CHARS:
             raise invalid_argument(f"{where}: an example may hold at most {MAX_EXAMPLE_CHARS} characters.", where)
-        out.append({"text_input": example.text_input, "output": example.output})
+        out.append({"text_input": example.text_input, "output": output})
     return out
 
 
@@ -411,8 +423,12 @@ def _check_sampling(body: TunedModelIn, max_temperature: float) -> None:
         raise invalid_argument(f"temperature: must be between 0 and {max_temperature}.", "temperature")
     if body.top_p is not None and not 0 <= body.top_p <= 1:
         raise invalid_argument("top_p: must be between 0 and 1.", "top_p")
-    if body.top_k is not None and body.top_k < 1:
-        raise invalid_argument("top_k: must be a positive integer.", "top_k")
+    if body.top_k is not None and not 1 <= body.top_k < 2**31:
+        raise invalid_argument("top_k: must be a positive 32-bit integer.", "top_k")
+    for i, number in enumerate(body.reader_project_numbers or []):
+        if not 0 < number < 2**63:
+            raise invalid_argument(f"reader_project_numbers[{i}]: {number} is not a project number.",
+                                   f"reader_project_numbers[{i}]")
 
 
 def _generated_id(display_name: str) -> str:

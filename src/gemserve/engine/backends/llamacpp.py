@@ -25,10 +25,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from gemserve.engine.backends.llamacpp_model import LlamaModel
-from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance
+from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance, rng_for
 from gemserve.engine.types import EngineError, Event, GenerationRequest
 
 log = logging.getLogger("gemserve.engine")
@@ -87,7 +85,7 @@ class LlamaCppEngine:
             raise EngineError("the prompt has no tokens")
 
         def make(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Message]) -> _Sequence:
-            rng = np.random.default_rng(request.sampling.seed)
+            rng = rng_for(request.sampling.seed)
             return _Sequence(request=request, loop=loop, queue=queue, rng=rng, pending=list(request.prompt))
 
         return self._inbox.stream(make)

@@ -26,7 +26,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance
+from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance, rng_for
 from gemserve.engine.types import (
     EngineError,
     Event,
@@ -156,7 +156,7 @@ class TransformersEngine:
                               f"{self.metadata.context_length}")
 
         def make(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Message]) -> _Sequence:
-            rng = np.random.default_rng(request.sampling.seed)
+            rng = rng_for(request.sampling.seed)
             return _Sequence(request=request, loop=loop, queue=queue, rng=rng, pending=list(request.prompt))
 
         return self._inbox.stream(make)
