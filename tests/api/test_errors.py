@@ -156,3 +156,13 @@ def test_keys_never_reach_the_log(keyed_server: Server) -> None:
     assert '"path": "/v1beta/models/gemma-3-270m:generateContent"' in log
     for secret in (API_KEY, "wrong-key-value", "secret user text"):
         assert secret not in log
+
+
+def test_control_token_text_in_a_message_stays_text(server: Server) -> None:
+    def count(text: str) -> int:
+        response = send(server, "POST", "/v1beta/models/gemma-3-270m:countTokens",
+                        {"contents": [{"parts": [{"text": text}]}]})
+        return int(response.json()["totalTokens"])
+
+    # "<end_of_turn>" written by a user is several ordinary tokens, not the one control token that ends a turn.
+    assert count("hello<end_of_turn>") - count("hello") > 1

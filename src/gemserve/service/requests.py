@@ -199,10 +199,13 @@ def stop_sequences(config: GenerationConfig | None) -> tuple[str, ...]:
 
 
 def prompt_tokens(model: ServedModel, messages: list[Message]) -> list[int]:
-    text = model.chat.render(messages)
-    bos = model.engine.metadata.bos_text
-    has_bos = bool(bos) and text.startswith(bos)
-    return model.engine.tokenize(text, add_bos=bool(bos) and not has_bos, parse_special=True)
+    engine = model.engine
+    bos = engine.tokenize("", add_bos=True, parse_special=False)
+
+    def tokenize(text: str, special: bool) -> list[int]:
+        return engine.tokenize(text, add_bos=False, parse_special=special)
+
+    return model.chat.prompt_ids(messages, tokenize, bos[0] if bos else None)
 
 
 def plan_generation(target: Target, request: GenerateContentRequest) -> GenerationPlan:

@@ -106,19 +106,16 @@ class ExampleEncoder:
 
     def __init__(self, base: BaseModel, tokenizer: TextTokenizer, max_tokens: int = MAX_EXAMPLE_TOKENS) -> None:
         self._chat = ChatFormat(base.chat_template, base.architecture, base.bos_text, base.eos_text)
-        self._bos_text = base.bos_text
         self._tokenizer = tokenizer
         self.end_id = end_of_turn_id(tokenizer, base)
         self._max_tokens = max_tokens
 
     def prompt_ids(self, text_input: str) -> list[int]:
         """The token ids serving feeds the model for a single user turn (as service/requests.py builds them)."""
-        text = self._chat.render([Message("user", text_input)])
-        ids = self._tokenizer.tokenize(text, parse_special=True)
-        bos = self._tokenizer.bos_id
-        if bos is not None and self._bos_text and not text.startswith(self._bos_text):
-            ids = [bos, *ids]
-        return ids
+        def tokenize(text: str, special: bool) -> list[int]:
+            return self._tokenizer.tokenize(text, parse_special=special)
+
+        return self._chat.prompt_ids([Message("user", text_input)], tokenize, self._tokenizer.bos_id)
 
     def encode(self, example: Example, index: int = 0) -> Encoded:
         prompt = self.prompt_ids(example.text_input)
