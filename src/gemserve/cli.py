@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     settings = Settings(
         data_dir=data_dir, host=args.host, port=args.port, api_keys=api_keys_from_env(),
-        config_file=args.config, aliases=catalog.aliases, threads=args.threads,
+        threads=args.threads,
         max_sequences=args.max_sequences, context_size=args.context_size, tuning_worker=not args.no_tuning_worker,
     )
     _serve(settings, catalog, args.log_level)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 API_KEYS_ENV = "GEMSERVE_API_KEYS"
@@ -16,8 +16,6 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     api_keys: frozenset[str] = frozenset()  # empty: open local mode, no key needed
-    config_file: Path | None = None
-    aliases: dict[str, str] = field(default_factory=dict)
     threads: int | None = None  # engine threads; None: all cores
     max_sequences: int = 8  # sequences decoded together per model
     context_size: int | None = None  # KV cache tokens shared by all sequences; None: the model's window

@@ -53,5 +53,10 @@ def invalid_argument(message: str, field: str | None = None) -> ApiError:
     return ApiError("INVALID_ARGUMENT", message, details)
 
 
+def url_not_found() -> ApiError:
+    """A path no route serves (unknown version, method or resource), in Google's words."""
+    return ApiError("NOT_FOUND", "The requested URL was not found on this server.")
+
+
 def not_found(message: str) -> ApiError:
     return ApiError("NOT_FOUND", message)

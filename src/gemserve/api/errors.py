@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gemserve.errors import STATUS_CODES, ApiError, invalid_argument
+from gemserve.errors import STATUS_CODES, ApiError, invalid_argument, url_not_found
 
 log = logging.getLogger("gemserve.api")
 
@@ -37,7 +37,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code in (404, 405):
-            return error_response(ApiError("NOT_FOUND", "The requested URL was not found on this server."))
+            return error_response(url_not_found())
         status = next((s for s, c in STATUS_CODES.items() if c == exc.status_code), "INVALID_ARGUMENT")
         return error_response(ApiError(status, str(exc.detail)))
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gemserve.api.deps import CallerDep
 from gemserve.api.streaming import read_json, streaming_response, until_disconnect
-from gemserve.errors import ApiError, invalid_argument
+from gemserve.errors import invalid_argument, url_not_found
 from gemserve.models.registry import ModelRegistry, ServedModel
 from gemserve.schema.content import CountTokensRequest, GenerateContentRequest
 from gemserve.schema.wire import parse_model
@@ -39,7 +39,7 @@ def registry_of(request: Request) -> ModelRegistry:
 
 def check_version(version: str) -> None:
     if version not in API_VERSIONS:
-        raise ApiError("NOT_FOUND", "The requested URL was not found on this server.")
+        raise url_not_found()
 
 
 def model_resource(model: ServedModel, name: str | None = None) -> dict[str, Any]:
@@ -90,7 +90,7 @@ def _decode_page_token(token: str) -> int:
 async def get_model(version: str, name: str, request: Request, _: CallerDep) -> dict[str, Any]:
     check_version(version)
     if ":" in name:
-        raise ApiError("NOT_FOUND", "The requested URL was not found on this server.")
+        raise url_not_found()
     model = registry_of(request).get(name, "getModel", version)
     return model_resource(model, name.removeprefix("models/"))
 
@@ -100,7 +100,7 @@ async def call_model(version: str, name_and_method: str, request: Request, _: Ca
     check_version(version)
     name, _sep, method = name_and_method.partition(":")
     if method not in GENERATION_METHODS:
-        raise ApiError("NOT_FOUND", "The requested URL was not found on this server.")
+        raise url_not_found()
     registry = registry_of(request)
     model = registry.get(name, method, version)
     body = await read_json(request)

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from gemserve.api.deps import CallerDep
 from gemserve.api.models import check_version, generate_response, registry_of
 from gemserve.api.streaming import read_json
-from gemserve.errors import ApiError
+from gemserve.errors import ApiError, url_not_found
 from gemserve.schema.tuning import TunedModelIn
 from gemserve.schema.wire import camelize, parse_model
 from gemserve.service.requests import Defaults, Target
@@ -25,10 +25,6 @@ GENERATION_METHODS = ("generateContent", "streamGenerateContent")
 def tuned_models_of(request: Request) -> TunedModels:
     service: TunedModels = request.app.state.tuned_models
     return service
-
-
-def _not_found() -> ApiError:
-    return ApiError("NOT_FOUND", "The requested URL was not found on this server.")
 
 
 @router.post("/{version}/tunedModels")
@@ -50,7 +46,7 @@ async def list_tuned_models(version: str, request: Request, caller: CallerDep, p
 async def get_tuned_model(version: str, model_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
     check_version(version)
     if ":" in model_id:
-        raise _not_found()
+        raise url_not_found()
     return tuned_models_of(request).get(caller, model_id)
 
 
@@ -80,7 +76,7 @@ async def call_tuned_model(version: str, name_and_method: str, request: Request,
     check_version(version)
     name, _, method = name_and_method.partition(":")
     if method not in GENERATION_METHODS:
-        raise _not_found()
+        raise url_not_found()
     body = await read_json(request)
     tuned = tuned_models_of(request).usable(caller, name)
     model = registry_of(request).get(tuned.base_model, method, version)
@@ -111,6 +107,6 @@ async def cancel_operation(version: str, model_id: str, operation_and_method: st
     check_version(version)
     operation_id, _, method = operation_and_method.partition(":")
     if method != "cancel":
-        raise _not_found()
+        raise url_not_found()
     tuned_models_of(request).cancel_operation(caller, model_id, operation_id)
     return {}

@@ -3,7 +3,7 @@
 Google's JSON parser is more forgiving than `json.loads` in ways the official clients and the reference's curl
 examples rely on: a trailing comma, snake_case *and* camelCase names for every field, enums as names or
 numbers, a single object where a list is expected. This module handles the first two for the whole body;
-`OneOrMany` and `ProtoEnum` handle the others field by field. Keys the user defines (function arguments,
+`OneOrMany` and `enum_by_name_or_number` handle the others field by field. Keys the user defines (function arguments,
 function responses, schema property names, raw JSON schemas, labels) are never rewritten.
 
 It does not know the fields of any resource: that is the pydantic models' job (`gemserve.schema.*`), which
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from enum import Enum
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
@@ -148,8 +147,6 @@ T = TypeVar("T")
 OneOrMany = Annotated[list[T], BeforeValidator(_as_list)]
 """A repeated field that also accepts a single object in its place, as Google's parser does."""
 
-
-E = TypeVar("E", bound=Enum)
 
 
 def enum_by_name_or_number(members: list[str]) -> Callable[[Any], Any]:

@@ -276,8 +276,9 @@ class TunedModels:
 
     # ---- JSON ---------------------------------------------------------------------------------------------
 
-    def resource(self, record: TunedModelRecord) -> dict[str, Any]:
-        progress = jobs.read_progress(self._job_dir(record))
+    def resource(self, record: TunedModelRecord, progress: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The TunedModel JSON; `progress` is the job's, when the caller has read it already."""
+        progress = progress or jobs.read_progress(self._job_dir(record))
         task: dict[str, Any] = {}
         if progress.get("start_time"):
             task["startTime"] = progress["start_time"]
@@ -322,7 +323,7 @@ class TunedModels:
         state = progress["state"]
         if state == "SUCCEEDED":
             op["done"] = True
-            op["response"] = {"@type": API_TYPE + "TunedModel", **self.resource(record)}
+            op["response"] = {"@type": API_TYPE + "TunedModel", **self.resource(record, progress)}
         elif state == "CANCELLED":
             op["done"] = True
             op["error"] = {"code": GRPC_CANCELLED, "message": "Operation cancelled."}

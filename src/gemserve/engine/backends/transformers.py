@@ -2,8 +2,9 @@
 
 One thread owns the model and runs it in float32 on the CPU under `torch.inference_mode`. Each sequence
 keeps its own KV cache (`past_key_values`); the running sequences take turns, one forward pass each per
-round: a chunk of the prompt, or the one token just sampled. Events go back to each request's asyncio queue;
-a request that goes away (client disconnect, stop sequence) is dropped at its next turn and its cache freed.
+round: a chunk of the prompt, or the one token just sampled. Sequences arrive and events leave through
+`engine/sequences.py`, as in the llama.cpp engine; a request that goes away (client disconnect, stop
+sequence) is dropped at its next turn and its cache freed.
 torch releases the GIL inside its kernels, so the event loop keeps serving HTTP while a step runs.
 
 Not here: batching several sequences into one forward pass, GPUs and other dtypes, text, chat formats and
