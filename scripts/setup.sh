@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Create or refresh ./.venv with gemserve and its test tools. Re-runs are quick: nothing is reinstalled
-# unless pyproject.toml changed since the last successful set-up.
+# unless pyproject.toml, setup.py or the C kernel changed since the last successful set-up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "gemserve needs Python 3.11 or newer")'
 [ -x .venv/bin/python ] || python3 -m venv .venv
 stamp=.venv/.gemserve-setup
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py src/gemserve/engine/backends/_output_head.c | sha256sum | cut -d" " -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # llama-cpp-python builds from source here (a few minutes the first time; pip caches the wheel).

@@ -16,6 +16,7 @@ from pathlib import Path
 import llama_cpp as llama
 import numpy as np
 
+from gemserve.engine.backends.output_head import OutputHead
 from gemserve.engine.types import EngineError, ModelMetadata
 
 log = logging.getLogger("gemserve.engine")
@@ -44,7 +45,7 @@ def _init_backend() -> None:
 
 class LlamaModel:
     def __init__(self, path: Path, *, context_size: int | None, sequences: int, threads: int | None,
-                 ubatch: int) -> None:
+                 ubatch: int, own_output_layer: bool = True) -> None:
         _init_backend()
         model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
         if not model:
@@ -65,6 +66,13 @@ class LlamaModel:
         params.swa_full = True  # keep whole histories in sliding-window layers too, so prefixes can be reused
         params.n_threads = threads
         params.n_threads_batch = threads
+        self._head: OutputHead | None = None
+        if own_output_layer:
+            self._head = OutputHead.load(path, n_vocab=self.n_vocab, n_embd=llama.llama_model_n_embd(model),
+                                         threads=threads)
+        if self._head is not None:
+            params.cb_eval = self._head.callback
+            params.cb_eval_user_data = ctypes.cast(ctypes.pointer(self._head.state), ctypes.c_void_p)
         ctx = llama.llama_init_from_model(model, params)
         if not ctx:
             llama.llama_model_free(model)
@@ -74,8 +82,13 @@ class LlamaModel:
         self.ubatch = ubatch
         self._batch = llama.llama_batch_init(ubatch, 0, 1)
         self._adapters: dict[str, llama.llama_adapter_lora_p] = {}
+        self._adapters_changing_output: set[str] = set()
         self._active_adapter: str | None = None
         self._pieces: dict[int, bytes] = {}
+        self._output_rows: dict[int, int] = {}  # batch row -> row of the head's logits, after a decode by the head
+        if self._head is not None and not self._head_agrees():
+            self._head = None
+        self.output_layer = "llama.cpp" if self._head is None else "gemserve"
         self.metadata = ModelMetadata(
             context_length=min(n_ctx, trained),
             vocab_size=self.n_vocab,
@@ -121,6 +134,7 @@ class LlamaModel:
         False when the tokens did not fit the KV cache; llama.cpp then leaves the cache as it was."""
         batch = self._batch
         n = 0
+        output_rows: dict[int, int] = {}
         for seq_id, start, tokens, want_logits in entries:
             for i, token in enumerate(tokens):
                 batch.token[n] = token
@@ -131,15 +145,54 @@ class LlamaModel:
                 n += 1
             if want_logits:
                 batch.logits[n - 1] = True
+                output_rows[n - 1] = len(output_rows)
         batch.n_tokens = n
-        status = llama.llama_decode(self._ctx, batch)
+        # gemserve's output layer takes over after the final norm, unless the adapter in use changes that layer.
+        # A batch never exceeds one micro-batch (n <= ubatch), so llama.cpp computes it in one graph.
+        head = self._head if self._active_adapter not in self._adapters_changing_output else None
+        if head is not None:
+            head.prepare(len(output_rows))
+        try:
+            status = llama.llama_decode(self._ctx, batch)
+        finally:
+            by_head = head is not None and head.finish()
+        self._output_rows = output_rows if by_head else {}
         if status < 0:
             raise EngineError(f"llama_decode failed with status {status}")
         return status == 0
 
     def logits(self, row: int) -> np.ndarray:
         """The logits of batch row `row` of the last decode (a view: use it before the next decode)."""
+        if self._output_rows:
+            assert self._head is not None
+            return self._head.logits[self._output_rows[row]]
         return np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, row), shape=(self.n_vocab,))
+
+    def _head_agrees(self) -> bool:
+        """Run one short prompt through llama.cpp's output layer and through gemserve's, and compare: any
+        architecture that does more after the final norm than one matrix product shows up here."""
+        assert self._head is not None
+        prompt = self.tokenize("The capital of France is", add_bos=True, parse_special=False)
+        entries = [(0, 0, prompt, True)]
+        head, self._head = self._head, None
+        try:
+            self.decode(entries)
+            theirs = np.array(self.logits(len(prompt) - 1))
+            self.forget(0)
+            self._head = head
+            self.decode(entries)
+            ours = self.logits(len(prompt) - 1)
+            self.forget(0)
+        except EngineError:
+            return False
+        gap = float(np.max(np.abs(ours - theirs)))
+        if int(np.argmax(ours)) != int(np.argmax(theirs)) or gap > 0.05 * float(np.max(np.abs(theirs))):
+            log.warning("gemserve's output layer disagrees with llama.cpp's on this model (largest logit gap %.3g); "
+                        "llama.cpp computes logits", gap)
+            return False
+        log.info("output layer: gemserve's kernel (%.0f MiB packed; largest logit gap to llama.cpp's %.2g)",
+                 head.nbytes / 2**20, gap)
+        return True
 
     def forget(self, seq_id: int, start: int = 0) -> bool:
         """Drop a sequence's cache from position `start` on; False if llama.cpp cannot cut it there."""
@@ -160,6 +213,8 @@ class LlamaModel:
                 if not adapter:
                     raise EngineError(f"llama.cpp could not load the adapter {path}")
                 self._adapters[path] = adapter
+                if _changes_output_layer(Path(path)):
+                    self._adapters_changing_output.add(path)
             adapters = (llama.llama_adapter_lora_p_ctypes * 1)(adapter)  # type: ignore[misc]
             scales = (ctypes.c_float * 1)(1.0)
             if llama.llama_set_adapters_lora(self._ctx, adapters, 1, scales) != 0:
@@ -167,6 +222,7 @@ class LlamaModel:
         self._active_adapter = path
 
     def unload_adapter(self, path: str) -> None:
+        self._adapters_changing_output.discard(path)
         adapter = self._adapters.pop(path, None)
         if adapter is not None:
             if self._active_adapter == path:
@@ -199,3 +255,11 @@ class LlamaModel:
         if token < 0:
             return ""
         return (llama.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
+
+
+def _changes_output_layer(adapter: Path) -> bool:
+    """Whether a llama.cpp LoRA GGUF adapts the output matrix (then llama.cpp must compute that layer)."""
+    from gguf import GGUFReader
+
+    names = (t.name for t in GGUFReader(adapter).tensors)
+    return any(name.startswith(("output.", "token_embd.")) for name in names)

@@ -1,0 +1,253 @@
+/* The output layer (hidden state -> logits over the vocabulary) of a GGUF model whose output matrix is Q8_0.
+
+For Gemma 3 270M that matrix is 262144 x 640: two thirds of the model's weights, and of the time llama.cpp takes
+per decoded token. llama.cpp multiplies it one row and one token at a time, with a horizontal sum per 32
+weights; this kernel instead packs the matrix once, eight rows interleaved, so that one VNNI instruction
+multiplies 4 activations with the same 4 columns of 8 rows, and every token of a batch reuses each weight load.
+The arithmetic is that of llama.cpp: weights in 8 bits with a scale per 32, activations quantized to 8 bits
+with a scale per 32, products summed exactly in 32-bit integers, then scaled in float.
+
+Packed layout, per group of 8 rows and per block of 32 columns (288 bytes):
+  32 x 8 bytes  weights + 128 as unsigned bytes: chunk c (columns 4c..4c+3) of rows 0..7, 4 bytes each
+  8 floats      the rows' Q8_0 scales
+Since the weights are stored offset by 128, a block's integer sum is sum((w + 128) * x) - 128 * sum(x).
+
+`eval_callback` is a llama.cpp eval callback: it copies the final normalized hidden state ("result_norm") out of
+the graph and stops the graph there, so llama.cpp skips its own output layer.
+
+Plain C functions, called through ctypes; the module init only makes the file importable as an extension.
+*/
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define HAVE_X86 1
+#endif
+
+#define QK 32          /* columns per Q8_0 block */
+#define Q8_0_BYTES 34  /* fp16 scale + 32 int8 */
+#define ROWS 8         /* rows per packed group */
+#define GROUP_BLOCK_BYTES (QK * ROWS + ROWS * 4)
+#define MAX_TOKENS 8   /* tokens per pass over the weights */
+
+static float fp16_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: normalize */
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400)) { mant <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
+        }
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000 | (mant << 13);
+    } else {
+        bits = sign | ((exp - 15 + 127) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* 1 when this CPU runs the kernel (AVX-512 VNNI with 256-bit vectors), else 0. */
+int output_head_supported(void) {
+#if HAVE_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512f") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+int64_t output_head_packed_bytes(int64_t rows, int64_t k) {
+    return ((rows + ROWS - 1) / ROWS) * (k / QK) * GROUP_BLOCK_BYTES;
+}
+
+/* Pack `rows` x `k` Q8_0 weights (llama.cpp's row layout) into `packed`. Rows past the end are zero. */
+int output_head_pack(const uint8_t *q8_0, int64_t rows, int64_t k, uint8_t *packed, int threads) {
+    if (rows <= 0 || k <= 0 || k % QK) return -1;
+    const int64_t nb = k / QK, groups = (rows + ROWS - 1) / ROWS;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *out = packed + (g * nb + b) * GROUP_BLOCK_BYTES;
+            float scales[ROWS];
+            for (int i = 0; i < ROWS; i++) {
+                const int64_t r = g * ROWS + i;
+                if (r >= rows) {
+                    scales[i] = 0.0f;
+                    for (int c = 0; c < QK / 4; c++) memset(out + c * 32 + i * 4, 128, 4);
+                    continue;
+                }
+                const uint8_t *blk = q8_0 + (r * nb + b) * Q8_0_BYTES;
+                uint16_t h;
+                memcpy(&h, blk, 2);
+                scales[i] = fp16_to_float(h);
+                const int8_t *q = (const int8_t *)(blk + 2);
+                for (int c = 0; c < QK / 4; c++)
+                    for (int e = 0; e < 4; e++) out[c * 32 + i * 4 + e] = (uint8_t)((int)q[c * 4 + e] + 128);
+            }
+            memcpy(out + QK * ROWS, scales, sizeof scales);
+        }
+    }
+    return 0;
+}
+
+/* Quantize n x k activations as llama.cpp's quantize_row_q8_0 does: per 32, scale amax / 127, round to
+   nearest. Also 128 * the sum of each block's quantized values, for the offset weights. */
+static void quantize_activations(const float *x, int64_t n, int64_t k, int8_t *xq, float *xd, int32_t *xcorr) {
+    const int64_t nb = k / QK;
+    for (int64_t j = 0; j < n; j++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const float *v = x + j * k + b * QK;
+            float amax = 0.0f;
+            for (int e = 0; e < QK; e++) amax = fmaxf(amax, fabsf(v[e]));
+            const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
+            int32_t sum = 0;
+            for (int e = 0; e < QK; e++) {
+                const int8_t q = (int8_t)roundf(v[e] * id);
+                xq[j * k + b * QK + e] = q;
+                sum += q;
+            }
+            xd[j * nb + b] = d;
+            xcorr[j * nb + b] = 128 * sum;
+        }
+    }
+}
+
+#if HAVE_X86
+#define TARGET __attribute__((target("avx512f,avx512vl,avx512vnni,avx2,fma")))
+
+/* Groups [g0, g1) for T tokens. */
+#define PASS(T)                                                                                               \
+TARGET static void pass_##T(const uint8_t *packed, int64_t g0, int64_t g1, int64_t nb, int64_t k,            \
+                            const int8_t *xq, const float *xd, const int32_t *xcorr, float *out, int64_t rows) { \
+    for (int64_t g = g0; g < g1; g++) {                                                                       \
+        __m256 acc[T];                                                                                        \
+        _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) acc[j] = _mm256_setzero_ps();                   \
+        const uint8_t *p = packed + g * nb * GROUP_BLOCK_BYTES;                                               \
+        for (int64_t b = 0; b < nb; b++, p += GROUP_BLOCK_BYTES) {                                            \
+            __m256i w[QK / 4];                                                                                \
+            _Pragma("GCC unroll 8") for (int c = 0; c < QK / 4; c++) w[c] = _mm256_loadu_si256((const __m256i *)(p + 32 * c)); \
+            const __m256 scale = _mm256_loadu_ps((const float *)(p + QK * ROWS));                            \
+            _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) {                                             \
+                const int32_t *xc = (const int32_t *)(xq + j * k + b * QK);                                   \
+                /* four independent chains: a dpbusd waits for the previous one on the same register */       \
+                __m256i d0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[0], _mm256_set1_epi32(xc[0]));    \
+                __m256i d1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[1], _mm256_set1_epi32(xc[1]));    \
+                __m256i d2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[2], _mm256_set1_epi32(xc[2]));    \
+                __m256i d3 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[3], _mm256_set1_epi32(xc[3]));    \
+                d0 = _mm256_dpbusd_epi32(d0, w[4], _mm256_set1_epi32(xc[4]));                                \
+                d1 = _mm256_dpbusd_epi32(d1, w[5], _mm256_set1_epi32(xc[5]));                                \
+                d2 = _mm256_dpbusd_epi32(d2, w[6], _mm256_set1_epi32(xc[6]));                                \
+                d3 = _mm256_dpbusd_epi32(d3, w[7], _mm256_set1_epi32(xc[7]));                                \
+                __m256i dot = _mm256_add_epi32(_mm256_add_epi32(d0, d1), _mm256_add_epi32(d2, d3));          \
+                dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(xcorr[j * nb + b]));                           \
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),                                            \
+                                         _mm256_mul_ps(scale, _mm256_set1_ps(xd[j * nb + b])), acc[j]);      \
+            }                                                                                                 \
+        }                                                                                                     \
+        _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) {                                                 \
+            float v[ROWS];                                                                                    \
+            _mm256_storeu_ps(v, acc[j]);                                                                      \
+            const int64_t r0 = g * ROWS;                                                                      \
+            const int live = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;                                      \
+            memcpy(out + j * rows + r0, v, (size_t)live * 4);                                                 \
+        }                                                                                                     \
+    }                                                                                                         \
+}
+PASS(1) PASS(2) PASS(3) PASS(4) PASS(5) PASS(6) PASS(7) PASS(8)
+
+typedef void (*pass_fn)(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const int8_t *, const float *,
+                        const int32_t *, float *, int64_t);
+static const pass_fn PASSES[MAX_TOKENS + 1] = {0, pass_1, pass_2, pass_3, pass_4, pass_5, pass_6, pass_7, pass_8};
+#endif
+
+/* out[n][rows] = x[n][k] times the packed matrix, transposed. `scratch` holds n * (k + 8 * k / 32) bytes.
+   Returns 0, or -1 when this CPU cannot run the kernel. */
+int output_head_matmul(const uint8_t *packed, int64_t rows, int64_t k, const float *x, int64_t n, float *out,
+                       void *scratch, int threads) {
+#if HAVE_X86
+    if (!output_head_supported() || k % QK || n <= 0) return -1;
+    const int64_t nb = k / QK, groups = (rows + ROWS - 1) / ROWS;
+    int8_t *xq = (int8_t *)scratch;
+    float *xd = (float *)(xq + n * k);
+    int32_t *xcorr = (int32_t *)(xd + n * nb);
+    quantize_activations(x, n, k, xq, xd, xcorr);
+    /* Chunks of groups over the threads; every chunk makes all token passes while its weights are in cache. */
+    const int64_t chunk = 32;
+    const int64_t chunks = (groups + chunk - 1) / chunk;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t g0 = c * chunk, g1 = g0 + chunk < groups ? g0 + chunk : groups;
+        for (int64_t j0 = 0; j0 < n; j0 += MAX_TOKENS) {
+            const int t = n - j0 < MAX_TOKENS ? (int)(n - j0) : MAX_TOKENS;
+            PASSES[t](packed, g0, g1, nb, k, xq + j0 * k, xd + j0 * nb, xcorr + j0 * nb, out + j0 * rows, rows);
+        }
+    }
+    return 0;
+#else
+    (void)packed; (void)rows; (void)k; (void)x; (void)n; (void)out; (void)scratch; (void)threads;
+    return -1;
+#endif
+}
+
+int64_t output_head_scratch_bytes(int64_t n, int64_t k) {
+    return n * (k + 8 * (k / QK)) + 64;
+}
+
+/* ---- capturing the hidden state from llama.cpp's graph ---------------------------------------------------- */
+
+typedef const char *(*name_fn)(const void *tensor);
+typedef void *(*data_fn)(const void *tensor);
+typedef int64_t (*count_fn)(const void *tensor);
+
+typedef struct {
+    name_fn get_name;      /* ggml_get_name */
+    data_fn get_data;      /* ggml_get_data */
+    count_fn nelements;    /* ggml_nelements */
+    int32_t enabled;       /* 0: observe nothing, let the graph run whole */
+    int32_t captured;      /* 1 when hidden states were copied, -1 when one could not be; the caller resets it */
+    int64_t width;         /* floats per hidden state (n_embd) */
+    int64_t capacity;      /* hidden states `hidden` holds */
+    int64_t rows;          /* hidden states copied since the caller last reset it */
+    float *hidden;
+} capture_state;
+
+int64_t output_head_capture_state_bytes(void) { return (int64_t)sizeof(capture_state); }
+
+static const char TARGET_NODE[] = "result_norm";
+
+bool output_head_eval_callback(void *tensor, bool ask, void *user_data) {
+    capture_state *s = (capture_state *)user_data;
+    if (!s->enabled) return ask ? false : true;
+    if (ask) return strcmp(s->get_name(tensor), TARGET_NODE) == 0;
+    /* One call per micro-batch of a decode; their hidden states follow each other, in batch order. */
+    const int64_t count = s->nelements(tensor);
+    if (s->captured < 0 || s->width <= 0 || count % s->width || s->rows + count / s->width > s->capacity) {
+        s->captured = -1; /* unexpected shape: let llama.cpp finish the graph; the decode must be redone */
+        return true;
+    }
+    memcpy(s->hidden + s->rows * s->width, s->get_data(tensor), (size_t)count * sizeof(float));
+    s->rows += count / s->width;
+    s->captured = 1;
+    return false; /* stop the graph here: the output layer is ours */
+}
+
+/* ---- module ------------------------------------------------------------------------------------------------- */
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_output_head",
+                                    "Output-layer kernel for Q8_0 GGUF models; called through ctypes.", -1, NULL,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__output_head(void) { return PyModule_Create(&module); }

@@ -1,0 +1,166 @@
+"""gemserve's own output layer for llama.cpp models whose output matrix is Q8_0 (Gemma 3 270M's is).
+
+The output layer turns each sampled position's final hidden state into logits over the whole vocabulary. For
+Gemma 3 270M that is a 262144 x 640 matrix: two thirds of the weights and of llama.cpp's time per decoded token,
+and the part that grows with every sequence added to a batch. `_output_head.c` packs the matrix once (eight rows
+interleaved, about 190 MB more memory) and multiplies it with VNNI instructions, reusing each weight load for
+every token of a batch; the arithmetic is llama.cpp's (8-bit weights and activations, a scale per 32).
+
+The hand-over: a llama.cpp eval callback (in C) copies the hidden state named "result_norm" out of the graph and
+stops the graph there, so llama.cpp never runs its own output layer; `LlamaModel` then asks this class for the
+logits. `OutputHead.load` returns None - and llama.cpp keeps its own output layer - when the kernel is not
+built, the CPU lacks AVX-512 VNNI, or the model's output matrix is not Q8_0; `LlamaModel` further compares both
+paths' logits once at start-up and falls back on any difference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+from pathlib import Path
+
+import llama_cpp as llama
+import numpy as np
+
+log = logging.getLogger("gemserve.engine")
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+Q8_0 = 8  # ggml's type number for Q8_0
+
+
+class CaptureState(ctypes.Structure):
+    """Mirror of `capture_state` in _output_head.c."""
+
+    _fields_ = [
+        ("get_name", _PTR),
+        ("get_data", _PTR),
+        ("nelements", _PTR),
+        ("enabled", ctypes.c_int32),
+        ("captured", ctypes.c_int32),
+        ("width", _I64),
+        ("capacity", _I64),
+        ("rows", _I64),
+        ("hidden", _PTR),
+    ]
+
+
+def _kernel() -> ctypes.CDLL | None:
+    spec = importlib.util.find_spec("gemserve.engine.backends._output_head")
+    if spec is None or spec.origin is None:
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    lib.output_head_supported.restype = ctypes.c_int
+    lib.output_head_packed_bytes.restype = _I64
+    lib.output_head_packed_bytes.argtypes = [_I64, _I64]
+    lib.output_head_pack.restype = ctypes.c_int
+    lib.output_head_pack.argtypes = [_PTR, _I64, _I64, _PTR, ctypes.c_int]
+    lib.output_head_matmul.restype = ctypes.c_int
+    lib.output_head_matmul.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, ctypes.c_int]
+    lib.output_head_scratch_bytes.restype = _I64
+    lib.output_head_scratch_bytes.argtypes = [_I64, _I64]
+    lib.output_head_capture_state_bytes.restype = _I64
+    if lib.output_head_capture_state_bytes() != ctypes.sizeof(CaptureState):
+        raise RuntimeError("_output_head was built from another version of the capture state")
+    return lib
+
+
+def _ggml_base() -> ctypes.CDLL:
+    lib_dir = Path(llama.__file__).parent / "lib"
+    return ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+
+
+def _output_matrix(path: Path, n_embd: int, n_vocab: int) -> tuple[np.ndarray | None, str]:
+    """The raw Q8_0 bytes of the output matrix (memory-mapped), or None and why not."""
+    from gguf import GGUFReader  # imported here: only needed once, at load
+
+    reader = GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    tensor = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    if tensor is None:
+        return None, "no output matrix found"
+    if int(tensor.tensor_type) != Q8_0:
+        return None, f"the output matrix is {tensor.tensor_type.name}, not Q8_0"
+    if [int(d) for d in tensor.shape] != [n_embd, n_vocab]:
+        return None, f"the output matrix has shape {list(tensor.shape)}"
+    return np.asarray(tensor.data), ""
+
+
+class OutputHead:
+    def __init__(self, lib: ctypes.CDLL, packed: np.ndarray, n_vocab: int, n_embd: int, threads: int) -> None:
+        self._lib = lib
+        self._packed = packed
+        self.n_vocab = n_vocab
+        self.n_embd = n_embd
+        self._threads = threads
+        self._hidden = np.empty((0, n_embd), np.float32)
+        self.logits = np.empty((0, n_vocab), np.float32)
+        self._scratch = np.empty(0, np.uint8)
+        base = _ggml_base()
+        self.state = CaptureState(
+            get_name=ctypes.cast(base.ggml_get_name, _PTR).value,
+            get_data=ctypes.cast(base.ggml_get_data, _PTR).value,
+            nelements=ctypes.cast(base.ggml_nelements, _PTR).value,
+            enabled=0,
+            width=n_embd,
+        )
+        self._base = base  # keeps the functions' library loaded
+        address = ctypes.cast(lib.output_head_eval_callback, _PTR).value
+        assert address is not None
+        self.callback = llama.ggml_backend_sched_eval_callback(address)
+
+    @classmethod
+    def load(cls, path: Path, *, n_vocab: int, n_embd: int, threads: int) -> OutputHead | None:
+        """Pack `path`'s output matrix for the kernel; None (and a log line why) when it cannot be used."""
+        try:
+            lib = _kernel()
+        except (OSError, RuntimeError) as exc:
+            log.warning("output-layer kernel unusable (%s); llama.cpp computes logits", exc)
+            return None
+        if lib is None:
+            log.info("output-layer kernel not built; llama.cpp computes logits")
+            return None
+        if not lib.output_head_supported():
+            log.info("this CPU lacks AVX-512 VNNI; llama.cpp computes logits")
+            return None
+        raw, why = _output_matrix(path, n_embd, n_vocab)
+        if raw is None:
+            log.info("llama.cpp computes logits: %s", why)
+            return None
+        packed = np.empty(lib.output_head_packed_bytes(n_vocab, n_embd), np.uint8)
+        if lib.output_head_pack(raw.ctypes.data, n_vocab, n_embd, packed.ctypes.data, threads) != 0:
+            return None
+        del raw  # unmaps the file: the packed copy is all the kernel reads
+        return cls(lib, packed, n_vocab, n_embd, threads)
+
+    def prepare(self, outputs: int) -> None:
+        """Before a decode that samples at `outputs` positions: room for their hidden states, capture on."""
+        if outputs > self._hidden.shape[0]:
+            self._hidden = np.empty((outputs, self.n_embd), np.float32)
+            self.logits = np.empty((outputs, self.n_vocab), np.float32)
+            self._scratch = np.empty(self._lib.output_head_scratch_bytes(outputs, self.n_embd), np.uint8)
+        state = self.state
+        state.hidden = self._hidden.ctypes.data
+        state.capacity = self._hidden.shape[0]
+        state.rows = 0
+        state.captured = 0
+        state.enabled = 1
+
+    def finish(self) -> bool:
+        """After the decode: compute the captured rows' logits into `logits`. False when nothing was captured
+        (llama.cpp then computed its own logits)."""
+        state = self.state
+        state.enabled = 0
+        if state.captured != 1:
+            return False
+        if state.rows:
+            status = self._lib.output_head_matmul(self._packed.ctypes.data, self.n_vocab, self.n_embd,
+                                                  self._hidden.ctypes.data, state.rows, self.logits.ctypes.data,
+                                                  self._scratch.ctypes.data, self._threads)
+            if status != 0:
+                raise RuntimeError("the output-layer kernel refused its input")
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        return self._packed.nbytes
