@@ -3,6 +3,7 @@ against llama.cpp's own output layer."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from gemserve.engine.backends.llamacpp_model import LlamaModel, _changes_output_
 
 try:
     KERNEL = output_head._kernel()
-except OSError:
+except (OSError, RuntimeError):
     KERNEL = None
 needs_kernel = pytest.mark.skipif(KERNEL is None or not KERNEL.output_head_supported(),
                                   reason="the output-layer kernel is not built or this CPU lacks AVX-512 VNNI")
@@ -32,11 +33,14 @@ def q8_0_matrix(rng: np.random.Generator, rows: int, k: int) -> tuple[np.ndarray
 
 
 def expected(q: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The product as llama.cpp defines it: activations rounded to 8 bits with a scale per 32, exact sums."""
+    """The product as llama.cpp defines it: activations rounded half to even to 8 bits, multiplier 127 / amax
+    and an fp16 scale amax / 127 per 32; exact integer sums."""
     n, k = x.shape
-    blocks = x.reshape(n, k // 32, 32).astype(np.float64)
-    xd = np.abs(blocks).max(axis=2) / 127.0
-    xq = np.trunc(blocks / np.where(xd == 0, 1, xd)[..., None] + np.copysign(0.5, blocks))  # half away from 0
+    blocks = x.reshape(n, k // 32, 32)
+    amax = np.abs(blocks).max(axis=2)
+    multiplier = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax != 0)
+    xq = np.round(blocks * multiplier[..., None]).astype(np.float64)
+    xd = (amax / np.float32(127)).astype(np.float16).astype(np.float64)
     qb = q.reshape(q.shape[0], k // 32, 32).astype(np.float64)
     dots = np.einsum("rbe,nbe->nrb", qb, xq)
     return np.einsum("nrb,rb,nb->nr", dots, scales, xd)
@@ -125,3 +129,28 @@ def test_adapters_that_touch_the_output_matrix_are_noticed(tmp_path: Path) -> No
                                                              "blk.0.attn_q.weight.lora_b"]))
     assert _changes_output_layer(adapter("tied.gguf", ["token_embd.weight.lora_a", "token_embd.weight.lora_b"]))
     assert _changes_output_layer(adapter("head.gguf", ["output.weight.lora_a", "output.weight.lora_b"]))
+
+
+@needs_kernel
+def test_a_disagreeing_output_layer_falls_back_to_llama_cpp(default_gguf: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the start-up comparison fails, llama.cpp computes logits from then on, with its callback still
+    registered (and pointing at memory that must stay alive)."""
+    finish = output_head.OutputHead.finish
+
+    def wrong(self: output_head.OutputHead) -> bool:
+        done = finish(self)
+        self.logits[:] = 0.0
+        return done
+
+    monkeypatch.setattr(output_head.OutputHead, "finish", wrong)
+    model = LlamaModel(default_gguf, context_size=512, sequences=1, threads=2, ubatch=512)
+    try:
+        assert model.output_layer == "llama.cpp"
+        gc.collect()
+        prompt = model.tokenize("The capital of France is", add_bos=True, parse_special=False)
+        assert model.decode([(0, 0, prompt, True)])
+        logits = model.logits(len(prompt) - 1)
+        assert float(np.max(np.abs(logits))) > 1.0
+    finally:
+        model.close()

@@ -5,7 +5,8 @@ per decoded token. llama.cpp multiplies it one row and one token at a time, with
 weights; this kernel instead packs the matrix once, eight rows interleaved, so that one VNNI instruction
 multiplies 4 activations with the same 4 columns of 8 rows, and every token of a batch reuses each weight load.
 The arithmetic is that of llama.cpp: weights in 8 bits with a scale per 32, activations quantized to 8 bits
-with a scale per 32, products summed exactly in 32-bit integers, then scaled in float.
+with an fp16 scale per 32 as llama.cpp quantizes them, products summed exactly in 32-bit integers, then scaled
+in float (in another order than llama.cpp's, so results differ by float rounding).
 
 Packed layout, per group of 8 rows and per block of 32 columns (288 bytes):
   32 x 8 bytes  weights + 128 as unsigned bytes: chunk c (columns 4c..4c+3) of rows 0..7, 4 bytes each
@@ -103,8 +104,17 @@ int output_head_pack(const uint8_t *q8_0, int64_t rows, int64_t k, uint8_t *pack
     return 0;
 }
 
-/* Quantize n x k activations as llama.cpp's quantize_row_q8_0 does: per 32, scale amax / 127, round to
-   nearest. Also 128 * the sum of each block's quantized values, for the offset weights. */
+/* Quantize n x k activations exactly as llama.cpp's x86 quantize_row_q8_0 does: per 32, multiplier 127 / amax,
+   round half to even, the scale amax / 127 stored as fp16. Also 128 * the sum of each block's quantized
+   values, for the offset weights. */
+#if HAVE_X86
+__attribute__((target("f16c"))) static float fp16_round(float f) {
+    return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+}
+#else
+static float fp16_round(float f) { return f; }
+#endif
+
 static void quantize_activations(const float *x, int64_t n, int64_t k, int8_t *xq, float *xd, int32_t *xcorr) {
     const int64_t nb = k / QK;
     for (int64_t j = 0; j < n; j++) {
@@ -112,14 +122,14 @@ static void quantize_activations(const float *x, int64_t n, int64_t k, int8_t *x
             const float *v = x + j * k + b * QK;
             float amax = 0.0f;
             for (int e = 0; e < QK; e++) amax = fmaxf(amax, fabsf(v[e]));
-            const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
+            const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
             int32_t sum = 0;
             for (int e = 0; e < QK; e++) {
-                const int8_t q = (int8_t)roundf(v[e] * id);
+                const int8_t q = (int8_t)nearbyintf(v[e] * id); /* default rounding mode: half to even */
                 xq[j * k + b * QK + e] = q;
                 sum += q;
             }
-            xd[j * nb + b] = d;
+            xd[j * nb + b] = fp16_round(amax / 127.0f);
             xcorr[j * nb + b] = 128 * sum;
         }
     }
@@ -141,7 +151,8 @@ TARGET static void pass_##T(const uint8_t *packed, int64_t g0, int64_t g1, int64
             _Pragma("GCC unroll 8") for (int c = 0; c < QK / 4; c++) w[c] = _mm256_loadu_si256((const __m256i *)(p + 32 * c)); \
             const __m256 scale = _mm256_loadu_ps((const float *)(p + QK * ROWS));                            \
             _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) {                                             \
-                const int32_t *xc = (const int32_t *)(xq + j * k + b * QK);                                   \
+                int32_t xc[QK / 4];                                                                           \
+                memcpy(xc, xq + j * k + b * QK, QK);                                                          \
                 /* four independent chains: a dpbusd waits for the previous one on the same register */       \
                 __m256i d0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[0], _mm256_set1_epi32(xc[0]));    \
                 __m256i d1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[1], _mm256_set1_epi32(xc[1]));    \
@@ -232,13 +243,13 @@ bool output_head_eval_callback(void *tensor, bool ask, void *user_data) {
     capture_state *s = (capture_state *)user_data;
     if (!s->enabled) return ask ? false : true;
     if (ask) return strcmp(s->get_name(tensor), TARGET_NODE) == 0;
-    /* One call per micro-batch of a decode; their hidden states follow each other, in batch order. */
+    /* gemserve decodes one micro-batch per call, so this runs once per decode; the caller checks `rows`. */
     const int64_t count = s->nelements(tensor);
     if (s->captured < 0 || s->width <= 0 || count % s->width || s->rows + count / s->width > s->capacity) {
-        s->captured = -1; /* unexpected shape: let llama.cpp finish the graph; the decode must be redone */
+        s->captured = -1; /* unexpected shape: let llama.cpp finish the graph and use its logits */
         return true;
     }
-    memcpy(s->hidden + s->rows * s->width, s->get_data(tensor), (size_t)count * sizeof(float));
+    if (count) memcpy(s->hidden + s->rows * s->width, s->get_data(tensor), (size_t)count * sizeof(float));
     s->rows += count / s->width;
     s->captured = 1;
     return false; /* stop the graph here: the output layer is ours */

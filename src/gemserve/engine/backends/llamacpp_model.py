@@ -16,7 +16,7 @@ from pathlib import Path
 import llama_cpp as llama
 import numpy as np
 
-from gemserve.engine.backends.output_head import OutputHead
+from gemserve.engine.backends.output_head import OutputHead, gguf_contents
 from gemserve.engine.types import EngineError, ModelMetadata
 
 log = logging.getLogger("gemserve.engine")
@@ -86,6 +86,7 @@ class LlamaModel:
         self._active_adapter: str | None = None
         self._pieces: dict[int, bytes] = {}
         self._output_rows: dict[int, int] = {}  # batch row -> row of the head's logits, after a decode by the head
+        self._capture_owner = self._head  # llama.cpp holds pointers into it for the context's life
         if self._head is not None and not self._head_agrees():
             self._head = None
         self.output_layer = "llama.cpp" if self._head is None else "gemserve"
@@ -155,8 +156,14 @@ class LlamaModel:
         try:
             status = llama.llama_decode(self._ctx, batch)
         finally:
-            by_head = head is not None and head.finish()
-        self._output_rows = output_rows if by_head else {}
+            self._output_rows = {}
+            if head is not None:
+                try:
+                    by_head = head.finish()
+                except RuntimeError as exc:
+                    raise EngineError(str(exc)) from exc
+                if by_head:
+                    self._output_rows = output_rows
         if status < 0:
             raise EngineError(f"llama_decode failed with status {status}")
         return status == 0
@@ -181,9 +188,13 @@ class LlamaModel:
             self.forget(0)
             self._head = head
             self.decode(entries)
+            if not self._output_rows:
+                raise EngineError("the hidden state was not captured")
             ours = self.logits(len(prompt) - 1)
             self.forget(0)
-        except EngineError:
+        except Exception as exc:
+            log.warning("gemserve's output layer failed its start-up check (%s); llama.cpp computes logits", exc)
+            self.forget(0)
             return False
         gap = float(np.max(np.abs(ours - theirs)))
         if int(np.argmax(ours)) != int(np.argmax(theirs)) or gap > 0.05 * float(np.max(np.abs(theirs))):
@@ -212,9 +223,9 @@ class LlamaModel:
                 adapter = llama.llama_adapter_lora_init(self._model, path.encode())
                 if not adapter:
                     raise EngineError(f"llama.cpp could not load the adapter {path}")
-                self._adapters[path] = adapter
                 if _changes_output_layer(Path(path)):
                     self._adapters_changing_output.add(path)
+                self._adapters[path] = adapter
             adapters = (llama.llama_adapter_lora_p_ctypes * 1)(adapter)  # type: ignore[misc]
             scales = (ctypes.c_float * 1)(1.0)
             if llama.llama_set_adapters_lora(self._ctx, adapters, 1, scales) != 0:
@@ -259,7 +270,8 @@ class LlamaModel:
 
 def _changes_output_layer(adapter: Path) -> bool:
     """Whether a llama.cpp LoRA GGUF adapts the output matrix (then llama.cpp must compute that layer)."""
-    from gguf import GGUFReader
-
-    names = (t.name for t in GGUFReader(adapter).tensors)
+    try:
+        names, _ = gguf_contents(adapter)
+    except OSError:
+        return True  # unreadable here (llama.cpp read it): leave the output layer to llama.cpp
     return any(name.startswith(("output.", "token_embd.")) for name in names)

@@ -9,8 +9,9 @@ every token of a batch; the arithmetic is llama.cpp's (8-bit weights and activat
 The hand-over: a llama.cpp eval callback (in C) copies the hidden state named "result_norm" out of the graph and
 stops the graph there, so llama.cpp never runs its own output layer; `LlamaModel` then asks this class for the
 logits. `OutputHead.load` returns None - and llama.cpp keeps its own output layer - when the kernel is not
-built, the CPU lacks AVX-512 VNNI, or the model's output matrix is not Q8_0; `LlamaModel` further compares both
-paths' logits once at start-up and falls back on any difference.
+built, the CPU lacks AVX-512 VNNI, llama.cpp was built for a GPU, the model's output matrix is not Q8_0, or the
+model scales or caps logits after it; `LlamaModel` further compares both paths' logits once at start-up and
+falls back on any difference.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as llama
@@ -66,24 +68,74 @@ def _kernel() -> ctypes.CDLL | None:
 
 
 def _ggml_base() -> ctypes.CDLL:
-    lib_dir = Path(llama.__file__).parent / "lib"
-    return ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+    lib = ctypes.CDLL(str(Path(llama.__file__).parent / "lib" / "libggml-base.so"))
+    lib.gguf_init_from_file.restype = _PTR
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GGUFInitParams]
+    lib.gguf_free.argtypes = [_PTR]
+    lib.gguf_get_n_tensors.restype = _I64
+    lib.gguf_get_n_tensors.argtypes = [_PTR]
+    lib.gguf_get_tensor_name.restype = ctypes.c_char_p
+    lib.gguf_get_tensor_name.argtypes = [_PTR, _I64]
+    lib.gguf_get_tensor_type.restype = ctypes.c_int
+    lib.gguf_get_tensor_type.argtypes = [_PTR, _I64]
+    lib.gguf_get_tensor_offset.restype = ctypes.c_size_t
+    lib.gguf_get_tensor_offset.argtypes = [_PTR, _I64]
+    lib.gguf_get_tensor_size.restype = ctypes.c_size_t
+    lib.gguf_get_tensor_size.argtypes = [_PTR, _I64]
+    lib.gguf_get_data_offset.restype = ctypes.c_size_t
+    lib.gguf_get_data_offset.argtypes = [_PTR]
+    lib.gguf_get_n_kv.restype = _I64
+    lib.gguf_get_n_kv.argtypes = [_PTR]
+    lib.gguf_get_key.restype = ctypes.c_char_p
+    lib.gguf_get_key.argtypes = [_PTR, _I64]
+    return lib
+
+
+class _GGUFInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", _PTR)]
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    type: int  # ggml's type number
+    offset: int  # from the start of the file
+    nbytes: int
+
+
+def gguf_contents(path: Path) -> tuple[dict[str, GGUFTensor], list[str]]:
+    """The tensors and metadata keys of a GGUF file, read by ggml's own parser (the gguf package's reader takes
+    ~10 s over Gemma's 262144-entry vocabulary; this takes milliseconds)."""
+    lib = _ggml_base()
+    ctx = lib.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
+    if not ctx:
+        raise OSError(f"not a readable GGUF file: {path}")
+    try:
+        start = lib.gguf_get_data_offset(ctx)
+        tensors = {
+            lib.gguf_get_tensor_name(ctx, i).decode(): GGUFTensor(
+                lib.gguf_get_tensor_type(ctx, i), start + lib.gguf_get_tensor_offset(ctx, i),
+                lib.gguf_get_tensor_size(ctx, i))
+            for i in range(lib.gguf_get_n_tensors(ctx))
+        }
+        keys = [lib.gguf_get_key(ctx, i).decode() for i in range(lib.gguf_get_n_kv(ctx))]
+        return tensors, keys
+    finally:
+        lib.gguf_free(ctx)
 
 
 def _output_matrix(path: Path, n_embd: int, n_vocab: int) -> tuple[np.ndarray | None, str]:
     """The raw Q8_0 bytes of the output matrix (memory-mapped), or None and why not."""
-    from gguf import GGUFReader  # imported here: only needed once, at load
-
-    reader = GGUFReader(path)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors, keys = gguf_contents(path)
     tensor = tensors.get("output.weight") or tensors.get("token_embd.weight")
     if tensor is None:
         return None, "no output matrix found"
-    if int(tensor.tensor_type) != Q8_0:
-        return None, f"the output matrix is {tensor.tensor_type.name}, not Q8_0"
-    if [int(d) for d in tensor.shape] != [n_embd, n_vocab]:
-        return None, f"the output matrix has shape {list(tensor.shape)}"
-    return np.asarray(tensor.data), ""
+    if "output.scale" in tensors or any(key.endswith((".final_logit_softcapping", ".logit_scale")) for key in keys):
+        return None, "the model scales or caps its logits after the output matrix"
+    if tensor.type != Q8_0:
+        return None, f"the output matrix has ggml type {tensor.type}, not Q8_0 ({Q8_0})"
+    if n_embd % 32 or tensor.nbytes != n_vocab * (n_embd // 32) * 34:
+        return None, f"the output matrix has {tensor.nbytes} bytes, not {n_vocab} x {n_embd} in Q8_0"
+    return np.memmap(path, np.uint8, mode="r", offset=tensor.offset, shape=(tensor.nbytes,)), ""
 
 
 class OutputHead:
@@ -96,6 +148,7 @@ class OutputHead:
         self._hidden = np.empty((0, n_embd), np.float32)
         self.logits = np.empty((0, n_vocab), np.float32)
         self._scratch = np.empty(0, np.uint8)
+        self._expected = 0
         base = _ggml_base()
         self.state = CaptureState(
             get_name=ctypes.cast(base.ggml_get_name, _PTR).value,
@@ -112,26 +165,29 @@ class OutputHead:
     @classmethod
     def load(cls, path: Path, *, n_vocab: int, n_embd: int, threads: int) -> OutputHead | None:
         """Pack `path`'s output matrix for the kernel; None (and a log line why) when it cannot be used."""
+        if llama.llama_supports_gpu_offload():
+            log.info("llama.cpp was built for a GPU; it computes logits itself")
+            return None
         try:
             lib = _kernel()
+            if lib is None:
+                log.info("output-layer kernel not built; llama.cpp computes logits")
+                return None
+            if not lib.output_head_supported():
+                log.info("this CPU lacks AVX-512 VNNI; llama.cpp computes logits")
+                return None
+            raw, why = _output_matrix(path, n_embd, n_vocab)
+            if raw is None:
+                log.info("llama.cpp computes logits: %s", why)
+                return None
+            packed = np.empty(lib.output_head_packed_bytes(n_vocab, n_embd), np.uint8)
+            if lib.output_head_pack(raw.ctypes.data, n_vocab, n_embd, packed.ctypes.data, threads) != 0:
+                return None
+            del raw  # unmaps the file: the packed copy is all the kernel reads
+            return cls(lib, packed, n_vocab, n_embd, threads)
         except (OSError, RuntimeError) as exc:
             log.warning("output-layer kernel unusable (%s); llama.cpp computes logits", exc)
             return None
-        if lib is None:
-            log.info("output-layer kernel not built; llama.cpp computes logits")
-            return None
-        if not lib.output_head_supported():
-            log.info("this CPU lacks AVX-512 VNNI; llama.cpp computes logits")
-            return None
-        raw, why = _output_matrix(path, n_embd, n_vocab)
-        if raw is None:
-            log.info("llama.cpp computes logits: %s", why)
-            return None
-        packed = np.empty(lib.output_head_packed_bytes(n_vocab, n_embd), np.uint8)
-        if lib.output_head_pack(raw.ctypes.data, n_vocab, n_embd, packed.ctypes.data, threads) != 0:
-            return None
-        del raw  # unmaps the file: the packed copy is all the kernel reads
-        return cls(lib, packed, n_vocab, n_embd, threads)
 
     def prepare(self, outputs: int) -> None:
         """Before a decode that samples at `outputs` positions: room for their hidden states, capture on."""
@@ -145,14 +201,19 @@ class OutputHead:
         state.rows = 0
         state.captured = 0
         state.enabled = 1
+        self._expected = outputs
 
     def finish(self) -> bool:
         """After the decode: compute the captured rows' logits into `logits`. False when nothing was captured
-        (llama.cpp then computed its own logits)."""
+        (llama.cpp then computed its own logits); an error when what was captured is not one hidden state per
+        sampled position, in batch order, as gemserve's single-micro-batch decodes give."""
         state = self.state
         state.enabled = 0
-        if state.captured != 1:
+        if state.captured == 0 or (state.captured == -1 and state.rows == 0):
             return False
+        if state.captured != 1 or state.rows != self._expected:
+            raise RuntimeError(f"the output layer captured {state.rows} hidden states for {self._expected} "
+                               "sampled positions")
         if state.rows:
             status = self._lib.output_head_matmul(self._packed.ctypes.data, self.n_vocab, self.n_embd,
                                                   self._hidden.ctypes.data, state.rows, self.logits.ctypes.data,
