@@ -177,7 +177,8 @@ class LlamaModel:
 
     def _head_agrees(self) -> bool:
         """Run one short prompt through llama.cpp's output layer and through gemserve's, and compare: any
-        architecture that does more after the final norm than one matrix product shows up here."""
+        architecture that does more after the final norm than one matrix product shows up here. In between,
+        llama.cpp's copy of the matrix leaves memory and the packed one is made, so both are never resident."""
         assert self._head is not None
         prompt = self.tokenize("The capital of France is", add_bos=True, parse_special=False)
         entries = [(0, 0, prompt, True)]
@@ -186,6 +187,8 @@ class LlamaModel:
             self.decode(entries)
             theirs = np.array(self.logits(len(prompt) - 1))
             self.forget(0)
+            head.release_source()
+            head.pack()
             self._head = head
             self.decode(entries)
             if not self._output_rows:
@@ -195,11 +198,13 @@ class LlamaModel:
         except Exception as exc:
             log.warning("gemserve's output layer failed its start-up check (%s); llama.cpp computes logits", exc)
             self.forget(0)
+            head.unpack()
             return False
         gap = float(np.max(np.abs(ours - theirs)))
         if int(np.argmax(ours)) != int(np.argmax(theirs)) or gap > 0.05 * float(np.max(np.abs(theirs))):
             log.warning("gemserve's output layer disagrees with llama.cpp's on this model (largest logit gap %.3g); "
                         "llama.cpp computes logits", gap)
+            head.unpack()
             return False
         log.info("output layer: gemserve's kernel (%.0f MiB packed; largest logit gap to llama.cpp's %.2g)",
                  head.nbytes / 2**20, gap)

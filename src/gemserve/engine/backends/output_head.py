@@ -19,6 +19,8 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import logging
+import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,8 +125,8 @@ def gguf_contents(path: Path) -> tuple[dict[str, GGUFTensor], list[str]]:
         lib.gguf_free(ctx)
 
 
-def _output_matrix(path: Path, n_embd: int, n_vocab: int) -> tuple[np.ndarray | None, str]:
-    """The raw Q8_0 bytes of the output matrix (memory-mapped), or None and why not."""
+def _output_matrix(path: Path, n_embd: int, n_vocab: int) -> tuple[GGUFTensor | None, str]:
+    """Where the output matrix lies in the file, or None and why gemserve's kernel cannot take it."""
     tensors, keys = gguf_contents(path)
     tensor = tensors.get("output.weight") or tensors.get("token_embd.weight")
     if tensor is None:
@@ -135,13 +137,63 @@ def _output_matrix(path: Path, n_embd: int, n_vocab: int) -> tuple[np.ndarray | 
         return None, f"the output matrix has ggml type {tensor.type}, not Q8_0 ({Q8_0})"
     if n_embd % 32 or tensor.nbytes != n_vocab * (n_embd // 32) * 34:
         return None, f"the output matrix has {tensor.nbytes} bytes, not {n_vocab} x {n_embd} in Q8_0"
-    return np.memmap(path, np.uint8, mode="r", offset=tensor.offset, shape=(tensor.nbytes,)), ""
+    return tensor, ""
+
+
+_PACK_ROWS = 16384  # rows packed at a time; a multiple of the kernel's 8-row groups
+
+
+def _pack(lib: ctypes.CDLL, path: Path, tensor: GGUFTensor, n_vocab: int, n_embd: int, threads: int) -> np.ndarray:
+    """The packed matrix, read from the file a slice at a time and each slice's pages let go once packed, so
+    the source never sits in memory whole beside its packed copy."""
+    packed = np.empty(lib.output_head_packed_bytes(n_vocab, n_embd), np.uint8)
+    row_bytes = n_embd // 32 * 34
+    group_bytes = lib.output_head_packed_bytes(8, n_embd)
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        source = np.frombuffer(mapped, np.uint8)
+        try:
+            for r0 in range(0, n_vocab, _PACK_ROWS):
+                rows = min(_PACK_ROWS, n_vocab - r0)
+                start = tensor.offset + r0 * row_bytes
+                status = lib.output_head_pack(source[start:].ctypes.data, rows, n_embd,
+                                              packed[r0 // 8 * group_bytes:].ctypes.data, threads)
+                if status != 0:
+                    raise RuntimeError("the output-layer kernel could not pack the matrix")
+                page_start = start - start % mmap.PAGESIZE
+                mapped.madvise(mmap.MADV_DONTNEED, page_start, start + rows * row_bytes - page_start)
+        finally:
+            del source
+    return packed
+
+
+def drop_resident_pages(path: Path, offset: int, nbytes: int) -> None:
+    """Let go of this process's resident pages of `path`'s bytes [offset, offset + nbytes), in every mapping of
+    the file that holds them. The data stays in the page cache and comes back on use."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [_PTR, ctypes.c_size_t, ctypes.c_int]
+    target = os.path.realpath(path)
+    page = mmap.PAGESIZE
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 6 or fields[5].strip() != target:
+                continue
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            mapped_from = int(fields[2], 16)  # the file offset at address `low`
+            first = max(low, low + offset - mapped_from)
+            last = min(high, low + offset + nbytes - mapped_from)
+            first -= first % page
+            if first < last:
+                libc.madvise(first, last - first, mmap.MADV_DONTNEED)
 
 
 class OutputHead:
-    def __init__(self, lib: ctypes.CDLL, packed: np.ndarray, n_vocab: int, n_embd: int, threads: int) -> None:
+    def __init__(self, lib: ctypes.CDLL, n_vocab: int, n_embd: int, threads: int, path: Path,
+                 tensor: GGUFTensor) -> None:
         self._lib = lib
-        self._packed = packed
+        self._path = path
+        self._tensor = tensor
+        self._packed = np.empty(0, np.uint8)  # see pack()
         self.n_vocab = n_vocab
         self.n_embd = n_embd
         self._threads = threads
@@ -164,7 +216,8 @@ class OutputHead:
 
     @classmethod
     def load(cls, path: Path, *, n_vocab: int, n_embd: int, threads: int) -> OutputHead | None:
-        """Pack `path`'s output matrix for the kernel; None (and a log line why) when it cannot be used."""
+        """A head for `path`'s output matrix (call `pack` before use); None, and a log line why, when the kernel
+        cannot take it."""
         if llama.llama_supports_gpu_offload():
             log.info("llama.cpp was built for a GPU; it computes logits itself")
             return None
@@ -176,15 +229,11 @@ class OutputHead:
             if not lib.output_head_supported():
                 log.info("this CPU lacks AVX-512 VNNI; llama.cpp computes logits")
                 return None
-            raw, why = _output_matrix(path, n_embd, n_vocab)
-            if raw is None:
+            tensor, why = _output_matrix(path, n_embd, n_vocab)
+            if tensor is None:
                 log.info("llama.cpp computes logits: %s", why)
                 return None
-            packed = np.empty(lib.output_head_packed_bytes(n_vocab, n_embd), np.uint8)
-            if lib.output_head_pack(raw.ctypes.data, n_vocab, n_embd, packed.ctypes.data, threads) != 0:
-                return None
-            del raw  # unmaps the file: the packed copy is all the kernel reads
-            return cls(lib, packed, n_vocab, n_embd, threads)
+            return cls(lib, n_vocab, n_embd, threads, path, tensor)
         except (OSError, RuntimeError) as exc:
             log.warning("output-layer kernel unusable (%s); llama.cpp computes logits", exc)
             return None
@@ -221,6 +270,19 @@ class OutputHead:
             if status != 0:
                 raise RuntimeError("the output-layer kernel refused its input")
         return True
+
+    def pack(self) -> None:
+        """Read and pack the matrix; needed before the first decode with capture on."""
+        self._packed = _pack(self._lib, self._path, self._tensor, self.n_vocab, self.n_embd, self._threads)
+
+    def unpack(self) -> None:
+        """Free the packed matrix (when llama.cpp computes logits after all)."""
+        self._packed = np.empty(0, np.uint8)
+
+    def release_source(self) -> None:
+        """Once this head computes the logits, llama.cpp reads its own copy of the matrix only for the embeddings
+        of input tokens, if the model ties the two as Gemma does: let its resident pages go."""
+        drop_resident_pages(self._path, self._tensor.offset, self._tensor.nbytes)
 
     @property
     def nbytes(self) -> int:
