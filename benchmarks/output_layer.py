@@ -1,13 +1,13 @@
 """Output-layer benchmark: one forward pass of the default model at batch sizes 1-16, with gemserve's Q8_0
 output layer and with llama.cpp's own, in one process.
 
-Each configuration is a `LlamaModel` (the engine's llama.cpp wrapper) loaded on a thread of its own, as the
-engine does. A step decodes one new token for each of `batch` sequences (each already holding a 12-token
-prompt) and asks for logits at all of them, as continuous batching does; the figure is the median of 40 steps.
-The two configurations alternate, three rounds, so background load hits both alike; the report gives the
-median of the rounds and the ratio.
+Each configuration is a `LlamaModel` (the engine's llama.cpp wrapper, with the model's whole context as the
+server has by default) loaded on a thread of its own, as the engine does. A step decodes one new token for each
+of `batch` sequences (each already holding a 12-token prompt) and asks for logits at all of them, as continuous
+batching does; the figure is the median of 40 steps. The two configurations alternate, --rounds times, so
+background load hits both alike; the report gives the median of the rounds and the ratio.
 
-    python benchmarks/output_layer.py [--data-dir DIR] [--rounds 3]
+    python benchmarks/output_layer.py [--data-dir DIR] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def measure(path: Path, own_output_layer: bool) -> dict[int, float]:
     result: dict[int, float] = {}
 
     def run() -> None:
-        model = LlamaModel(path, context_size=4096, sequences=max(BATCHES), threads=None, ubatch=512,
+        model = LlamaModel(path, context_size=None, sequences=max(BATCHES), threads=None, ubatch=512,
                            own_output_layer=own_output_layer)
         if model.output_layer != ("gemserve" if own_output_layer else "llama.cpp"):
             raise SystemExit(f"asked for own_output_layer={own_output_layer}, got {model.output_layer}")
@@ -61,7 +61,7 @@ def measure(path: Path, own_output_layer: bool) -> dict[int, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="gemserve data dir with the model")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     path = args.data_dir / GGUF
     if not path.exists():
