@@ -134,3 +134,24 @@ def test_a_conversation_reuses_its_cached_prefix(engine: LlamaCppEngine, default
         reference.close()
     gaps = [abs(t.logprob - float(log_softmax(scores[len(follow_up) - 1 + i])[t.token])) for i, t in enumerate(second)]
     assert max(gaps) < 0.5 and sum(gaps) / len(gaps) < 0.15
+
+
+def test_kept_caches_beyond_the_most_recent_stay_within_their_budget(default_gguf: Path) -> None:
+    """Kept caches slow every later prompt: only the latest finished sequence is kept whatever its length, older
+    ones within the budget. With a budget of 24 tokens, two earlier 20-token prompts cannot both stay."""
+    engine = LlamaCppEngine(default_gguf, context_size=1024, max_sequences=2, threads=2, kept_tokens=24)
+    try:
+        texts = [f"Story number {n}: once upon a time in a faraway kingdom there lived a" for n in range(3)]
+        firsts = [request(engine, text, 2) for text in texts]
+        for req in firsts:
+            asyncio.run(run(engine, req))
+        reused = []
+        for req in reversed(firsts):  # the newest first, so that asking does not itself evict the others
+            before = engine.reused_tokens
+            asyncio.run(run(engine, GenerationRequest(req.prompt, GREEDY, 1)))
+            reused.append(engine.reused_tokens - before)
+        assert reused[0] >= len(firsts[2].prompt) - 1  # the most recent is always kept
+        assert reused[1] >= len(firsts[1].prompt) - 1  # 20 tokens fit the 24-token budget
+        assert reused[2] == 0  # a third did not
+    finally:
+        engine.close()
