@@ -18,8 +18,8 @@ try:
     KERNEL = output_head._kernel()
 except (OSError, RuntimeError):
     KERNEL = None
-needs_kernel = pytest.mark.skipif(KERNEL is None or not KERNEL.output_head_supported(),
-                                  reason="the output-layer kernel is not built or this CPU lacks AVX-512 VNNI")
+LEVELS = [] if KERNEL is None else list(range(1, KERNEL.output_head_supported() + 1))  # 1 AVX2, 2 AVX-512 VNNI
+needs_kernel = pytest.mark.skipif(not LEVELS, reason="the output-layer kernel is not built or this CPU lacks AVX2")
 
 
 def q8_0_matrix(rng: np.random.Generator, rows: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -47,9 +47,13 @@ def expected(q: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 @needs_kernel
+@pytest.mark.parametrize("level", [1, 2])
 @pytest.mark.parametrize("n", [1, 3, 8, 11])
-def test_kernel_computes_the_q8_0_product(n: int) -> None:
+def test_kernel_computes_the_q8_0_product(n: int, level: int) -> None:
+    """Both instruction sets (the AVX2 loop runs on VNNI machines too, when asked), exactly."""
     assert KERNEL is not None
+    if level not in LEVELS:
+        pytest.skip(f"this CPU does not run kernel level {level}")
     rng = np.random.default_rng(n)
     rows, k = 1003, 96  # rows not a multiple of the 8-row groups; tokens past one 8-token pass when n > 8
     raw, q, scales = q8_0_matrix(rng, rows, k)
@@ -59,8 +63,12 @@ def test_kernel_computes_the_q8_0_product(n: int) -> None:
     x[0, :32] = 0.0  # an all-zero block has scale 0
     out = np.full((n, rows), np.nan, np.float32)
     scratch = np.empty(KERNEL.output_head_scratch_bytes(n, k), np.uint8)
-    assert KERNEL.output_head_matmul(packed.ctypes.data, rows, k, x.ctypes.data, n, out.ctypes.data,
-                                     scratch.ctypes.data, 2) == 0
+    assert KERNEL.output_head_set_level(level) == level
+    try:
+        assert KERNEL.output_head_matmul(packed.ctypes.data, rows, k, x.ctypes.data, n, out.ctypes.data,
+                                         scratch.ctypes.data, 2) == 0
+    finally:
+        KERNEL.output_head_set_level(-1)
     want = expected(q, scales, x)
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 

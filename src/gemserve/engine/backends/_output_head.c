@@ -2,8 +2,9 @@
 
 For Gemma 3 270M that matrix is 262144 x 640: two thirds of the model's weights, and of the time llama.cpp takes
 per decoded token. llama.cpp multiplies it one row and one token at a time, with a horizontal sum per 32
-weights; this kernel instead packs the matrix once, eight rows interleaved, so that one VNNI instruction
+weights; this kernel instead packs the matrix once, eight rows interleaved, so that one AVX-512 VNNI instruction
 multiplies 4 activations with the same 4 columns of 8 rows, and every token of a batch reuses each weight load.
+CPUs without VNNI run the same loop with AVX2 (four instructions where VNNI needs one).
 The arithmetic is that of llama.cpp: weights in 8 bits with a scale per 32, activations quantized to 8 bits
 with an fp16 scale per 32 as llama.cpp quantizes them, products summed exactly in 32-bit integers, then scaled
 in float (in another order than llama.cpp's, so results differ by float rounding).
@@ -59,15 +60,30 @@ static float fp16_to_float(uint16_t h) {
     return f;
 }
 
-/* 1 when this CPU runs the kernel (AVX-512 VNNI with 256-bit vectors), else 0. */
+/* Which kernel this CPU runs: 2 with AVX-512 VNNI (one instruction per 4 x 8 products), 1 with AVX2 only
+   (the same products in four instructions), 0 none. */
 int output_head_supported(void) {
 #if HAVE_X86
     __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
+        return 0;
     return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512f") ? 1 : 0;
+           __builtin_cpu_supports("avx512f") ? 2 : 1;
 #else
     return 0;
 #endif
+}
+
+static int chosen_level = -1; /* -1: the best this CPU runs */
+
+/* The kernel level in use. */
+int output_head_level(void) { return chosen_level < 0 ? output_head_supported() : chosen_level; }
+
+/* Use kernel `level` (at most what the CPU supports; -1 for the best); returns the level now in use. */
+int output_head_set_level(int level) {
+    const int best = output_head_supported();
+    chosen_level = level < 0 || level > best ? -1 : level;
+    return chosen_level < 0 ? best : chosen_level;
 }
 
 int64_t output_head_packed_bytes(int64_t rows, int64_t k) {
@@ -179,9 +195,58 @@ TARGET static void pass_##T(const uint8_t *packed, int64_t g0, int64_t g1, int64
 }
 PASS(1) PASS(2) PASS(3) PASS(4) PASS(5) PASS(6) PASS(7) PASS(8)
 
+/* The same with AVX2 alone. maddubs multiplies unsigned by signed bytes and adds pairs into saturating 16 bits,
+   so the weights go back to signed (xor 0x80) and the products are taken as |w| * (x with w's sign), at most
+   2 * 128 * 127 per pair: no saturation, and no offset to correct. */
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define PAIR_SUMS(c) _mm256_madd_epi16(_mm256_maddubs_epi16(wa[c], _mm256_sign_epi8(_mm256_set1_epi32(xc[c]), \
+                                                                                   ws[c])), ones)
+#define PASS_AVX2(T)                                                                                          \
+TARGET_AVX2 static void pass_avx2_##T(const uint8_t *packed, int64_t g0, int64_t g1, int64_t nb, int64_t k,  \
+                                      const int8_t *xq, const float *xd, const int32_t *xcorr, float *out,   \
+                                      int64_t rows) {                                                         \
+    (void)xcorr;                                                                                              \
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);                         \
+    for (int64_t g = g0; g < g1; g++) {                                                                       \
+        __m256 acc[T];                                                                                        \
+        _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) acc[j] = _mm256_setzero_ps();                   \
+        const uint8_t *p = packed + g * nb * GROUP_BLOCK_BYTES;                                               \
+        for (int64_t b = 0; b < nb; b++, p += GROUP_BLOCK_BYTES) {                                            \
+            __m256i ws[QK / 4], wa[QK / 4];                                                                   \
+            _Pragma("GCC unroll 8") for (int c = 0; c < QK / 4; c++) {                                        \
+                ws[c] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * c)), flip);           \
+                wa[c] = _mm256_abs_epi8(ws[c]);                                                               \
+            }                                                                                                 \
+            const __m256 scale = _mm256_loadu_ps((const float *)(p + QK * ROWS));                            \
+            _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) {                                             \
+                int32_t xc[QK / 4];                                                                           \
+                memcpy(xc, xq + j * k + b * QK, QK);                                                          \
+                const __m256i d0 = _mm256_add_epi32(PAIR_SUMS(0), PAIR_SUMS(4));                              \
+                const __m256i d1 = _mm256_add_epi32(PAIR_SUMS(1), PAIR_SUMS(5));                              \
+                const __m256i d2 = _mm256_add_epi32(PAIR_SUMS(2), PAIR_SUMS(6));                              \
+                const __m256i d3 = _mm256_add_epi32(PAIR_SUMS(3), PAIR_SUMS(7));                              \
+                const __m256i dot = _mm256_add_epi32(_mm256_add_epi32(d0, d1), _mm256_add_epi32(d2, d3));    \
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),                                            \
+                                         _mm256_mul_ps(scale, _mm256_set1_ps(xd[j * nb + b])), acc[j]);      \
+            }                                                                                                 \
+        }                                                                                                     \
+        _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) {                                                 \
+            float v[ROWS];                                                                                    \
+            _mm256_storeu_ps(v, acc[j]);                                                                      \
+            const int64_t r0 = g * ROWS;                                                                      \
+            const int live = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;                                      \
+            memcpy(out + j * rows + r0, v, (size_t)live * 4);                                                 \
+        }                                                                                                     \
+    }                                                                                                         \
+}
+PASS_AVX2(1) PASS_AVX2(2) PASS_AVX2(3) PASS_AVX2(4) PASS_AVX2(5) PASS_AVX2(6) PASS_AVX2(7) PASS_AVX2(8)
+
 typedef void (*pass_fn)(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const int8_t *, const float *,
                         const int32_t *, float *, int64_t);
-static const pass_fn PASSES[MAX_TOKENS + 1] = {0, pass_1, pass_2, pass_3, pass_4, pass_5, pass_6, pass_7, pass_8};
+static const pass_fn PASSES_VNNI[MAX_TOKENS + 1] = {0, pass_1, pass_2, pass_3, pass_4, pass_5, pass_6, pass_7,
+                                                    pass_8};
+static const pass_fn PASSES_AVX2[MAX_TOKENS + 1] = {0, pass_avx2_1, pass_avx2_2, pass_avx2_3, pass_avx2_4,
+                                                    pass_avx2_5, pass_avx2_6, pass_avx2_7, pass_avx2_8};
 #endif
 
 /* out[n][rows] = x[n][k] times the packed matrix, transposed. `scratch` holds n * (k + 8 * k / 32) bytes.
@@ -189,7 +254,9 @@ static const pass_fn PASSES[MAX_TOKENS + 1] = {0, pass_1, pass_2, pass_3, pass_4
 int output_head_matmul(const uint8_t *packed, int64_t rows, int64_t k, const float *x, int64_t n, float *out,
                        void *scratch, int threads) {
 #if HAVE_X86
-    if (!output_head_supported() || k % QK || n <= 0) return -1;
+    const int level = chosen_level < 0 ? output_head_supported() : chosen_level;
+    if (level == 0 || k % QK || n <= 0) return -1;
+    const pass_fn *passes = level == 2 ? PASSES_VNNI : PASSES_AVX2;
     const int64_t nb = k / QK, groups = (rows + ROWS - 1) / ROWS;
     int8_t *xq = (int8_t *)scratch;
     float *xd = (float *)(xq + n * k);
@@ -203,7 +270,7 @@ int output_head_matmul(const uint8_t *packed, int64_t rows, int64_t k, const flo
         const int64_t g0 = c * chunk, g1 = g0 + chunk < groups ? g0 + chunk : groups;
         for (int64_t j0 = 0; j0 < n; j0 += MAX_TOKENS) {
             const int t = n - j0 < MAX_TOKENS ? (int)(n - j0) : MAX_TOKENS;
-            PASSES[t](packed, g0, g1, nb, k, xq + j0 * k, xd + j0 * nb, xcorr + j0 * nb, out + j0 * rows, rows);
+            passes[t](packed, g0, g1, nb, k, xq + j0 * k, xd + j0 * nb, xcorr + j0 * nb, out + j0 * rows, rows);
         }
     }
     return 0;

@@ -206,8 +206,8 @@ class LlamaModel:
                         "llama.cpp computes logits", gap)
             head.unpack()
             return False
-        log.info("output layer: gemserve's kernel (%.0f MiB packed; largest logit gap to llama.cpp's %.2g)",
-                 head.nbytes / 2**20, gap)
+        log.info("output layer: gemserve's kernel, %s (%.0f MiB packed; largest logit gap to llama.cpp's %.2g)",
+                 head.instructions, head.nbytes / 2**20, gap)
         return True
 
     def forget(self, seq_id: int, start: int = 0) -> bool:

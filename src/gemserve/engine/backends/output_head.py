@@ -3,13 +3,14 @@
 The output layer turns each sampled position's final hidden state into logits over the whole vocabulary. For
 Gemma 3 270M that is a 262144 x 640 matrix: two thirds of the weights and of llama.cpp's time per decoded token,
 and the part that grows with every sequence added to a batch. `_output_head.c` packs the matrix once (eight rows
-interleaved, about 190 MB more memory) and multiplies it with VNNI instructions, reusing each weight load for
-every token of a batch; the arithmetic is llama.cpp's (8-bit weights and activations, a scale per 32).
+interleaved) and multiplies it with AVX-512 VNNI instructions (AVX2 where the CPU has no VNNI), reusing each
+weight load for every token of a batch; the arithmetic is llama.cpp's (8-bit weights and activations, a scale
+per 32).
 
 The hand-over: a llama.cpp eval callback (in C) copies the hidden state named "result_norm" out of the graph and
 stops the graph there, so llama.cpp never runs its own output layer; `LlamaModel` then asks this class for the
 logits. `OutputHead.load` returns None - and llama.cpp keeps its own output layer - when the kernel is not
-built, the CPU lacks AVX-512 VNNI, llama.cpp was built for a GPU, the model's output matrix is not Q8_0, or the
+built, the CPU lacks AVX2, llama.cpp was built for a GPU, the model's output matrix is not Q8_0, or the
 model scales or caps logits after it; `LlamaModel` further compares both paths' logits once at start-up and
 falls back on any difference.
 """
@@ -55,6 +56,9 @@ def _kernel() -> ctypes.CDLL | None:
         return None
     lib = ctypes.CDLL(spec.origin)
     lib.output_head_supported.restype = ctypes.c_int
+    lib.output_head_set_level.restype = ctypes.c_int
+    lib.output_head_level.restype = ctypes.c_int
+    lib.output_head_set_level.argtypes = [ctypes.c_int]
     lib.output_head_packed_bytes.restype = _I64
     lib.output_head_packed_bytes.argtypes = [_I64, _I64]
     lib.output_head_pack.restype = ctypes.c_int
@@ -227,7 +231,7 @@ class OutputHead:
                 log.info("output-layer kernel not built; llama.cpp computes logits")
                 return None
             if not lib.output_head_supported():
-                log.info("this CPU lacks AVX-512 VNNI; llama.cpp computes logits")
+                log.info("this CPU lacks AVX2; llama.cpp computes logits")
                 return None
             tensor, why = _output_matrix(path, n_embd, n_vocab)
             if tensor is None:
@@ -283,6 +287,10 @@ class OutputHead:
         """Once this head computes the logits, llama.cpp reads its own copy of the matrix only for the embeddings
         of input tokens, if the model ties the two as Gemma does: let its resident pages go."""
         drop_resident_pages(self._path, self._tensor.offset, self._tensor.nbytes)
+
+    @property
+    def instructions(self) -> str:
+        return {2: "AVX-512 VNNI", 1: "AVX2"}.get(self._lib.output_head_level(), "none")
 
     @property
     def nbytes(self) -> int:
