@@ -29,15 +29,22 @@ STEPS = 40
 def measure(path: Path, own_output_layer: bool) -> dict[int, float]:
     """Median milliseconds per step for each batch size, measured on a fresh thread (one OpenMP pool)."""
     result: dict[int, float] = {}
+    failure: list[BaseException] = []
 
     def run() -> None:
+        try:
+            measure_here()
+        except BaseException as exc:  # re-raised on the calling thread
+            failure.append(exc)
+
+    def measure_here() -> None:
         model = LlamaModel(path, context_size=None, sequences=max(BATCHES), threads=None, ubatch=512,
                            own_output_layer=own_output_layer)
-        if model.output_layer != ("gemserve" if own_output_layer else "llama.cpp"):
-            raise SystemExit(f"asked for own_output_layer={own_output_layer}, got {model.output_layer}")
-        prompt = model.tokenize("Write a long story about a dragon and a knight.", add_bos=True,
-                                parse_special=False)
         try:
+            if model.output_layer != ("gemserve" if own_output_layer else "llama.cpp"):
+                raise RuntimeError(f"asked for own_output_layer={own_output_layer}, got {model.output_layer}")
+            prompt = model.tokenize("Write a long story about a dragon and a knight.", add_bos=True,
+                                    parse_special=False)
             for batch in BATCHES:
                 for seq in range(batch):
                     model.forget(seq)
@@ -55,6 +62,8 @@ def measure(path: Path, own_output_layer: bool) -> dict[int, float]:
     thread = threading.Thread(target=run)
     thread.start()
     thread.join()
+    if failure:
+        raise failure[0]
     return result
 
 

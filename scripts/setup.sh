@@ -7,9 +7,15 @@ python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "gemserve
 [ -x .venv/bin/python ] || python3 -m venv .venv
 stamp=.venv/.gemserve-setup
 want=$(cat pyproject.toml setup.py src/gemserve/engine/backends/_output_head.c | sha256sum | cut -d" " -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+kernel=src/gemserve/engine/backends/_output_head
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! compgen -G "$kernel*.so" > /dev/null; then
   .venv/bin/python -m pip install --quiet --upgrade pip
+  rm -f "$kernel"*.so  # a failed build must not leave an older kernel in place
   # llama-cpp-python builds from source here (a few minutes the first time; pip caches the wheel).
   .venv/bin/python -m pip install --quiet --progress-bar off -e '.[test]'
+  if ! .venv/bin/python -c 'import gemserve.engine.backends._output_head' 2> /dev/null; then
+    echo "note: gemserve's output-layer kernel was not built (it needs a C compiler with OpenMP and the Python" \
+         "headers); llama.cpp computes logits instead, somewhat slower" >&2
+  fi
   echo "$want" > "$stamp"
 fi

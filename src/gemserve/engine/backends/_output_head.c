@@ -295,7 +295,7 @@ typedef struct {
     data_fn get_data;      /* ggml_get_data */
     count_fn nelements;    /* ggml_nelements */
     int32_t enabled;       /* 0: observe nothing, let the graph run whole */
-    int32_t captured;      /* 1 when hidden states were copied, -1 when one could not be; the caller resets it */
+    int32_t captured;      /* 1 when copied once, 2 more than once, -1 when one could not be; the caller resets it */
     int64_t width;         /* floats per hidden state (n_embd) */
     int64_t capacity;      /* hidden states `hidden` holds */
     int64_t rows;          /* hidden states copied since the caller last reset it */
@@ -310,7 +310,7 @@ bool output_head_eval_callback(void *tensor, bool ask, void *user_data) {
     capture_state *s = (capture_state *)user_data;
     if (!s->enabled) return ask ? false : true;
     if (ask) return strcmp(s->get_name(tensor), TARGET_NODE) == 0;
-    /* gemserve decodes one micro-batch per call, so this runs once per decode; the caller checks `rows`. */
+    /* gemserve's batches fit one micro-batch, so this runs once per decode; the caller checks `rows`. */
     const int64_t count = s->nelements(tensor);
     if (s->captured < 0 || s->width <= 0 || count % s->width || s->rows + count / s->width > s->capacity) {
         s->captured = -1; /* unexpected shape: let llama.cpp finish the graph and use its logits */
@@ -318,7 +318,7 @@ bool output_head_eval_callback(void *tensor, bool ask, void *user_data) {
     }
     if (count) memcpy(s->hidden + s->rows * s->width, s->get_data(tensor), (size_t)count * sizeof(float));
     s->rows += count / s->width;
-    s->captured = 1;
+    s->captured = s->captured == 0 ? 1 : 2; /* 2: llama.cpp split the batch, and the order is not known */
     return false; /* stop the graph here: the output layer is ours */
 }
 

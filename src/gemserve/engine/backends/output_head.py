@@ -11,8 +11,8 @@ The hand-over: a llama.cpp eval callback (in C) copies the hidden state named "r
 stops the graph there, so llama.cpp never runs its own output layer; `LlamaModel` then asks this class for the
 logits. `OutputHead.load` returns None - and llama.cpp keeps its own output layer - when the kernel is not
 built, the CPU lacks AVX2, llama.cpp was built for a GPU, the model's output matrix is not Q8_0, or the
-model scales or caps logits after it; `LlamaModel` further compares both paths' logits once at start-up and
-falls back on any difference.
+model applies anything after it (a bias, a scale, a cap); `LlamaModel` further compares both paths' logits once
+at start-up and falls back when they differ by more than float rounding.
 """
 
 from __future__ import annotations
@@ -54,7 +54,13 @@ def _kernel() -> ctypes.CDLL | None:
     spec = importlib.util.find_spec("gemserve.engine.backends._output_head")
     if spec is None or spec.origin is None:
         return None
-    lib = ctypes.CDLL(spec.origin)
+    try:
+        return _bind(ctypes.CDLL(spec.origin))
+    except AttributeError as exc:  # a library left from an older build
+        raise RuntimeError(f"_output_head was built from another version ({exc}); run scripts/setup.sh") from exc
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.output_head_supported.restype = ctypes.c_int
     lib.output_head_set_level.restype = ctypes.c_int
     lib.output_head_level.restype = ctypes.c_int
@@ -135,7 +141,10 @@ def _output_matrix(path: Path, n_embd: int, n_vocab: int) -> tuple[GGUFTensor | 
     tensor = tensors.get("output.weight") or tensors.get("token_embd.weight")
     if tensor is None:
         return None, "no output matrix found"
-    if "output.scale" in tensors or any(key.endswith((".final_logit_softcapping", ".logit_scale")) for key in keys):
+    extra = sorted(name for name in tensors if name.startswith("output.") and name != "output.weight")
+    if extra:
+        return None, f"the model applies {', '.join(extra)} after the output matrix"
+    if any(key.endswith((".final_logit_softcapping", ".logit_scale")) for key in keys):
         return None, "the model scales or caps its logits after the output matrix"
     if tensor.type != Q8_0:
         return None, f"the output matrix has ggml type {tensor.type}, not Q8_0 ({Q8_0})"
@@ -180,8 +189,8 @@ def drop_resident_pages(path: Path, offset: int, nbytes: int) -> None:
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
-            if len(fields) < 6 or fields[5].strip() != target:
-                continue
+            if len(fields) < 6 or fields[5].strip() != target or "w" in fields[1]:
+                continue  # never a writable mapping: dropping its pages could lose changes
             low, high = (int(x, 16) for x in fields[0].split("-"))
             mapped_from = int(fields[2], 16)  # the file offset at address `low`
             first = max(low, low + offset - mapped_from)
@@ -266,7 +275,7 @@ class OutputHead:
             return False
         if state.captured != 1 or state.rows != self._expected:
             raise RuntimeError(f"the output layer captured {state.rows} hidden states for {self._expected} "
-                               "sampled positions")
+                               f"sampled positions (capture state {state.captured})")
         if state.rows:
             status = self._lib.output_head_matmul(self._packed.ctypes.data, self.n_vocab, self.n_embd,
                                                   self._hidden.ctypes.data, state.rows, self.logits.ctypes.data,
@@ -285,8 +294,12 @@ class OutputHead:
 
     def release_source(self) -> None:
         """Once this head computes the logits, llama.cpp reads its own copy of the matrix only for the embeddings
-        of input tokens, if the model ties the two as Gemma does: let its resident pages go."""
-        drop_resident_pages(self._path, self._tensor.offset, self._tensor.nbytes)
+        of input tokens, if the model ties the two as Gemma does: let its resident pages go (those of tokens
+        used later come back, as clean file pages the system may reclaim). Best effort."""
+        try:
+            drop_resident_pages(self._path, self._tensor.offset, self._tensor.nbytes)
+        except OSError as exc:
+            log.info("could not release llama.cpp's copy of the output matrix: %s", exc)
 
     @property
     def instructions(self) -> str:
