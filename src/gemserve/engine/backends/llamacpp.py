@@ -11,8 +11,8 @@ away (client disconnect, stop sequence) is dropped at the next step.
 A finished sequence's cache is kept (least recently used first out) so that a later request that starts with
 the same tokens - the next turn of a conversation, the same long instructions - only computes what is new.
 Kept caches are not free: every prompt token attends over (masked) all cells in use, so prompt processing slows
-by roughly 5% per 1000 kept tokens. The most recently finished sequence is always kept, whatever its length;
-older ones only while together they stay within `kept_tokens` (2048 by default).
+by roughly 3-8% per 1000 kept tokens. The most recently finished sequence is always kept, whatever its length;
+older ones only while together they stay within `kept_tokens` (512 by default).
 
 For Q8_0 output matrices, the output layer (hidden state -> logits) is gemserve's own (`output_head.py`): two
 thirds of the per-token work for Gemma 3 270M, and the part that batching speeds up most.
@@ -39,7 +39,7 @@ from gemserve.engine.types import EngineError, Event, GenerationRequest
 log = logging.getLogger("gemserve.engine")
 
 MIN_REUSED_PREFIX = 8  # shorter common prefixes are not worth a cache slot
-KEPT_TOKENS = 2048  # kept caches beyond the most recent one, in tokens: see the module docstring
+KEPT_TOKENS = 512  # kept caches beyond the most recent one, in tokens: see the module docstring
 
 
 @dataclass(eq=False)
