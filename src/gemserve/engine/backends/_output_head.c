@@ -152,81 +152,54 @@ static void quantize_activations(const float *x, int64_t n, int64_t k, int8_t *x
 }
 
 #if HAVE_X86
-#define TARGET __attribute__((target("avx512f,avx512vl,avx512vnni,avx2,fma")))
+#define TARGET_VNNI __attribute__((target("avx512f,avx512vl,avx512vnni,avx2,fma"), always_inline))
+#define TARGET_AVX2 __attribute__((target("avx2,fma"), always_inline))
 
-/* Groups [g0, g1) for T tokens. */
-#define PASS(T)                                                                                               \
-TARGET static void pass_##T(const uint8_t *packed, int64_t g0, int64_t g1, int64_t nb, int64_t k,            \
-                            const int8_t *xq, const float *xd, const int32_t *xcorr, float *out, int64_t rows) { \
-    for (int64_t g = g0; g < g1; g++) {                                                                       \
-        __m256 acc[T];                                                                                        \
-        _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) acc[j] = _mm256_setzero_ps();                   \
-        const uint8_t *p = packed + g * nb * GROUP_BLOCK_BYTES;                                               \
-        for (int64_t b = 0; b < nb; b++, p += GROUP_BLOCK_BYTES) {                                            \
-            __m256i w[QK / 4];                                                                                \
-            _Pragma("GCC unroll 8") for (int c = 0; c < QK / 4; c++) w[c] = _mm256_loadu_si256((const __m256i *)(p + 32 * c)); \
-            const __m256 scale = _mm256_loadu_ps((const float *)(p + QK * ROWS));                            \
-            _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) {                                             \
-                int32_t xc[QK / 4];                                                                           \
-                memcpy(xc, xq + j * k + b * QK, QK);                                                          \
-                /* four independent chains: a dpbusd waits for the previous one on the same register */       \
-                __m256i d0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[0], _mm256_set1_epi32(xc[0]));    \
-                __m256i d1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[1], _mm256_set1_epi32(xc[1]));    \
-                __m256i d2 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[2], _mm256_set1_epi32(xc[2]));    \
-                __m256i d3 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[3], _mm256_set1_epi32(xc[3]));    \
-                d0 = _mm256_dpbusd_epi32(d0, w[4], _mm256_set1_epi32(xc[4]));                                \
-                d1 = _mm256_dpbusd_epi32(d1, w[5], _mm256_set1_epi32(xc[5]));                                \
-                d2 = _mm256_dpbusd_epi32(d2, w[6], _mm256_set1_epi32(xc[6]));                                \
-                d3 = _mm256_dpbusd_epi32(d3, w[7], _mm256_set1_epi32(xc[7]));                                \
-                __m256i dot = _mm256_add_epi32(_mm256_add_epi32(d0, d1), _mm256_add_epi32(d2, d3));          \
-                dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(xcorr[j * nb + b]));                           \
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),                                            \
-                                         _mm256_mul_ps(scale, _mm256_set1_ps(xd[j * nb + b])), acc[j]);      \
-            }                                                                                                 \
-        }                                                                                                     \
-        _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) {                                                 \
-            float v[ROWS];                                                                                    \
-            _mm256_storeu_ps(v, acc[j]);                                                                      \
-            const int64_t r0 = g * ROWS;                                                                      \
-            const int live = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;                                      \
-            memcpy(out + j * rows + r0, v, (size_t)live * 4);                                                 \
-        }                                                                                                     \
-    }                                                                                                         \
+/* One block of 8 rows for one token: the 8 integer dot products of its 32 weights with the token's 32
+   quantized activations `xc` (as 8 groups of 4 bytes). */
+
+/* AVX-512 VNNI: one dpbusd per 4 columns x 8 rows, on the weights + 128 (unsigned), corrected by `corr`. Four
+   independent chains: a dpbusd waits for the previous one on the same register. */
+TARGET_VNNI static inline __m256i block_vnni(const __m256i w[QK / 4], const int32_t xc[QK / 4], int32_t corr) {
+    __m256i d[4];
+    for (int c = 0; c < 4; c++) d[c] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[c], _mm256_set1_epi32(xc[c]));
+    for (int c = 4; c < QK / 4; c++) d[c - 4] = _mm256_dpbusd_epi32(d[c - 4], w[c], _mm256_set1_epi32(xc[c]));
+    const __m256i dot = _mm256_add_epi32(_mm256_add_epi32(d[0], d[1]), _mm256_add_epi32(d[2], d[3]));
+    return _mm256_sub_epi32(dot, _mm256_set1_epi32(corr));
 }
-PASS(1) PASS(2) PASS(3) PASS(4) PASS(5) PASS(6) PASS(7) PASS(8)
 
-/* The same with AVX2 alone. maddubs multiplies unsigned by signed bytes and adds pairs into saturating 16 bits,
-   so the weights go back to signed (xor 0x80) and the products are taken as |w| * (x with w's sign), at most
-   2 * 128 * 127 per pair: no saturation, and no offset to correct. */
-#define TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define PAIR_SUMS(c) _mm256_madd_epi16(_mm256_maddubs_epi16(wa[c], _mm256_sign_epi8(_mm256_set1_epi32(xc[c]), \
-                                                                                   ws[c])), ones)
-#define PASS_AVX2(T)                                                                                          \
-TARGET_AVX2 static void pass_avx2_##T(const uint8_t *packed, int64_t g0, int64_t g1, int64_t nb, int64_t k,  \
-                                      const int8_t *xq, const float *xd, const int32_t *xcorr, float *out,   \
-                                      int64_t rows) {                                                         \
+/* AVX2: maddubs multiplies unsigned by signed bytes and adds pairs into saturating 16 bits, so it takes
+   |w| (`wa`) times x with w's sign (`ws`): at most 2 * 128 * 127 per pair, no saturation, no offset. */
+TARGET_AVX2 static inline __m256i block_avx2(const __m256i ws[QK / 4], const __m256i wa[QK / 4],
+                                             const int32_t xc[QK / 4]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i d[4];
+    for (int c = 0; c < QK / 4; c++) {
+        const __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(xc[c]), ws[c]);
+        const __m256i pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(wa[c], x), ones);
+        d[c % 4] = c < 4 ? pairs : _mm256_add_epi32(d[c % 4], pairs);
+    }
+    return _mm256_add_epi32(_mm256_add_epi32(d[0], d[1]), _mm256_add_epi32(d[2], d[3]));
+}
+
+/* Groups [g0, g1) of 8 rows for T tokens. LOAD reads a block's weights once for all T tokens; DOT is the
+   block's integer dots for token j (`xc`, its activations for the block). */
+#define PASS(NAME, TARGET, T, LOAD, DOT)                                                                      \
+TARGET static void NAME(const uint8_t *packed, int64_t g0, int64_t g1, int64_t nb, int64_t k,                \
+                        const int8_t *xq, const float *xd, const int32_t *xcorr, float *out, int64_t rows) {  \
     (void)xcorr;                                                                                              \
-    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);                         \
     for (int64_t g = g0; g < g1; g++) {                                                                       \
         __m256 acc[T];                                                                                        \
         _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) acc[j] = _mm256_setzero_ps();                   \
         const uint8_t *p = packed + g * nb * GROUP_BLOCK_BYTES;                                               \
         for (int64_t b = 0; b < nb; b++, p += GROUP_BLOCK_BYTES) {                                            \
-            __m256i ws[QK / 4], wa[QK / 4];                                                                   \
-            _Pragma("GCC unroll 8") for (int c = 0; c < QK / 4; c++) {                                        \
-                ws[c] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * c)), flip);           \
-                wa[c] = _mm256_abs_epi8(ws[c]);                                                               \
-            }                                                                                                 \
+            __m256i w[QK / 4], wa[QK / 4];                                                                    \
+            _Pragma("GCC unroll 8") for (int c = 0; c < QK / 4; c++) { LOAD; }                                \
             const __m256 scale = _mm256_loadu_ps((const float *)(p + QK * ROWS));                            \
             _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) {                                             \
                 int32_t xc[QK / 4];                                                                           \
                 memcpy(xc, xq + j * k + b * QK, QK);                                                          \
-                const __m256i d0 = _mm256_add_epi32(PAIR_SUMS(0), PAIR_SUMS(4));                              \
-                const __m256i d1 = _mm256_add_epi32(PAIR_SUMS(1), PAIR_SUMS(5));                              \
-                const __m256i d2 = _mm256_add_epi32(PAIR_SUMS(2), PAIR_SUMS(6));                              \
-                const __m256i d3 = _mm256_add_epi32(PAIR_SUMS(3), PAIR_SUMS(7));                              \
-                const __m256i dot = _mm256_add_epi32(_mm256_add_epi32(d0, d1), _mm256_add_epi32(d2, d3));    \
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),                                            \
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT),                                            \
                                          _mm256_mul_ps(scale, _mm256_set1_ps(xd[j * nb + b])), acc[j]);      \
             }                                                                                                 \
         }                                                                                                     \
@@ -239,12 +212,22 @@ TARGET_AVX2 static void pass_avx2_##T(const uint8_t *packed, int64_t g0, int64_t
         }                                                                                                     \
     }                                                                                                         \
 }
-PASS_AVX2(1) PASS_AVX2(2) PASS_AVX2(3) PASS_AVX2(4) PASS_AVX2(5) PASS_AVX2(6) PASS_AVX2(7) PASS_AVX2(8)
+
+#define TARGET_VNNI_PASS __attribute__((target("avx512f,avx512vl,avx512vnni,avx2,fma")))
+#define TARGET_AVX2_PASS __attribute__((target("avx2,fma")))
+#define LOAD_VNNI (void)wa; w[c] = _mm256_loadu_si256((const __m256i *)(p + 32 * c))
+#define LOAD_AVX2                                                                                             \
+    w[c] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * c)), _mm256_set1_epi8((char)0x80)); \
+    wa[c] = _mm256_abs_epi8(w[c])
+#define VNNI(T) PASS(pass_vnni_##T, TARGET_VNNI_PASS, T, LOAD_VNNI, block_vnni(w, xc, xcorr[j * nb + b]))
+#define AVX2(T) PASS(pass_avx2_##T, TARGET_AVX2_PASS, T, LOAD_AVX2, block_avx2(w, wa, xc))
+VNNI(1) VNNI(2) VNNI(3) VNNI(4) VNNI(5) VNNI(6) VNNI(7) VNNI(8)
+AVX2(1) AVX2(2) AVX2(3) AVX2(4) AVX2(5) AVX2(6) AVX2(7) AVX2(8)
 
 typedef void (*pass_fn)(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const int8_t *, const float *,
                         const int32_t *, float *, int64_t);
-static const pass_fn PASSES_VNNI[MAX_TOKENS + 1] = {0, pass_1, pass_2, pass_3, pass_4, pass_5, pass_6, pass_7,
-                                                    pass_8};
+static const pass_fn PASSES_VNNI[MAX_TOKENS + 1] = {0, pass_vnni_1, pass_vnni_2, pass_vnni_3, pass_vnni_4,
+                                                    pass_vnni_5, pass_vnni_6, pass_vnni_7, pass_vnni_8};
 static const pass_fn PASSES_AVX2[MAX_TOKENS + 1] = {0, pass_avx2_1, pass_avx2_2, pass_avx2_3, pass_avx2_4,
                                                     pass_avx2_5, pass_avx2_6, pass_avx2_7, pass_avx2_8};
 #endif
