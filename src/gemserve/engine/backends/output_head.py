@@ -201,6 +201,9 @@ def drop_resident_pages(path: Path, offset: int, nbytes: int) -> None:
 
 
 class OutputHead:
+    """The packed output matrix, the capture state llama.cpp's callback writes, and the logits of the last
+    decode. Used from the engine thread only (`LlamaModel`)."""
+
     def __init__(self, lib: ctypes.CDLL, n_vocab: int, n_embd: int, threads: int, path: Path,
                  tensor: GGUFTensor) -> None:
         self._lib = lib
