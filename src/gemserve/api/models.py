@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -40,6 +41,15 @@ def registry_of(request: Request) -> ModelRegistry:
 def check_version(version: str) -> None:
     if version not in API_VERSIONS:
         raise url_not_found()
+
+
+def split_call(version: str, name_and_method: str, methods: Sequence[str]) -> tuple[str, str]:
+    """`name:method` of a custom-method URL, checked (an unknown version or method is a 404, as Google's)."""
+    check_version(version)
+    name, _, method = name_and_method.partition(":")
+    if method not in methods:
+        raise url_not_found()
+    return name, method
 
 
 def model_resource(model: ServedModel, name: str | None = None) -> dict[str, Any]:
@@ -97,10 +107,7 @@ async def get_model(version: str, name: str, request: Request, _: CallerDep) -> 
 
 @router.post("/{version}/models/{name_and_method}")
 async def call_model(version: str, name_and_method: str, request: Request, _: CallerDep) -> Response:
-    check_version(version)
-    name, _sep, method = name_and_method.partition(":")
-    if method not in GENERATION_METHODS:
-        raise url_not_found()
+    name, method = split_call(version, name_and_method, GENERATION_METHODS)
     registry = registry_of(request)
     model = registry.get(name, method, version)
     body = await read_json(request)

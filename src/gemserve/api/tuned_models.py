@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from gemserve.api.deps import CallerDep
-from gemserve.api.models import check_version, generate_response, registry_of
+from gemserve.api.models import check_version, generate_response, registry_of, split_call
 from gemserve.api.streaming import read_json
 from gemserve.errors import ApiError, url_not_found
 from gemserve.schema.tuning import TunedModelIn
@@ -73,10 +73,7 @@ async def delete_tuned_model(version: str, model_id: str, request: Request, call
 
 @router.post("/{version}/tunedModels/{name_and_method}")
 async def call_tuned_model(version: str, name_and_method: str, request: Request, caller: CallerDep) -> Response:
-    check_version(version)
-    name, _, method = name_and_method.partition(":")
-    if method not in GENERATION_METHODS:
-        raise url_not_found()
+    name, method = split_call(version, name_and_method, GENERATION_METHODS)
     body = await read_json(request)
     tuned = tuned_models_of(request).usable(caller, name)
     model = registry_of(request).get(tuned.base_model, method, version)
@@ -104,9 +101,6 @@ async def get_operation(version: str, model_id: str, operation_id: str, request:
 @router.post("/{version}/tunedModels/{model_id}/operations/{operation_and_method}")
 async def cancel_operation(version: str, model_id: str, operation_and_method: str, request: Request,
                            caller: CallerDep) -> dict[str, Any]:
-    check_version(version)
-    operation_id, _, method = operation_and_method.partition(":")
-    if method != "cancel":
-        raise url_not_found()
+    operation_id, _ = split_call(version, operation_and_method, ["cancel"])
     tuned_models_of(request).cancel_operation(caller, model_id, operation_id)
     return {}

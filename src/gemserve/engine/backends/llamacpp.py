@@ -94,8 +94,11 @@ class LlamaCppEngine:
         self._thread = threading.Thread(target=load_and_loop, name="gemserve-llamacpp", daemon=True)
         self._thread.start()
         loaded.result()
-        self.output_layer = self._llm.output_layer  # "gemserve" when the Q8_0 output-layer kernel computes logits
         self.metadata = self._llm.metadata
+
+    @property
+    def output_layer(self) -> str:
+        return self._llm.output_layer
 
     def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
         return self._llm.tokenize(text, add_bos=add_bos, parse_special=parse_special)

@@ -89,7 +89,6 @@ class LlamaModel:
         self._capture_owner = self._head  # llama.cpp holds pointers into it for the context's life
         if self._head is not None and not self._head_agrees():
             self._head = None
-        self.output_layer = "llama.cpp" if self._head is None else "gemserve"
         self.metadata = ModelMetadata(
             context_length=min(n_ctx, trained),
             vocab_size=self.n_vocab,
@@ -168,6 +167,11 @@ class LlamaModel:
         if status < 0:
             raise EngineError(f"llama_decode failed with status {status}")
         return status == 0
+
+    @property
+    def output_layer(self) -> str:
+        """Who computes logits: "gemserve" (the Q8_0 output-layer kernel) or "llama.cpp"."""
+        return "llama.cpp" if self._head is None else "gemserve"
 
     def logits(self, row: int) -> np.ndarray:
         """The logits of batch row `row` of the last decode (a view: use it before the next decode)."""

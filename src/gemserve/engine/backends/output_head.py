@@ -18,6 +18,7 @@ at start-up and falls back when they differ by more than float rounding.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import logging
 import mmap
@@ -79,6 +80,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+@functools.cache
 def _ggml_base() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(Path(llama.__file__).parent / "lib" / "libggml-base.so"))
     lib.gguf_init_from_file.restype = _PTR
@@ -225,7 +227,6 @@ class OutputHead:
             enabled=0,
             width=n_embd,
         )
-        self._base = base  # keeps the functions' library loaded
         address = ctypes.cast(lib.output_head_eval_callback, _PTR).value
         assert address is not None
         self.callback = llama.ggml_backend_sched_eval_callback(address)
