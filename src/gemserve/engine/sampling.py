@@ -3,7 +3,9 @@
 Order of operations, as in llama.cpp and the Gemini API's description: presence/frequency penalties on the
 tokens generated so far, then temperature, top-k, top-p (nucleus) and a draw. Temperature 0 is greedy.
 Reported log-probabilities are those of the model's own distribution (log-softmax of the raw logits, before
-penalties and temperature), so they can be checked against the model and compared across settings.
+penalties and temperature), so they can be checked against the model and compared across settings. Under a
+constraint (`allowed`), tokens outside it are never drawn, but the reported figures stay the model's own: a
+chosen token's log-probability is finite, and the top candidates may include tokens the constraint ruled out.
 """
 
 from __future__ import annotations
@@ -33,9 +35,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.sum(np.exp(shifted)))
 
 
-def sample(logits: np.ndarray, params: SamplingParams, generated: Counter[int], rng: np.random.Generator) -> Choice:
-    """Pick a token from `logits` (shape [vocab]); `generated` counts the tokens this sequence produced so far."""
+def sample(logits: np.ndarray, params: SamplingParams, generated: Counter[int], rng: np.random.Generator,
+           allowed: np.ndarray | None = None) -> Choice:
+    """Pick a token from `logits` (shape [vocab]); `generated` counts the tokens this sequence produced so far;
+    `allowed` (bool, shape [vocab]), when given, holds the only tokens that may be drawn."""
     scores = _penalized(logits, params, generated)
+    if allowed is not None:
+        if not allowed.any():
+            raise ValueError("the constraint allows no token here")
+        scores = np.where(allowed, scores, np.float32(-np.inf))
     greedy = params.temperature < MIN_TEMPERATURE or params.top_k == 1
     token = int(np.argmax(scores)) if greedy else _draw(scores, params, rng)
     if params.logprobs is None:
@@ -49,11 +57,15 @@ def sample(logits: np.ndarray, params: SamplingParams, generated: Counter[int], 
 
 
 def _penalized(logits: np.ndarray, params: SamplingParams, generated: Counter[int]) -> np.ndarray:
-    if not generated or (params.presence_penalty == 0.0 and params.frequency_penalty == 0.0):
+    if not generated or (params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+                         and params.repetition_penalty == 1.0):
         return logits
     scores = np.array(logits, dtype=np.float32, copy=True)
     tokens = np.fromiter(generated.keys(), dtype=np.int64, count=len(generated))
     counts = np.fromiter(generated.values(), dtype=np.float32, count=len(generated))
+    if params.repetition_penalty != 1.0:
+        used = scores[tokens]
+        scores[tokens] = np.where(used > 0, used / params.repetition_penalty, used * params.repetition_penalty)
     scores[tokens] -= params.presence_penalty + params.frequency_penalty * counts
     return scores
 

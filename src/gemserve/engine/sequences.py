@@ -72,9 +72,14 @@ def rng_for(seed: int | None) -> np.random.Generator:
 def advance(seq: Sequence, logits: np.ndarray, is_end: Callable[[int], bool], outbox: Outbox) -> bool:
     """Choose `seq`'s next token from `logits` and report it. True when the sequence has ended.
 
+    Under a constraint, only tokens it allows are drawn, and the sequence ends where the grammar is complete.
     A failure here belongs to this sequence alone: it gets the error and ends; the engine goes on."""
+    constraint = seq.request.constraint
     try:
-        choice = sample(logits, seq.request.sampling, seq.generated, seq.rng)
+        allowed = constraint.allowed(logits.shape[0]) if constraint is not None else None
+        choice = sample(logits, seq.request.sampling, seq.generated, seq.rng, allowed)
+        if constraint is not None and not is_end(choice.token):
+            constraint.consume(choice.token)
     except Exception as exc:
         log.exception("sampling failed")
         outbox.put(seq, EngineError(f"sampling failed for this request: {exc}"))
@@ -85,6 +90,9 @@ def advance(seq: Sequence, logits: np.ndarray, is_end: Callable[[int], bool], ou
     seq.generated[choice.token] += 1
     seq.n_generated += 1
     outbox.put(seq, TokenEvent(choice.token, choice.logprob, choice.top))
+    if constraint is not None and constraint.finished:
+        outbox.put(seq, FinishEvent("STOP"))
+        return True
     if seq.n_generated >= seq.request.max_new_tokens:
         outbox.put(seq, FinishEvent("MAX_TOKENS"))
         return True

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from gemserve.engine.constraints import Constraint
 
 
 class EngineError(RuntimeError):
@@ -21,6 +24,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    # The model's own remedy against loops (a model default, not an API field): logits of tokens this sequence
+    # already generated are divided by it (multiplied where negative), as Hugging Face and llama.cpp do.
+    repetition_penalty: float = 1.0
     # None: no log-probabilities; 0: only the chosen token's; n: also the n most likely tokens at each step.
     logprobs: int | None = None
 
@@ -31,6 +37,8 @@ class GenerationRequest:
     sampling: SamplingParams
     max_new_tokens: int
     adapter: str | None = None
+    # The grammar the output must follow (compiled for this sequence alone: it keeps the sequence's parse state).
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,11 @@ class Engine(Protocol):
 
     def token_bytes(self, token: int) -> bytes:
         """The raw bytes a token stands for (a piece of UTF-8 that may end mid-character)."""
+        ...
+
+    def compile_grammar(self, grammar: str) -> Constraint:
+        """A fresh constraint for one sequence from an llguidance grammar; slow the first time (call it off the
+        event loop). Raises `ConstraintError` for a grammar that does not compile."""
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gemserve.engine.backends.llamacpp_model import LlamaModel
+from gemserve.engine.constraints import Constraint, GrammarTokenizer
 from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance, rng_for
 from gemserve.engine.types import EngineError, Event, GenerationRequest
 
@@ -95,6 +96,7 @@ class LlamaCppEngine:
         self._thread.start()
         loaded.result()
         self.metadata = self._llm.metadata
+        self._grammar = GrammarTokenizer(self._llm.grammar_tokenizer)
 
     @property
     def output_layer(self) -> str:
@@ -108,6 +110,9 @@ class LlamaCppEngine:
 
     def is_end_of_generation(self, token: int) -> bool:
         return self._llm.is_end_of_generation(token)
+
+    def compile_grammar(self, grammar: str) -> Constraint:
+        return self._grammar.compile(grammar)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if not request.prompt:

@@ -14,6 +14,8 @@ import threading
 from pathlib import Path
 
 import llama_cpp as llama
+import llguidance
+import llguidance.llamacpp
 import numpy as np
 
 from gemserve.engine.backends.output_head import OutputHead, gguf_contents
@@ -125,6 +127,11 @@ class LlamaModel:
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self._vocab, token))
+
+    def grammar_tokenizer(self) -> llguidance.LLTokenizer:
+        """The vocabulary for llguidance, ending where llama.cpp ends a generation (about a second)."""
+        ends = [t for t in range(self.n_vocab) if self.is_end_of_generation(t)]
+        return llguidance.llamacpp.lltokenizer_from_vocab(self._vocab, eos_token=ends or None)
 
     # ---- forward passes (engine thread) -------------------------------------------------------------------
 

@@ -20,13 +20,16 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import llguidance
+import llguidance.hf
 import numpy as np
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from gemserve.engine.constraints import Constraint, GrammarTokenizer
 from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance, rng_for
 from gemserve.engine.types import (
     EngineError,
@@ -96,6 +99,7 @@ class TransformersEngine:
             architecture=config.model_type,
         )
 
+        self._grammar = GrammarTokenizer(self._grammar_tokenizer)
         self._inbox: Inbox[_Sequence] = Inbox()
         self._outbox = Outbox()
         self._running: list[_Sequence] = []
@@ -144,7 +148,14 @@ class TransformersEngine:
         ids.update(i for i, t in self._added.items() if t.special and t.content in _END_OF_TURN_NAMES)
         return frozenset(ids)
 
+    def _grammar_tokenizer(self) -> llguidance.LLTokenizer:
+        return llguidance.hf.from_tokenizer(cast(Any, self._tokenizer), n_vocab=self.metadata.vocab_size,
+                                            eos_token=sorted(self._end_ids))
+
     # ---- generation ---------------------------------------------------------------------------------------
+
+    def compile_grammar(self, grammar: str) -> Constraint:
+        return self._grammar.compile(grammar)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if request.adapter is not None:

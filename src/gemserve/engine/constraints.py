@@ -1,0 +1,84 @@
+"""Grammar-constrained decoding: which tokens a sequence may produce next, computed by llguidance.
+
+A `Constraint` wraps one llguidance matcher: a grammar (Lark-like, or a JSON schema compiled to one) compiled
+against the model's vocabulary. Each step the engine asks it for the mask of allowed tokens, samples among those,
+and feeds the chosen token back. The grammar decides when the output is complete: end-of-generation tokens are
+allowed exactly where the grammar accepts, and a grammar that cannot be extended any more ends the sequence.
+
+`GrammarTokenizer` builds llguidance's view of a vocabulary once per model, in the background: for a 262k
+vocabulary that takes about a second, which neither start-up nor the engine thread should wait for.
+
+Not here: which grammar a request needs (`gemserve.service.constraints`), sampling (`engine/sampling.py`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import llguidance
+import numpy as np
+from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+
+class ConstraintError(ValueError):
+    """The grammar does not compile (a schema llguidance cannot express, or a grammar with an error)."""
+
+
+class Constraint:
+    """The grammar one sequence's output must follow; used by the engine thread alone once submitted."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str) -> None:
+        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if self._matcher.is_error():
+            raise ConstraintError(self._matcher.get_error())
+        self._bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
+
+    def allowed(self, n_vocab: int) -> np.ndarray:
+        """Which of the `n_vocab` tokens may come next, as a boolean array."""
+        fill_next_token_bitmask(self._matcher, self._bitmask)
+        if self._matcher.is_error():
+            raise ConstraintError(self._matcher.get_error())
+        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
+        allowed = np.zeros(n_vocab, dtype=bool)
+        shared = min(n_vocab, bits.shape[0])
+        allowed[:shared] = bits[:shared]
+        return allowed
+
+    def consume(self, token: int) -> None:
+        if not self._matcher.consume_token(token):
+            raise ConstraintError(self._matcher.get_error() or f"token {token} is not allowed here")
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete and nothing may follow: the sequence ends here."""
+        return bool(self._matcher.is_stopped())
+
+
+class GrammarTokenizer:
+    """An engine's vocabulary as llguidance sees it, built once in a background thread and then shared."""
+
+    def __init__(self, build: Callable[[], llguidance.LLTokenizer]) -> None:
+        self._built: llguidance.LLTokenizer | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+
+        def run() -> None:
+            try:
+                self._built = build()
+            except BaseException as exc:  # reported to whoever asks for it
+                self._error = exc
+            finally:
+                self._done.set()
+
+        threading.Thread(target=run, name="gemserve-grammar-vocab", daemon=True).start()
+
+    def get(self) -> llguidance.LLTokenizer:
+        """The tokenizer, waiting for it if it is still being built (call it off the event loop)."""
+        self._done.wait()
+        if self._built is None:
+            raise ConstraintError(f"the model's vocabulary could not be prepared for constraints: {self._error}")
+        return self._built
+
+    def compile(self, grammar: str) -> Constraint:
+        return Constraint(self.get(), grammar)
