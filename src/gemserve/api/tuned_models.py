@@ -80,7 +80,7 @@ async def call_tuned_model(version: str, name_and_method: str, request: Request,
     spec = model.spec
     defaults = Defaults(spec.temperature if tuned.temperature is None else tuned.temperature,
                         spec.top_p if tuned.top_p is None else tuned.top_p,
-                        spec.top_k if tuned.top_k is None else tuned.top_k)
+                        spec.top_k if tuned.top_k is None else tuned.top_k, spec.repetition_penalty)
     target = Target(model, tuned.name, defaults, str(tuned.adapter))
     return await generate_response(request, method, target, body)
 

