@@ -14,16 +14,10 @@ from gemserve.api.streaming import read_json, streaming_response, until_disconne
 from gemserve.errors import invalid_argument, url_not_found
 from gemserve.models.registry import ModelRegistry, ServedModel
 from gemserve.schema.content import CountTokensRequest, GenerateContentRequest
+from gemserve.schema.responses import CountTokensResponse, ModalityTokenCount
 from gemserve.schema.wire import parse_model
 from gemserve.service import generation
-from gemserve.service.requests import (
-    Target,
-    base_target,
-    check_unsupported,
-    conversation,
-    plan_generation,
-    prompt_tokens,
-)
+from gemserve.service.requests import Target, base_target, plan_generation, request_prompt
 
 router = APIRouter()
 
@@ -119,7 +113,7 @@ async def call_model(version: str, name_and_method: str, request: Request, _: Ca
 async def generate_response(request: Request, method: str, target: Target, body: Any) -> Response:
     """generateContent or streamGenerateContent (`alt=sse` or a JSON array) for a base or tuned model."""
     parsed: GenerateContentRequest = parse_model(GenerateContentRequest, body, "GenerateContentRequest")
-    plan = plan_generation(target, parsed)
+    plan = await plan_generation(target, parsed)
     if method == "streamGenerateContent":
         sse = request.query_params.get("alt") == "sse"
         return await streaming_response(request, generation.stream(plan), sse)
@@ -133,10 +127,10 @@ def count_tokens(model: ServedModel, body: Any) -> dict[str, Any]:
         raise invalid_argument("contents and generate_content_request are mutually exclusive.", "contents")
     if parsed.generate_content_request is not None:
         inner = parsed.generate_content_request
-        check_unsupported(inner)
     elif parsed.contents:
         inner = GenerateContentRequest(contents=parsed.contents)
     else:
         raise invalid_argument("* CountTokensRequest: contents or generate_content_request must be set.", "contents")
-    total = len(prompt_tokens(model, conversation(inner)))
-    return {"totalTokens": total, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": total}]}
+    total = len(request_prompt(model, inner).tokens)
+    details = [ModalityTokenCount(modality="TEXT", token_count=total)]
+    return CountTokensResponse(total_tokens=total, prompt_tokens_details=details).to_wire()

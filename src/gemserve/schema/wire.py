@@ -150,7 +150,8 @@ OneOrMany = Annotated[list[T], BeforeValidator(_as_list)]
 
 
 def enum_by_name_or_number(members: list[str]) -> Callable[[Any], Any]:
-    """Accept an enum as its name or as its proto number (google-generativeai sends numbers)."""
+    """Accept an enum as its name in any case or as its proto number, as Google does (google-generativeai sends
+    numbers; the Vercel AI SDK, LiteLLM and the reference's own examples send `"object"`, `"none"`)."""
 
     def convert(value: Any) -> Any:
         if isinstance(value, bool):
@@ -159,6 +160,8 @@ def enum_by_name_or_number(members: list[str]) -> Callable[[Any], Any]:
             return members[value] if 0 <= value < len(members) else value
         if isinstance(value, str) and value.isdigit():
             return convert(int(value))
+        if isinstance(value, str) and value.upper() in members:
+            return value.upper()
         return value
 
     return convert

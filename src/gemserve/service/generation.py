@@ -1,9 +1,14 @@
 """Running a generation plan and shaping what the engine gives back into GenerateContentResponse JSON.
 
 Each candidate is one engine sequence. Their events are merged as they come; each candidate's tokens pass
-through its own `TextStream` (UTF-8 reassembly, stop sequences). A stop sequence ends only its candidate: the
-iterator of that sequence is closed, which cancels it in the engine. Leaving `stream` early (the client went
-away) closes every candidate's iterator, so no generation outlives its request.
+through its own `TextStream` (UTF-8 reassembly, stop sequences) and, when the request has tools, its own
+`CallReader`, which turns the text into text parts and functionCall parts. A call that repeats one whose result
+the conversation already holds is left out; a candidate left with nothing at all is generated once more with
+calls ruled out (small models tend to call the same function again instead of reading its result).
+
+A stop sequence ends only its candidate: the iterator of that sequence is closed, which cancels it in the engine.
+Leaving `stream` early (the client went away) closes every candidate's iterator, so no generation outlives its
+request.
 """
 
 from __future__ import annotations
@@ -14,37 +19,63 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gemserve.engine.types import EngineError, Event, FinishEvent, TokenEvent
+from gemserve.engine.types import EngineError, Event, FinishEvent, GenerationRequest, TokenEvent
 from gemserve.errors import ApiError
+from gemserve.schema.content import Content, FunctionCall, Part
+from gemserve.schema.responses import (
+    Candidate,
+    GenerateContentResponse,
+    LogprobsCandidate,
+    LogprobsResult,
+    TopCandidates,
+    UsageMetadata,
+)
 from gemserve.service.requests import GenerationPlan
 from gemserve.service.text import TextStream
+from gemserve.service.tools import CallPart, CallReader, MalformedCall, OutputPart, TextPart, call_key
 
 
 @dataclass
 class _Candidate:
     index: int
     text: TextStream
+    calls: CallReader | None
     tokens: int = 0
+    malformed: bool = False
+    emitted: bool = False  # some part went out
+    repeated: bool = False  # a call whose result the conversation already holds was left out
+    retry: GenerationRequest | None = None  # set when the candidate is to be generated again, calls ruled out
     finish: str | None = None
-    chosen: list[dict[str, Any]] = field(default_factory=list)
-    top: list[dict[str, Any]] = field(default_factory=list)
+    chosen: list[LogprobsCandidate] = field(default_factory=list)
+    top: list[TopCandidates] = field(default_factory=list)
     logprob_sum: float = 0.0
 
 
 @dataclass(frozen=True)
 class Delta:
-    """New output of one candidate: text that became final, log-probabilities, and the finish reason at the end."""
+    """New output of one candidate: parts that became final, log-probabilities, and the finish reason at the end."""
 
     index: int
-    text: str
-    chosen: list[dict[str, Any]]
-    top: list[dict[str, Any]]
+    parts: list[Part]
+    chosen: list[LogprobsCandidate]
+    top: list[TopCandidates]
     finish: str | None
 
 
 def _merge(first: Delta, then: Delta) -> Delta:
-    return Delta(first.index, first.text + then.text, first.chosen + then.chosen, first.top + then.top,
+    return Delta(first.index, join_parts(first.parts + then.parts), first.chosen + then.chosen, first.top + then.top,
                  then.finish or first.finish)
+
+
+def join_parts(parts: list[Part]) -> list[Part]:
+    """Neighbouring text parts as one."""
+    out: list[Part] = []
+    for part in parts:
+        if out and part.text is not None and out[-1].text is not None:
+            out[-1] = Part(text=out[-1].text + part.text)
+        else:
+            out.append(part)
+    return out
 
 
 class Generation:
@@ -53,7 +84,8 @@ class Generation:
     def __init__(self, plan: GenerationPlan) -> None:
         self.plan = plan
         self.response_id = secrets.token_urlsafe(16)
-        self.candidates = [_Candidate(i, TextStream(plan.stop_sequences)) for i in range(len(plan.candidates))]
+        self.candidates = [_Candidate(i, TextStream(plan.stop_sequences), CallReader() if plan.reads_calls else None)
+                           for i in range(len(plan.candidates))]
 
     @property
     def prompt_token_count(self) -> int:
@@ -98,9 +130,14 @@ class Generation:
                         raise ApiError("UNAVAILABLE", f"The model could not finish this request: {event}") from event
                     if isinstance(event, BaseException):
                         raise event
-                    delta = self._apply(self.candidates[index], event)
+                    cand = self.candidates[index]
+                    delta = self._apply(cand, event)
                     if delta is not None:
                         merged[index] = _merge(merged[index], delta) if index in merged else delta
+                    if cand.retry is not None:
+                        tasks.append(asyncio.create_task(pump(index, engine.generate(cand.retry))))
+                        cand.retry = None
+                        live += 1
                 for delta in merged.values():
                     yield delta
         finally:
@@ -112,75 +149,95 @@ class Generation:
         if cand.finish is not None:
             return None
         if isinstance(event, FinishEvent):
-            cand.finish = event.reason
-            return Delta(cand.index, cand.text.flush(), [], [], cand.finish)
+            parts = self._parts(cand, cand.text.flush(), final=True)
+            if cand.repeated and not cand.emitted and self.plan.retries:
+                # The model only repeated calls it has the results of: it answers again, in text.
+                cand.retry = self.plan.retries[cand.index]
+                cand.repeated = False
+                cand.text, cand.calls = TextStream(self.plan.stop_sequences), None
+                return None
+            cand.finish = "MALFORMED_FUNCTION_CALL" if cand.malformed and event.reason == "STOP" else event.reason
+            return Delta(cand.index, parts, [], [], cand.finish)
         assert isinstance(event, TokenEvent)
         cand.tokens += 1
-        chosen: list[dict[str, Any]] = []
-        top: list[dict[str, Any]] = []
+        chosen: list[LogprobsCandidate] = []
+        top: list[TopCandidates] = []
         if self.plan.logprobs is not None and event.logprob is not None:
             chosen = [self._logprob_candidate(event.token, event.logprob)]
             cand.logprob_sum += event.logprob
             if self.plan.logprobs > 0:
-                top = [{"candidates": [self._logprob_candidate(t, lp) for t, lp in event.top]}]
+                top = [TopCandidates(candidates=[self._logprob_candidate(t, lp) for t, lp in event.top])]
             cand.chosen.extend(chosen)
             cand.top.extend(top)
         text = cand.text.push(self.plan.model.engine.token_bytes(event.token))
         if cand.text.stopped:
             cand.finish = "STOP"
-            return Delta(cand.index, text, chosen, top, "STOP")
-        if not text and not chosen:
+            return Delta(cand.index, self._parts(cand, text, final=True), chosen, top, "STOP")
+        parts = self._parts(cand, text, final=False)
+        if not parts and not chosen:
             return None
-        return Delta(cand.index, text, chosen, top, None)
+        return Delta(cand.index, parts, chosen, top, None)
 
-    def _logprob_candidate(self, token: int, logprob: float) -> dict[str, Any]:
+    def _parts(self, cand: _Candidate, text: str, final: bool) -> list[Part]:
+        if cand.calls is None:
+            return [Part(text=text)] if text else []
+        found: list[OutputPart] = cand.calls.push(text)
+        if final:
+            found += cand.calls.finish()
+        parts = []
+        for item in found:
+            if isinstance(item, TextPart):
+                parts.append(Part(text=item.text))
+            elif isinstance(item, CallPart):
+                if call_key(item.name, item.args) in self.plan.answered:
+                    cand.repeated = True
+                    continue
+                parts.append(Part(function_call=FunctionCall(name=item.name, args=item.args)))
+            elif isinstance(item, MalformedCall):
+                cand.malformed = True
+        cand.emitted = cand.emitted or bool(parts)
+        return parts
+
+    def _logprob_candidate(self, token: int, logprob: float) -> LogprobsCandidate:
         piece = self.plan.model.engine.token_bytes(token).decode("utf-8", errors="replace")
-        return {"token": piece, "tokenId": token, "logProbability": logprob}
+        return LogprobsCandidate(token=piece, token_id=token, log_probability=logprob)
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> UsageMetadata:
         prompt, generated = self.prompt_token_count, self.candidates_token_count
-        return {"promptTokenCount": prompt, "candidatesTokenCount": generated, "totalTokenCount": prompt + generated}
+        return UsageMetadata(prompt_token_count=prompt, candidates_token_count=generated,
+                             total_token_count=prompt + generated)
 
-    def response(self, candidates: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "candidates": candidates,
-            "usageMetadata": self.usage(),
-            "modelVersion": self.plan.version,
-            "responseId": self.response_id,
-        }
+    def response(self, candidates: list[Candidate]) -> dict[str, Any]:
+        return GenerateContentResponse(candidates=candidates, usage_metadata=self.usage(),
+                                       model_version=self.plan.version, response_id=self.response_id).to_wire()
 
 
-def candidate_json(index: int, text: str, finish: str | None, tokens: int | None = None,
-                   logprobs: tuple[list[dict[str, Any]], list[dict[str, Any]], float] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
-    if finish is not None:
-        out["finishReason"] = finish
-    out["index"] = index
-    if tokens is not None:
-        out["tokenCount"] = tokens
+def candidate(index: int, parts: list[Part], finish: str | None, tokens: int | None = None,
+              logprobs: tuple[list[LogprobsCandidate], list[TopCandidates], float] | None = None) -> Candidate:
+    result = None
+    avg = None
     if logprobs is not None:
         chosen, top, avg = logprobs
-        out["avgLogprobs"] = avg
-        result: dict[str, Any] = {"chosenCandidates": chosen}
-        if top:
-            result["topCandidates"] = top
-        out["logprobsResult"] = result
-    return out
+        result = LogprobsResult(chosen_candidates=chosen, top_candidates=top or None)
+    # A chunk with nothing new (the last one of a stream, say) still carries a content with one empty text.
+    content = Content(role="model", parts=parts or [Part(text="")])
+    return Candidate(content=content, finish_reason=finish, index=index, token_count=tokens, avg_logprobs=avg,
+                     logprobs_result=result)
 
 
 async def generate(plan: GenerationPlan) -> dict[str, Any]:
     """The whole response at once (generateContent)."""
     generation = Generation(plan)
-    texts = [""] * len(plan.candidates)
+    parts: list[list[Part]] = [[] for _ in plan.candidates]
     async for delta in generation.deltas():
-        texts[delta.index] += delta.text
+        parts[delta.index] = join_parts(parts[delta.index] + delta.parts)
     candidates = []
     for cand in generation.candidates:
         logprobs = None
         if plan.logprobs is not None:
             avg = cand.logprob_sum / len(cand.chosen) if cand.chosen else 0.0
             logprobs = (cand.chosen, cand.top, avg)
-        candidates.append(candidate_json(cand.index, texts[cand.index], cand.finish, cand.tokens, logprobs))
+        candidates.append(candidate(cand.index, parts[cand.index], cand.finish, cand.tokens, logprobs))
     return generation.response(candidates)
 
 
@@ -191,7 +248,7 @@ async def stream(plan: GenerationPlan) -> AsyncIterator[dict[str, Any]]:
         cand = generation.candidates[delta.index]
         logprobs = None
         if delta.chosen:
-            avg = sum(c["logProbability"] for c in delta.chosen) / len(delta.chosen)
+            avg = sum(c.log_probability for c in delta.chosen) / len(delta.chosen)
             logprobs = (delta.chosen, delta.top, avg)
         tokens = cand.tokens if delta.finish is not None else None
-        yield generation.response([candidate_json(delta.index, delta.text, delta.finish, tokens, logprobs)])
+        yield generation.response([candidate(delta.index, delta.parts, delta.finish, tokens, logprobs)])

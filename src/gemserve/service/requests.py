@@ -1,23 +1,30 @@
 """Checking a GenerateContentRequest and turning it into a plan the engine can run.
 
-Everything a client can get wrong is caught here with a 400 naming the field, before any engine work: roles,
-empty contents, features this server does not offer yet, generation parameters out of range, a prompt longer
-than the model's window. What is accepted becomes a `GenerationPlan`: prompt tokens plus per-candidate engine
-requests.
+Everything a client can get wrong is caught here with a 400 naming the field, before any engine work: roles and
+parts (`service/conversation.py`), tools (`service/tools.py`), the answer format (`service/constraints.py`),
+features this server does not offer yet, generation parameters out of range, a prompt longer than the model's
+window. What is accepted becomes a `GenerationPlan`: prompt tokens plus per-candidate engine requests, each with
+its own compiled constraint when the output has a required form.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, replace
 
+from gemserve.engine.constraints import Constraint, ConstraintError
 from gemserve.engine.types import GenerationRequest, SamplingParams
 from gemserve.errors import invalid_argument
 from gemserve.models.chat_format import Message
 from gemserve.models.registry import ServedModel
-from gemserve.schema.content import Content, GenerateContentRequest, GenerationConfig
+from gemserve.schema.content import GenerateContentRequest, GenerationConfig
+from gemserve.service.constraints import FREE_TEXT, Answer, answer_format, answer_hint, grammar
+from gemserve.service.conversation import conversation
+from gemserve.service.tools import ToolPlan, answered_calls, tool_plan
 
 MAX_STOP_SEQUENCES = 5
+RETRY_HINT = "Answer the user's question in plain words, using the results above."
 MAX_CANDIDATES = 8
 MAX_LOGPROBS = 20
 PENALTY_RANGE = 2.0
@@ -25,7 +32,6 @@ GEMINI_HARM_CATEGORIES = {
     "HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH", "HARM_CATEGORY_SEXUALLY_EXPLICIT",
     "HARM_CATEGORY_DANGEROUS_CONTENT", "HARM_CATEGORY_CIVIC_INTEGRITY",
 }
-TEXT_MIME_TYPES = {"text/plain", ""}
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class Defaults:
     temperature: float
     top_p: float
     top_k: int
+    repetition_penalty: float = 1.0  # the model's own, never a request's
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class Target:
 
 def base_target(model: ServedModel) -> Target:
     spec = model.spec
-    return Target(model, spec.id, Defaults(spec.temperature, spec.top_p, spec.top_k))
+    return Target(model, spec.id, Defaults(spec.temperature, spec.top_p, spec.top_k, spec.repetition_penalty))
 
 
 @dataclass(frozen=True)
@@ -60,59 +67,13 @@ class GenerationPlan:
     candidates: tuple[GenerationRequest, ...]
     stop_sequences: tuple[str, ...]
     logprobs: int | None  # None: no logprobs in the response
-
-
-def conversation(request: GenerateContentRequest) -> list[Message]:
-    """The request's system instruction and turns as chat messages, with every part checked."""
-    messages: list[Message] = []
-    if request.system_instruction is not None:
-        text = _text_of(request.system_instruction, "system_instruction")
-        if text:
-            messages.append(Message("system", text))
-    if not request.contents:
-        raise invalid_argument("* GenerateContentRequest.contents: contents is not specified", "contents")
-    for i, content in enumerate(request.contents):
-        role = content.role or "user"
-        if role not in ("user", "model"):
-            raise invalid_argument(
-                f"Please use a valid role: user, model. (contents[{i}].role is {content.role!r})",
-                f"contents[{i}].role",
-            )
-        messages.append(Message("assistant" if role == "model" else "user", _text_of(content, f"contents[{i}]")))
-    return messages
-
-
-def _text_of(content: Content, where: str) -> str:
-    if not content.parts:
-        raise invalid_argument(f"* GenerateContentRequest.{where}.parts: contents.parts must not be empty.",
-                               f"{where}.parts")
-    texts = []
-    for j, part in enumerate(content.parts):
-        field = f"{where}.parts[{j}]"
-        if part.text is not None:
-            if not part.text:
-                raise invalid_argument(f"{field}.text: Unable to submit request because it has an empty text "
-                                       "parameter. Add a value to the parameter and try again.", f"{field}.text")
-            texts.append(part.text)
-            continue
-        if part.inline_data is not None or part.file_data is not None:
-            raise invalid_argument(f"{field}: this model accepts text only; images, audio, video and files "
-                                   "are not supported.", field)
-        if part.function_call is not None or part.function_response is not None:
-            raise invalid_argument(f"{field}: function calling is not supported by this server yet.", field)
-        if part.executable_code is not None or part.code_execution_result is not None:
-            raise invalid_argument(f"{field}: code execution is not supported by this server yet.", field)
-        raise invalid_argument(f"{field}: a part must contain data (set text).", field)
-    return "".join(texts)
+    reads_calls: bool = False  # the output may hold function calls, to be returned as functionCall parts
+    answered: frozenset[str] = frozenset()  # calls (tools.call_key) the conversation holds the results of
+    retries: tuple[GenerationRequest, ...] = ()  # per candidate: the same with calls ruled out
 
 
 def check_unsupported(request: GenerateContentRequest) -> None:
     """Reject features this server does not offer yet, rather than silently answering without them."""
-    if request.tools:
-        raise invalid_argument("tools: function calling, code execution and search tools are not supported "
-                               "by this server yet.", "tools")
-    if request.tool_config is not None:
-        raise invalid_argument("tool_config: tools are not supported by this server yet.", "tool_config")
     if request.cached_content:
         raise invalid_argument("cached_content: context caching is not supported by this server yet.",
                                "cached_content")
@@ -128,12 +89,6 @@ def check_unsupported(request: GenerateContentRequest) -> None:
     config = request.generation_config
     if config is None:
         return
-    if (config.response_mime_type or "") not in TEXT_MIME_TYPES:
-        raise invalid_argument(f"generation_config.response_mime_type: {config.response_mime_type!r} is not "
-                               "supported by this server yet; use text/plain.", "generation_config.response_mime_type")
-    if config.response_schema is not None or config.response_json_schema is not None:
-        raise invalid_argument("generation_config.response_schema: structured output is not supported by this "
-                               "server yet.", "generation_config.response_schema")
     if config.response_modalities and set(config.response_modalities) != {"TEXT"}:
         raise invalid_argument("generation_config.response_modalities: this model only produces TEXT.",
                                "generation_config.response_modalities")
@@ -182,6 +137,7 @@ def sampling_settings(config: GenerationConfig | None, target: Target) -> tuple[
         frequency_penalty=config.frequency_penalty or 0.0,
         seed=config.seed,
         logprobs=logprobs,
+        repetition_penalty=defaults.repetition_penalty,
     )
     return params, count, logprobs
 
@@ -198,23 +154,48 @@ def stop_sequences(config: GenerationConfig | None) -> tuple[str, ...]:
     return stops
 
 
-def prompt_tokens(model: ServedModel, messages: list[Message]) -> list[int]:
+def prompt_tokens(model: ServedModel, messages: list[Message], tools: ToolPlan | None = None) -> list[int]:
     engine = model.engine
     bos = engine.tokenize("", add_bos=True, parse_special=False)
 
     def tokenize(text: str, special: bool) -> list[int]:
         return engine.tokenize(text, add_bos=False, parse_special=special)
 
-    return model.chat.prompt_ids(messages, tokenize, bos[0] if bos else None)
+    # Mode NONE still shows the declarations, as Google's models still see them; the grammar forbids calls.
+    shown = tools.template_tools() if tools is not None else None
+    return model.chat.prompt_ids(messages, tokenize, bos[0] if bos else None, shown)
 
 
-def plan_generation(target: Target, request: GenerateContentRequest) -> GenerationPlan:
-    model = target.model
+@dataclass(frozen=True)
+class Prompt:
+    tokens: list[int]
+    tools: ToolPlan | None
+    answer: Answer
+    messages: list[Message]
+
+
+def request_prompt(model: ServedModel, request: GenerateContentRequest) -> Prompt:
+    """The prompt tokens of a request (its tools and the answer's form included), every part of it checked."""
     check_unsupported(request)
+    answer = answer_format(request.generation_config)
+    tools = tool_plan(request)
+    messages = conversation(request)
+    hint = answer_hint(answer)
+    if hint is not None:
+        if messages[0].role == "system":
+            messages[0] = Message("system", f"{messages[0].content}\n\n{hint}")
+        else:
+            messages.insert(0, Message("system", hint))
+    return Prompt(prompt_tokens(model, messages, tools), tools, answer, messages)
+
+
+async def plan_generation(target: Target, request: GenerateContentRequest) -> GenerationPlan:
+    model = target.model
     config = request.generation_config
+    built = request_prompt(model, request)
+    prompt, tools, answer = built.tokens, built.tools, built.answer
     params, count, logprobs = sampling_settings(config, target)
     stops = stop_sequences(config)
-    prompt = prompt_tokens(model, conversation(request))
     limit = model.input_token_limit
     if len(prompt) >= limit:
         raise invalid_argument(f"The input token count ({len(prompt)}) exceeds the maximum number of tokens allowed "
@@ -228,6 +209,10 @@ def plan_generation(target: Target, request: GenerateContentRequest) -> Generati
         raise invalid_argument(f"generation_config.max_output_tokens: {requested} is out of range; it must be "
                                f"between 1 and {model.output_token_limit}.", "generation_config.max_output_tokens")
     max_new = min(requested or model.output_token_limit, limit - len(prompt))
+    rules = grammar(answer, tools, model.special_call_tags)
+    constraints: list[Constraint | None] = [None] * count
+    if rules is not None:
+        constraints = await _compile(model, rules, count, answer_field(request, tools))
     candidates = tuple(
         GenerationRequest(
             prompt=tuple(prompt),
@@ -235,7 +220,41 @@ def plan_generation(target: Target, request: GenerateContentRequest) -> Generati
             sampling=params if params.seed is None else replace(params, seed=params.seed + i),
             max_new_tokens=max_new,
             adapter=target.adapter,
+            constraint=constraints[i],
         )
         for i in range(count)
     )
-    return GenerationPlan(model, target.version, tuple(prompt), candidates, stops, logprobs)
+    reads_calls = tools is not None and tools.may_call
+    answered = answered_calls(request) if reads_calls else frozenset()
+    retries: tuple[GenerationRequest, ...] = ()
+    if answered and tools is not None and tools.mode != "ANY":
+        # The model answers from the results, shown the conversation without the declarations it kept calling.
+        text_only = FREE_TEXT if answer.free else grammar(answer, None, model.special_call_tags)
+        assert text_only is not None
+        constraints = await _compile(model, text_only, count, "tools")
+        plain = tuple(prompt_tokens(model, [*built.messages, Message("system", RETRY_HINT)], None))
+        retries = tuple(replace(c, prompt=plain, constraint=constraints[i]) for i, c in enumerate(candidates))
+    return GenerationPlan(model, target.version, tuple(prompt), candidates, stops, logprobs, reads_calls,
+                          answered, retries)
+
+
+def answer_field(request: GenerateContentRequest, tools: ToolPlan | None) -> str:
+    """The field a grammar that does not compile is blamed on."""
+    if tools is not None and tools.may_call:
+        return "tools"
+    config = request.generation_config
+    if config is not None and config.response_json_schema is not None:
+        return "generation_config.response_json_schema"
+    return "generation_config.response_schema"
+
+
+async def _compile(model: ServedModel, rules: str, count: int, field: str) -> list[Constraint | None]:
+    """One constraint per candidate, compiled in a worker thread (the first one waits for the vocabulary)."""
+
+    def compile_all() -> list[Constraint | None]:
+        return [model.engine.compile_grammar(rules) for _ in range(count)]
+
+    try:
+        return await asyncio.to_thread(compile_all)
+    except ConstraintError as exc:
+        raise invalid_argument(f"{field}: the schema cannot be enforced: {exc}", field) from None

@@ -1,0 +1,58 @@
+"""What generateContent answers: GenerateContentResponse and its parts, as typed models.
+
+Field names and nesting follow the public Gemini API v1beta; `to_wire()` gives camelCase JSON without the unset
+fields. Content and Part are the request's own models (`schema/content.py`): a response's parts are the same
+typed parts a client sends back in the next turn.
+"""
+
+from __future__ import annotations
+
+from gemserve.schema.content import Content
+from gemserve.schema.wire import WireModel
+
+
+class LogprobsCandidate(WireModel):
+    token: str
+    token_id: int
+    log_probability: float
+
+
+class TopCandidates(WireModel):
+    candidates: list[LogprobsCandidate]
+
+
+class LogprobsResult(WireModel):
+    chosen_candidates: list[LogprobsCandidate]
+    top_candidates: list[TopCandidates] | None = None
+
+
+class Candidate(WireModel):
+    content: Content
+    finish_reason: str | None = None
+    index: int
+    token_count: int | None = None
+    avg_logprobs: float | None = None
+    logprobs_result: LogprobsResult | None = None
+
+
+class ModalityTokenCount(WireModel):
+    modality: str
+    token_count: int
+
+
+class UsageMetadata(WireModel):
+    prompt_token_count: int
+    candidates_token_count: int
+    total_token_count: int
+
+
+class GenerateContentResponse(WireModel):
+    candidates: list[Candidate]
+    usage_metadata: UsageMetadata
+    model_version: str
+    response_id: str
+
+
+class CountTokensResponse(WireModel):
+    total_tokens: int
+    prompt_tokens_details: list[ModalityTokenCount]

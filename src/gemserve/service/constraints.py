@@ -1,0 +1,173 @@
+"""What a request's output must look like, as one llguidance grammar: JSON output, an enum, function calls.
+
+- `responseMimeType: application/json` -> JSON (any object or array), or JSON valid under `responseSchema`
+  (Google's Schema, translated by `service/schemas.py`) or `responseJsonSchema` (JSON Schema, as given);
+- `text/x.enum` with a STRING schema carrying `enum` -> exactly one of its values;
+- tools with mode ANY -> one or more calls of allowed functions, each with arguments valid under its schema;
+  mode AUTO/VALIDATED -> the answer as above, or calls (text may come before them); mode NONE -> no call.
+
+JSON may be laid out as the model likes (pretty-printed, as Gemini's output often is, or compact), but each gap
+holds at most 40 spaces and newlines, so that runs of whitespace cannot run a small model in circles.
+
+The model is told what is expected, too (`answer_hint`): a constraint only cuts off what may not come, and a
+model that knows the schema fills it with better content and ends it sooner.
+
+Not here: parsing the output back (`service/tools.py`), decoding (`engine/constraints.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from gemserve.errors import invalid_argument
+from gemserve.schema.content import GenerationConfig
+from gemserve.service.schemas import to_json_schema
+from gemserve.service.tools import CALL_CLOSE, CALL_OPEN, ToolPlan
+
+JSON_MIME = "application/json"
+ENUM_MIME = "text/x.enum"
+TEXT_MIMES = ("", "text/plain")
+SUPPORTED_MIMES = (*TEXT_MIMES, JSON_MIME, ENUM_MIME)
+_LAYOUT = {"whitespace_flexible": True, "whitespace_pattern": "[\n ]{0,40}"}
+_ANY_JSON: dict[str, Any] = {"anyOf": [{"type": "object"}, {"type": "array"}]}
+_TEXT = "TEXT: /(.|\\n)+/"
+# How a call written without tags begins: as a JSON object, bare or in a code block.
+_BARE_START = "(\\{|```(json)?\\n\\{)"
+# Text that does not begin as a call written without tags would.
+FREE_TEXT = f"start: TEXT\nTEXT: /(?s:.+)/ & ~/{_BARE_START}(?s:.*)/\n"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a text answer must be: free text (no fields set), JSON under `schema`, or one of `choices`."""
+
+    schema: dict[str, Any] | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def free(self) -> bool:
+        return self.schema is None and self.choices is None
+
+
+def answer_format(config: GenerationConfig | None) -> Answer:
+    """The answer format a generation config asks for, checked as Google checks it."""
+    if config is None:
+        return Answer()
+    mime = config.response_mime_type or ""
+    field = "generation_config.response_mime_type"
+    if mime not in SUPPORTED_MIMES:
+        raise invalid_argument(f"{field}: allowed mimetypes are `text/plain`, `application/json` and "
+                               f"`text/x.enum`; got {mime!r}.", field)
+    has_schema = config.response_schema is not None
+    has_json_schema = config.response_json_schema is not None
+    if has_schema and has_json_schema:
+        raise invalid_argument("generation_config: response_schema and response_json_schema are mutually "
+                               "exclusive; set one of them.", "generation_config.response_json_schema")
+    if (has_schema or has_json_schema) and mime in TEXT_MIMES:
+        which = "response_schema" if has_schema else "response_json_schema"
+        raise invalid_argument(f"generation_config.{which}: a response schema needs response_mime_type "
+                               f"application/json or text/x.enum, not {mime or 'text/plain'!r}.", field)
+    if mime == ENUM_MIME:
+        return Answer(choices=_enum_choices(config))
+    if mime != JSON_MIME:
+        return Answer()
+    if config.response_schema is not None:
+        return Answer(schema=to_json_schema(config.response_schema, "generation_config.response_schema"))
+    if has_json_schema:
+        raw = config.response_json_schema
+        if not isinstance(raw, dict | bool):
+            raise invalid_argument("generation_config.response_json_schema: must be a JSON Schema (an object).",
+                                   "generation_config.response_json_schema")
+        return Answer(schema=raw if isinstance(raw, dict) else {})
+    return Answer(schema=_ANY_JSON)
+
+
+def answer_hint(answer: Answer) -> str | None:
+    """A line for the system message that tells the model the answer's form; None for free text."""
+    if answer.choices is not None:
+        return "Answer with exactly one of these values and nothing else: " + ", ".join(answer.choices)
+    if answer.schema is None:
+        return None
+    if answer.schema is _ANY_JSON:
+        return "Answer in JSON only."
+    return "Answer in JSON only, valid under this JSON schema:\n" + json.dumps(answer.schema, ensure_ascii=False)
+
+
+def _enum_choices(config: GenerationConfig) -> tuple[str, ...]:
+    field = "generation_config.response_schema"
+    schema = config.response_schema
+    values: Any = None
+    if schema is not None:
+        values = schema.enum
+    elif isinstance(config.response_json_schema, dict):
+        field = "generation_config.response_json_schema"
+        values = config.response_json_schema.get("enum")
+    if not values or not all(isinstance(v, str) and v for v in values):
+        raise invalid_argument(f"{field}: text/x.enum needs a schema of type STRING with a non-empty enum of "
+                               "non-empty strings.", field)
+    return tuple(values)
+
+
+def grammar(answer: Answer, tools: ToolPlan | None, special_call_tags: bool) -> str | None:
+    """The llguidance grammar of the whole output; None when the output is free text.
+
+    `special_call_tags`: the model's vocabulary has `<tool_call>` and `</tool_call>` as tokens of their own (Qwen),
+    which the grammar names as such; otherwise they are text, and free text may not contain the opening tag
+    except to start a call."""
+    calls = tools is not None and tools.may_call
+    if answer.free and not calls:
+        if tools is not None and special_call_tags:
+            return f"start: TEXT?\n{_TEXT}\n"  # mode NONE: the call tag's token cannot be drawn
+        return None
+    rules: list[str] = []
+    if answer.schema is not None:
+        rules.append(f"answer: %json {_json(answer.schema)}")
+    elif answer.choices is not None:
+        rules.append("answer: " + " | ".join(_lark_string(c) for c in answer.choices))
+    else:
+        rules.append("answer: TEXT")
+    rules.append(_TEXT)
+    if not calls:
+        return "\n".join(["start: answer", *rules]) + "\n"
+    assert tools is not None
+    opening, closing = (CALL_OPEN, CALL_CLOSE) if special_call_tags else map(_lark_string, (CALL_OPEN, CALL_CLOSE))
+    body = {"anyOf": [_call_schema(name, tools.arguments_schema(name)) for name in tools.allowed]}
+    rules += [f"body: %json {_json(body)}", f'tail: "\\n" body "\\n" {closing}', f'more: ("\\n" {opening} tail)*']
+    # Small models often write a call as bare JSON, without the tags: output that starts with "{" is such a call,
+    # completed under the schema (where the answer is free text, it starts with anything else).
+    rules.append('bare: body ("\\n" body)* | "```json\\n" body "\\n```" | "```\\n" body "\\n```"')
+    if tools.mode == "ANY":
+        start = f"start: {opening} tail more | bare"
+    elif not answer.free:
+        start = f"start: answer | {opening} tail more"
+    else:
+        rules[1] = f"TEXT: /(?s:.+)/ & ~/{_BARE_START}(?s:.*)/"
+        if special_call_tags:
+            start = f"start: answer | TEXT? {opening} tail more | bare"
+        else:
+            # The tags are text here: free text runs up to the first opening tag, lazily, so that the tag
+            # always starts a call.
+            rules[0] = "answer: PLAIN"
+            rules += [f"PLAIN: /(?s:.+)/ & ~/{_BARE_START}(?s:.*)/ & ~/(?s:.*){_regex_escape(CALL_OPEN)}(?s:.*)/",
+                      f"lead[lazy]: (/(?s:.+)/ & ~/{_BARE_START}(?s:.*)/)? {opening}"]
+            start = "start: answer | lead tail more | bare"
+    return "\n".join([start, *rules]) + "\n"
+
+
+def _regex_escape(text: str) -> str:
+    return "".join("\\" + c if c in "\\.^$|?*+()[]{}/" else c for c in text)
+
+
+def _call_schema(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def _json(schema: dict[str, Any]) -> str:
+    return json.dumps({**schema, "x-guidance": _LAYOUT}, ensure_ascii=False)
+
+
+def _lark_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
