@@ -30,6 +30,16 @@ def default_gguf(data_dir: Path) -> Path:
     return packaged_default_gguf(data_dir)
 
 
+# Tests that use these fixtures start real servers or read real weights: they are the slow part of the suite.
+SLOW_FIXTURES = {"server", "keyed_server", "registry_server", "default_gguf"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
