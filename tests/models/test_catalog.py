@@ -1,0 +1,42 @@
+"""The built-in models, and which model a Gemini model name reaches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gemserve.models.catalog import INSTRUCT_MODEL_ID, PACKAGED, CatalogError, load_catalog
+
+
+def test_both_models_are_built_in_and_gemini_names_reach_the_instruct_model() -> None:
+    catalog = load_catalog(None)
+    assert set(catalog.models) == {"gemma-3-270m", INSTRUCT_MODEL_ID}
+    for name in ("gemini-2.5-flash", "models/gemini-2.0-flash", "gemini-1.5-pro", "gemini-3-pro-preview"):
+        spec = catalog.resolve(name)
+        assert spec is not None and spec.id == INSTRUCT_MODEL_ID
+    assert catalog.resolve("gpt-4") is None
+
+
+def test_an_alias_wins_over_the_gemini_rule() -> None:
+    catalog = load_catalog(None, {"gemini-2.0-flash": "gemma-3-270m"})
+    assert catalog.resolve("gemini-2.0-flash").id == "gemma-3-270m"  # type: ignore[union-attr]
+    assert catalog.resolve("gemini-2.5-flash").id == INSTRUCT_MODEL_ID  # type: ignore[union-attr]
+
+
+def test_gemini_names_can_be_pointed_elsewhere_or_turned_off(tmp_path: Path) -> None:
+    config = tmp_path / "gemserve.toml"
+    config.write_text('gemini_model = "gemma-3-270m"\n')
+    assert load_catalog(config).resolve("gemini-2.5-pro").id == "gemma-3-270m"  # type: ignore[union-attr]
+    config.write_text('gemini_model = ""\n')
+    assert load_catalog(config).resolve("gemini-2.5-pro") is None
+    config.write_text('gemini_model = "nope"\n')
+    with pytest.raises(CatalogError, match="unknown model 'nope'"):
+        load_catalog(config)
+
+
+def test_the_instruct_model_is_found_in_its_installed_chunk_packages() -> None:
+    packaged = PACKAGED[INSTRUCT_MODEL_ID]()
+    assert [p.name for p in packaged.chunks] == [f"part0{n}.bin" for n in range(1, 7)]
+    assert sum(p.stat().st_size for p in packaged.chunks) == 491400064
+    assert len(packaged.sha256) == 64
