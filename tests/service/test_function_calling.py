@@ -252,3 +252,19 @@ def test_a_new_call_after_results_is_returned() -> None:
     response, engine = run(PARIS_CALL.replace("Paris", "Lyon"), body)
     assert calls(response) == [{"name": "get_weather", "args": {"city": "Lyon"}}]
     assert len(engine.prompts) == 1
+
+
+def test_a_repeating_model_is_cut_short_and_its_answer_stays_within_the_budget() -> None:
+    body = request_body(tools=TOOLS, generationConfig={"maxOutputTokens": 300}, contents=[
+        {"role": "user", "parts": [{"text": "Weather in Paris?"}]},
+        {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp_c": 21}}}]},
+    ])
+    script = PARIS_CALL * 2
+    response, engine = run(script, body)
+    candidate = response["candidates"][0]
+    assert candidate["finishReason"] == "STOP"
+    script_tokens = len(engine.tokenize(script, add_bos=False, parse_special=True))
+    # The first attempt stopped after one call: one call's tokens, then the whole (text) second attempt.
+    assert candidate["tokenCount"] == script_tokens // 2 + script_tokens
+    assert calls(response) == [] and parts(response)[0]["text"]

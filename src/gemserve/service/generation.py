@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gemserve.engine.types import EngineError, Event, FinishEvent, GenerationRequest, TokenEvent
@@ -45,6 +45,7 @@ class _Candidate:
     emitted: bool = False  # some part went out
     repeated: bool = False  # a call whose result the conversation already holds was left out
     retry: GenerationRequest | None = None  # set when the candidate is to be generated again, calls ruled out
+    attempt: int = 0  # events of an earlier attempt are dropped
     finish: str | None = None
     chosen: list[LogprobsCandidate] = field(default_factory=list)
     top: list[TopCandidates] = field(default_factory=list)
@@ -98,21 +99,22 @@ class Generation:
     async def deltas(self) -> AsyncIterator[Delta]:
         engine = self.plan.model.engine
         streams = [engine.generate(request) for request in self.plan.candidates]
-        queue: asyncio.Queue[tuple[int, Event | BaseException | None]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, int, Event | BaseException | None]] = asyncio.Queue()
 
-        async def pump(index: int, events: AsyncIterator[Event]) -> None:
+        async def pump(index: int, attempt: int, events: AsyncIterator[Event]) -> None:
+            cand = self.candidates[index]
             try:
                 async for event in events:
-                    await queue.put((index, event))
-                    if self.candidates[index].finish is not None:
-                        break  # a stop sequence ended it: leaving the loop closes (cancels) the sequence
+                    await queue.put((index, attempt, event))
+                    if cand.finish is not None or cand.attempt != attempt:
+                        break  # it ended (a stop sequence) or starts over: leaving the loop cancels the sequence
             except Exception as exc:  # delivered to the consumer, which raises it
-                await queue.put((index, exc))
+                await queue.put((index, attempt, exc))
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
-                await queue.put((index, None))
+                await queue.put((index, attempt, None))
 
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        tasks = [asyncio.create_task(pump(i, 0, s)) for i, s in enumerate(streams)]
         try:
             live = len(tasks)
             while live:
@@ -122,20 +124,22 @@ class Generation:
                 while not queue.empty():
                     arrived.append(queue.get_nowait())
                 merged: dict[int, Delta] = {}
-                for index, event in arrived:
+                for index, attempt, event in arrived:
+                    cand = self.candidates[index]
                     if event is None:
                         live -= 1
+                        continue
+                    if attempt != cand.attempt:
                         continue
                     if isinstance(event, EngineError):
                         raise ApiError("UNAVAILABLE", f"The model could not finish this request: {event}") from event
                     if isinstance(event, BaseException):
                         raise event
-                    cand = self.candidates[index]
                     delta = self._apply(cand, event)
                     if delta is not None:
                         merged[index] = _merge(merged[index], delta) if index in merged else delta
                     if cand.retry is not None:
-                        tasks.append(asyncio.create_task(pump(index, engine.generate(cand.retry))))
+                        tasks.append(asyncio.create_task(pump(index, cand.attempt, engine.generate(cand.retry))))
                         cand.retry = None
                         live += 1
                 for delta in merged.values():
@@ -150,11 +154,7 @@ class Generation:
             return None
         if isinstance(event, FinishEvent):
             parts = self._parts(cand, cand.text.flush(), final=True)
-            if cand.repeated and not cand.emitted and self.plan.retries:
-                # The model only repeated calls it has the results of: it answers again, in text.
-                cand.retry = self.plan.retries[cand.index]
-                cand.repeated = False
-                cand.text, cand.calls = TextStream(self.plan.stop_sequences), None
+            if self._start_over(cand):
                 return None
             cand.finish = "MALFORMED_FUNCTION_CALL" if cand.malformed and event.reason == "STOP" else event.reason
             return Delta(cand.index, parts, [], [], cand.finish)
@@ -174,9 +174,27 @@ class Generation:
             cand.finish = "STOP"
             return Delta(cand.index, self._parts(cand, text, final=True), chosen, top, "STOP")
         parts = self._parts(cand, text, final=False)
+        if self._start_over(cand):
+            return None
         if not parts and not chosen:
             return None
         return Delta(cand.index, parts, chosen, top, None)
+
+    def _start_over(self, cand: _Candidate) -> bool:
+        """When all the model wrote so far is calls it has the results of, it answers again, in text, within what
+        is left of its token budget. Nothing of the first attempt has gone out."""
+        if not (cand.repeated and not cand.emitted and self.plan.retries and cand.attempt == 0):
+            return False
+        retry = self.plan.retries[cand.index]
+        left = retry.max_new_tokens - cand.tokens
+        if left <= 0:
+            return False
+        cand.retry = replace(retry, max_new_tokens=left)
+        cand.attempt += 1
+        cand.repeated = cand.malformed = False
+        cand.text, cand.calls = TextStream(self.plan.stop_sequences), None
+        cand.chosen, cand.top, cand.logprob_sum = [], [], 0.0
+        return True
 
     def _parts(self, cand: _Candidate, text: str, final: bool) -> list[Part]:
         if cand.calls is None:
