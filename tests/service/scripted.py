@@ -49,6 +49,7 @@ TOOLS_TEMPLATE = (
     "{%- endfor %}<|im_end|>\n"
     "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
     "</tool_response><|im_end|>\n"
+    "{%- elif message.role == 'system' and not loop.first %}<|im_start|>system\n{{ message.content }}<|im_end|>\n"
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -95,6 +96,9 @@ class ScriptedEngine:
 
     def is_end_of_generation(self, token: int) -> bool:
         return token in (EOS, END_OF_TURN)
+
+    def prepare_grammar(self) -> None:
+        pass
 
     def compile_grammar(self, grammar: str) -> Constraint:
         return Constraint(self._lltokenizer, grammar)

@@ -116,7 +116,7 @@ async def generate_response(request: Request, method: str, target: Target, body:
     plan = await plan_generation(target, parsed)
     if method == "streamGenerateContent":
         sse = request.query_params.get("alt") == "sse"
-        return await streaming_response(request, generation.stream(plan), sse)
+        return streaming_response(generation.stream(plan), sse)
     return JSONResponse(await until_disconnect(request, generation.generate(plan)))
 
 

@@ -2,13 +2,17 @@
 
 `alt=sse`: `data: <json>` lines, each followed by a blank line (google-genai, curl examples).
 Otherwise: one JSON array sent element by element (google-generativeai's REST transport).
-The first element is produced before the response starts, so an error that happens before any output still
-gets its proper status code; a later error is sent in-band as the stream's last element.
+The request is checked (and its prompt built) before the response starts, so a bad request still gets its
+status code; then the headers go out at once, before the prompt is processed, since clients give up on a server
+that sends no headers for a while (the Gemini CLI after 60 s, which a long prompt on a small machine can take).
+A later error is sent in-band as the stream's last element. No keep-alive comments are sent: google-genai's SSE
+parser expects every event to be a `data:` line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
@@ -28,29 +32,17 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-async def streaming_response(request: Request, chunks: AsyncIterator[dict[str, Any]], sse: bool,
-                             ) -> StreamingResponse:
-    try:
-        first = await until_disconnect(request, anext(chunks))  # a long prefill stops if the client leaves
-    except StopAsyncIteration:
-        first = None
-    except ApiError:
-        await chunks.aclose()  # type: ignore[attr-defined]
-        raise
+def streaming_response(chunks: AsyncIterator[dict[str, Any]], sse: bool) -> StreamingResponse:
+    """Stream `chunks`; the server stops iterating them (which cancels the generation) if the client leaves."""
 
     async def body() -> AsyncIterator[str]:
         if not sse:
             yield "["
         sent = 0
-        pending = [first] if first is not None else []
         try:
-            while True:
-                for chunk in pending:
-                    yield _frame(chunk, sse, sent)
-                    sent += 1
-                pending = [await anext(chunks)]
-        except StopAsyncIteration:
-            pass
+            async for chunk in chunks:
+                yield _frame(chunk, sse, sent)
+                sent += 1
         except ApiError as exc:
             yield _frame(exc.to_json(), sse, sent)
         except Exception:
@@ -95,8 +87,9 @@ async def until_disconnect(request: Request, work: Awaitable[T], poll_seconds: f
             if done:
                 return task.result()
             if await request.is_disconnected():
-                task.cancel()
                 raise ApiError("CANCELLED", "The client closed the request.")
     finally:
         if not task.done():
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # the work has wound down (its generators closed) before this returns

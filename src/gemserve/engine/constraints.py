@@ -5,8 +5,9 @@ against the model's vocabulary. Each step the engine asks it for the mask of all
 and feeds the chosen token back. The grammar decides when the output is complete: end-of-generation tokens are
 allowed exactly where the grammar accepts, and a grammar that cannot be extended any more ends the sequence.
 
-`GrammarTokenizer` builds llguidance's view of a vocabulary once per model, in the background: for a 262k
-vocabulary that takes about a second, which neither start-up nor the engine thread should wait for.
+`GrammarTokenizer` builds llguidance's view of a vocabulary once per model, in a thread of its own: for a 262k
+vocabulary that takes about a second, which neither start-up nor the engine thread should wait for. The server
+starts it when a model is loaded; an engine that is closed waits for it first (it reads the model's vocabulary).
 
 Not here: which grammar a request needs (`gemserve.service.constraints`), sampling (`engine/sampling.py`).
 """
@@ -56,26 +57,39 @@ class Constraint:
 
 
 class GrammarTokenizer:
-    """An engine's vocabulary as llguidance sees it, built once in a background thread and then shared."""
+    """An engine's vocabulary as llguidance sees it, built once in a thread of its own and then shared."""
 
     def __init__(self, build: Callable[[], llguidance.LLTokenizer]) -> None:
+        self._build = build
         self._built: llguidance.LLTokenizer | None = None
         self._error: BaseException | None = None
-        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
-        def run() -> None:
-            try:
-                self._built = build()
-            except BaseException as exc:  # reported to whoever asks for it
-                self._error = exc
-            finally:
-                self._done.set()
+    def start(self) -> None:
+        """Begin building, unless that has begun already."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gemserve-grammar-vocab", daemon=True)
+                self._thread.start()
 
-        threading.Thread(target=run, name="gemserve-grammar-vocab", daemon=True).start()
+    def _run(self) -> None:
+        try:
+            self._built = self._build()
+        except BaseException as exc:  # reported to whoever asks for it
+            self._error = exc
+
+    def wait(self) -> None:
+        """Until a build that has begun has ended."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
     def get(self) -> llguidance.LLTokenizer:
         """The tokenizer, waiting for it if it is still being built (call it off the event loop)."""
-        self._done.wait()
+        self.start()
+        self.wait()
         if self._built is None:
             raise ConstraintError(f"the model's vocabulary could not be prepared for constraints: {self._error}")
         return self._built

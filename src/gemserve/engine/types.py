@@ -81,6 +81,10 @@ class Engine(Protocol):
         """The raw bytes a token stands for (a piece of UTF-8 that may end mid-character)."""
         ...
 
+    def prepare_grammar(self) -> None:
+        """Start preparing the vocabulary for constraints in the background, so that the first one is quick."""
+        ...
+
     def compile_grammar(self, grammar: str) -> Constraint:
         """A fresh constraint for one sequence from an llguidance grammar; slow the first time (call it off the
         event loop). Raises `ConstraintError` for a grammar that does not compile."""

@@ -59,6 +59,7 @@ class ModelRegistry:
             started = time.perf_counter()
             path = model_path(spec, self._data_dir)
             engine = self._factory(path, spec)
+            engine.prepare_grammar()
             meta = engine.metadata
             chat = ChatFormat(meta.chat_template, meta.architecture, meta.bos_text, meta.eos_text)
             self._served[spec.id] = ServedModel(spec, engine, chat)

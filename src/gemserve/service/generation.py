@@ -115,6 +115,7 @@ class Generation:
                 await queue.put((index, attempt, None))
 
         tasks = [asyncio.create_task(pump(i, 0, s)) for i, s in enumerate(streams)]
+        current = dict(enumerate(tasks))  # each candidate's running attempt
         try:
             live = len(tasks)
             while live:
@@ -139,7 +140,11 @@ class Generation:
                     if delta is not None:
                         merged[index] = _merge(merged[index], delta) if index in merged else delta
                     if cand.retry is not None:
-                        tasks.append(asyncio.create_task(pump(index, cand.attempt, engine.generate(cand.retry))))
+                        # The first attempt is cancelled before the second is queued: the engine then keeps its
+                        # cache, and the second attempt, which shares its prompt's prefix, starts from it.
+                        current[index].cancel()
+                        current[index] = asyncio.create_task(pump(index, cand.attempt, engine.generate(cand.retry)))
+                        tasks.append(current[index])
                         cand.retry = None
                         live += 1
                 for delta in merged.values():

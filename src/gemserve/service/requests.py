@@ -228,12 +228,13 @@ async def plan_generation(target: Target, request: GenerateContentRequest) -> Ge
     answered = answered_calls(request) if reads_calls else frozenset()
     retries: tuple[GenerationRequest, ...] = ()
     if answered and tools is not None and tools.mode != "ANY":
-        # The model answers from the results, shown the conversation without the declarations it kept calling.
+        # The model answers from the results, told so at the end of the conversation: the prompt begins as the
+        # first attempt's did, so the engine reuses that attempt's cache.
         text_only = FREE_TEXT if answer.free else grammar(answer, None, model.special_call_tags)
         assert text_only is not None
         constraints = await _compile(model, text_only, count, "tools")
-        plain = tuple(prompt_tokens(model, [*built.messages, Message("system", RETRY_HINT)], None))
-        retries = tuple(replace(c, prompt=plain, constraint=constraints[i]) for i, c in enumerate(candidates))
+        hinted = tuple(prompt_tokens(model, [*built.messages, Message("system", RETRY_HINT)], tools))
+        retries = tuple(replace(c, prompt=hinted, constraint=constraints[i]) for i, c in enumerate(candidates))
     return GenerationPlan(model, target.version, tuple(prompt), candidates, stops, logprobs, reads_calls,
                           answered, retries)
 

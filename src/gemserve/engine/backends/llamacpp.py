@@ -111,6 +111,9 @@ class LlamaCppEngine:
     def is_end_of_generation(self, token: int) -> bool:
         return self._llm.is_end_of_generation(token)
 
+    def prepare_grammar(self) -> None:
+        self._grammar.start()
+
     def compile_grammar(self, grammar: str) -> Constraint:
         return self._grammar.compile(grammar)
 
@@ -131,6 +134,7 @@ class LlamaCppEngine:
     def close(self) -> None:
         self._inbox.close()
         self._thread.join(timeout=30)
+        self._grammar.wait()  # it reads the vocabulary that closing frees
         self._llm.close()
 
     # ---- the engine thread --------------------------------------------------------------------------------
@@ -141,6 +145,9 @@ class LlamaCppEngine:
                 admitted = self._inbox.take(self._max_running - len(self._running), busy=bool(self._running))
                 if admitted is None:
                     break
+                # Cancelled sequences leave first, so that a new one can start from the cache they leave.
+                for seq in [s for s in self._running if s.cancelled]:
+                    self._finish(seq)
                 for seq in admitted:
                     self._admit(seq)
                 self._step()
@@ -172,8 +179,6 @@ class LlamaCppEngine:
         self._running.append(seq)
 
     def _step(self) -> None:
-        for seq in [s for s in self._running if s.cancelled]:
-            self._finish(seq)
         self._unload_forgotten()
         if not self._running:
             return

@@ -154,6 +154,9 @@ class TransformersEngine:
 
     # ---- generation ---------------------------------------------------------------------------------------
 
+    def prepare_grammar(self) -> None:
+        self._grammar.start()
+
     def compile_grammar(self, grammar: str) -> Constraint:
         return self._grammar.compile(grammar)
 
@@ -179,6 +182,7 @@ class TransformersEngine:
     def close(self) -> None:
         self._inbox.close()
         self._thread.join(timeout=30)
+        self._grammar.wait()
 
     # ---- the engine thread --------------------------------------------------------------------------------
 
