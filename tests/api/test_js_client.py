@@ -1,7 +1,9 @@
-"""The official JavaScript client, @google/genai, unmodified apart from its base URL, against a real server.
+"""JavaScript clients, unmodified apart from their base URL, against a real server: the official @google/genai,
+and the Vercel AI SDK (@ai-sdk/google).
 
-tests/api/js/genai_smoke.mjs makes the calls and prints what came back as one JSON object; this test installs the
-pinned client with `npm ci` (once: node_modules is reused while it holds the locked version) and checks the answers.
+tests/api/js/genai_smoke.mjs and aisdk_smoke.mjs make the calls and print what came back as one JSON object; these
+tests install the pinned packages with `npm ci` (once: node_modules is reused while it holds the locked versions)
+and check the answers.
 """
 
 from __future__ import annotations
@@ -22,30 +24,33 @@ SCRIPT = JS_DIR / "genai_smoke.mjs"
 MAX_OUTPUT_TOKENS = 8  # as in genai_smoke.mjs
 
 
-def locked_genai_version() -> str:
+def locked_versions() -> dict[str, str]:
+    """The locked version of each direct dependency."""
     lock = json.loads((JS_DIR / "package-lock.json").read_text())
-    return str(lock["packages"]["node_modules/@google/genai"]["version"])
+    wanted = json.loads((JS_DIR / "package.json").read_text())["dependencies"]
+    return {name: str(lock["packages"][f"node_modules/{name}"]["version"]) for name in wanted}
 
 
-def installed_genai_version() -> str | None:
-    manifest = JS_DIR / "node_modules" / "@google" / "genai" / "package.json"
-    if not manifest.is_file():
-        return None
-    return str(json.loads(manifest.read_text()).get("version"))
+def installed_versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in locked_versions():
+        manifest = JS_DIR / "node_modules" / name / "package.json"
+        found[name] = str(json.loads(manifest.read_text()).get("version")) if manifest.is_file() else None
+    return found
 
 
 @pytest.fixture(scope="module")
 def node() -> str:
-    """The node executable, with the locked @google/genai installed into tests/api/js/node_modules."""
+    """The node executable, with the locked packages installed into tests/api/js/node_modules."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("node and npm are needed on PATH to run the @google/genai client")
-    if installed_genai_version() != locked_genai_version():
+    if installed_versions() != locked_versions():
         # A failure here (the npm registry unreachable, say) fails the test: it is not a reason to skip.
         result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True,
                                 text=True, timeout=600)
         assert result.returncode == 0, f"npm ci failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-        assert installed_genai_version() == locked_genai_version()
+        assert installed_versions() == locked_versions()
     return node
 
 
@@ -108,3 +113,17 @@ def test_google_genai_js_client(node: str, server: Server, api_version: str | No
     # The second turn's prompt holds the first exchange (question and answer) as well as the new question.
     first_usage, second_usage = first["usage"], second["usage"]
     assert second_usage["promptTokenCount"] > first_usage["promptTokenCount"] + first_usage["candidatesTokenCount"]
+
+
+def test_vercel_ai_sdk(node: str, server: Server) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    env["GEMSERVE_URL"] = server.url
+    result = subprocess.run([node, str(JS_DIR / "aisdk_smoke.mjs")], cwd=JS_DIR, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, f"aisdk_smoke.mjs failed ({result.returncode}):\n{result.stderr}\n{result.stdout}"
+    out = json.loads(result.stdout)
+    assert out["plain"]["text"] and out["plain"]["finishReason"] in ("stop", "length")
+    # The tool ran, and the loop went on to a text answer.
+    assert out["tool"]["cities"] and out["tool"]["steps"] >= 2 and out["tool"]["text"]
+    assert isinstance(out["object"]["name"], str) and isinstance(out["object"]["age"], int)
+    assert out["stream"]["parts"] > 1 and out["stream"]["text"] and out["stream"]["finishReason"] in ("stop", "length")

@@ -23,6 +23,10 @@ from gemserve.engine.types import EngineError, Event, FinishEvent, GenerationReq
 from gemserve.models.catalog import ModelSpec
 from gemserve.models.chat_format import ChatFormat
 from gemserve.models.registry import ServedModel
+from gemserve.schema.content import GenerateContentRequest
+from gemserve.schema.wire import parse_model
+from gemserve.service import generation
+from gemserve.service.requests import base_target, plan_generation
 
 SPECIAL = ["<eos>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]
 EOS = 256
@@ -149,6 +153,22 @@ def served(engine: ScriptedEngine, model_id: str = "scripted") -> ServedModel:
     meta = engine.metadata
     return ServedModel(spec, engine, ChatFormat(meta.chat_template, meta.architecture, meta.bos_text,
                                                 meta.eos_text))
+
+
+def run(script: str, body: dict[str, Any], template: str | None = TOOLS_TEMPLATE, stream: bool = False,
+        ) -> tuple[Any, ScriptedEngine]:
+    """A generateContent request (streamed: the list of chunks) answered by a model that wants to write `script`."""
+    engine = ScriptedEngine(script, chat_template=template)
+    model = served(engine)
+
+    async def go() -> Any:
+        parsed = parse_model(GenerateContentRequest, body, "GenerateContentRequest")
+        plan = await plan_generation(base_target(model), parsed)
+        if stream:
+            return [chunk async for chunk in generation.stream(plan)]
+        return await generation.generate(plan)
+
+    return asyncio.run(go()), engine
 
 
 def request_body(**fields: Any) -> dict[str, Any]:

@@ -3,7 +3,6 @@ modes, calls parsed into functionCall parts, and history rendered back to the mo
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -12,12 +11,9 @@ import pytest
 
 from gemserve.errors import ApiError
 from gemserve.models.chat_format import GEMMA_TEMPLATE
-from gemserve.schema.content import GenerateContentRequest
-from gemserve.schema.wire import parse_model
-from gemserve.service import generation
-from gemserve.service.requests import RETRY_HINT, base_target, plan_generation
+from gemserve.service.requests import RETRY_HINT
 from gemserve.service.tools import CallPart, CallReader, MalformedCall, TextPart
-from tests.service.scripted import ScriptedEngine, request_body, served
+from tests.service.scripted import request_body, run
 
 WEATHER = {
     "name": "get_weather",
@@ -30,21 +26,6 @@ TIME = {"name": "get_time", "parameters": {"type": "object", "properties": {"zon
                                            "required": ["zone"]}}
 TOOLS = [{"functionDeclarations": [WEATHER, TIME]}]
 PARIS_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-
-
-def run(script: str, body: dict[str, Any], template: str | None = None, stream: bool = False,
-        ) -> tuple[Any, ScriptedEngine]:
-    engine = ScriptedEngine(script) if template is None else ScriptedEngine(script, chat_template=template)
-    model = served(engine)
-
-    async def go() -> Any:
-        parsed = parse_model(GenerateContentRequest, body, "GenerateContentRequest")
-        plan = await plan_generation(base_target(model), parsed)
-        if stream:
-            return [chunk async for chunk in generation.stream(plan)]
-        return await generation.generate(plan)
-
-    return asyncio.run(go()), engine
 
 
 def parts(response: dict[str, Any]) -> list[dict[str, Any]]:

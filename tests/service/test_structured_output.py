@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -10,11 +9,8 @@ import jsonschema
 import pytest
 
 from gemserve.errors import ApiError
-from gemserve.schema.content import GenerateContentRequest
-from gemserve.schema.wire import parse_model
-from gemserve.service import generation
-from gemserve.service.requests import base_target, plan_generation
-from tests.service.scripted import ScriptedEngine, request_body, served
+from tests.service import scripted
+from tests.service.scripted import request_body
 
 RECIPE_SCHEMA = {
     "type": "OBJECT",
@@ -29,16 +25,7 @@ RECIPE_SCHEMA = {
 
 
 def run(script: str, body: dict[str, Any], stream: bool = False) -> Any:
-    model = served(ScriptedEngine(script))
-
-    async def go() -> Any:
-        parsed = parse_model(GenerateContentRequest, body, "GenerateContentRequest")
-        plan = await plan_generation(base_target(model), parsed)
-        if stream:
-            return [chunk async for chunk in generation.stream(plan)]
-        return await generation.generate(plan)
-
-    return asyncio.run(go())
+    return scripted.run(script, body, stream=stream)[0]
 
 
 def text_of(response: dict[str, Any], index: int = 0) -> str:
