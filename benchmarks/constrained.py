@@ -2,7 +2,7 @@
 
 For each built-in model, one `LlamaCppEngine` (the server's engine, default settings apart from a 4096-token
 context) decodes the same prompt twice per round: freely, and under a JSON schema whose one string property must
-be long (so that both runs produce exactly `--tokens` tokens). Each figure is decode tokens per second after
+be long (so that the constrained runs produce exactly `--tokens` tokens; a free run may end sooner). Each figure is decode tokens per second after
 the first token (the prefill is the same for both and left out). The two alternate, --rounds times, so that
 background load hits both alike; the report gives the medians and the ratio constrained / free, one sequence at
 a time and `--batch` sequences together.
@@ -45,8 +45,8 @@ async def decode_rate(engine: LlamaCppEngine, prompt: list[int], tokens: int, ba
                 count += 1
                 last = time.perf_counter()
                 first = first or last
-        if count != tokens:
-            raise RuntimeError(f"expected {tokens} tokens, got {count}")
+        if count < 2:
+            raise RuntimeError(f"only {count} tokens: nothing to time")
         return first, last, count
 
     runs = await asyncio.gather(*(one(seed) for seed in range(batch)))
