@@ -135,3 +135,11 @@ def test_invalid_output_settings_are_400_naming_the_field(config: dict[str, Any]
 def test_schema_types_are_accepted_in_any_case() -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     assert json.loads(text_of(run('{"n": 7}', json_config(responseSchema=schema)))) == {"n": 7}
+
+
+def test_runs_of_whitespace_are_cut_short() -> None:
+    schema = {"type": "OBJECT", "properties": {"a": {"type": "STRING"}}, "required": ["a"]}
+    text = text_of(run('{' + "\n" * 30 + " " * 80 + '"a": "x"}', json_config(responseSchema=schema)))
+    assert set(json.loads(text)) == {"a"}
+    gap = text[1:text.index('"')]  # between "{" and the first key: one newline and some indent at most
+    assert gap.count("\n") <= 1 and len(gap) <= 41

@@ -6,8 +6,9 @@
 - tools with mode ANY -> one or more calls of allowed functions, each with arguments valid under its schema;
   mode AUTO/VALIDATED -> the answer as above, or calls (text may come before them); mode NONE -> no call.
 
-JSON may be laid out as the model likes (pretty-printed, as Gemini's output often is, or compact), but each gap
-holds at most 40 spaces and newlines, so that runs of whitespace cannot run a small model in circles.
+JSON may be laid out as the model likes (pretty-printed, as Gemini's output often is, or compact), but a gap is
+at most one space, or one newline and up to 40 spaces of indent, so that runs of whitespace cannot run a small
+model in circles.
 
 The model is told what is expected, too (`answer_hint`): a constraint only cuts off what may not come, and a
 model that knows the schema fills it with better content and ends it sooner.
@@ -30,7 +31,7 @@ JSON_MIME = "application/json"
 ENUM_MIME = "text/x.enum"
 TEXT_MIMES = ("", "text/plain")
 SUPPORTED_MIMES = (*TEXT_MIMES, JSON_MIME, ENUM_MIME)
-_LAYOUT = {"whitespace_flexible": True, "whitespace_pattern": "[\n ]{0,40}"}
+_LAYOUT = {"whitespace_flexible": True, "whitespace_pattern": "(\n {0,40}| )?"}
 _ANY_JSON: dict[str, Any] = {"anyOf": [{"type": "object"}, {"type": "array"}]}
 _TEXT = "TEXT: /(.|\\n)+/"
 # How a call written without tags begins: as a JSON object, bare or in a code block.
