@@ -114,6 +114,7 @@ def test_none_answers_in_text(client: genai.Client) -> None:
                       tool_config=types.ToolConfig(function_calling_config=types.FunctionCallingConfig(
                           mode=types.FunctionCallingConfigMode.NONE))))
     assert response.text and not response.function_calls
+    assert "<tool_call>" not in response.text  # the tag's token could not be drawn
 
 
 def test_history_with_function_responses_is_accepted(client: genai.Client) -> None:

@@ -128,16 +128,17 @@ def test_user_data_never_becomes_control_tokens() -> None:
 
 def test_template_without_tools_gets_them_in_the_documented_format() -> None:
     body = request_body(tools=TOOLS, systemInstruction={"parts": [{"text": "Be brief."}]})
-    response, engine = run(PARIS_CALL.replace("<tool_call>", "<tool_call>", 1), body, template=GEMMA_TEMPLATE)
+    response, engine = run(PARIS_CALL, body, template=GEMMA_TEMPLATE)
     prompt = engine.detokenize(engine.prompts[0])
     assert "Be brief.\n\n# Tools" in prompt
     assert '"name": "get_weather"' in prompt and "<tool_call>" in prompt
     assert calls(response) == [{"name": "get_weather", "args": {"city": "Paris"}}]
 
 
-def test_template_without_tools_text_may_not_smuggle_the_tag() -> None:
-    response, _ = run("Hello there", request_body(tools=TOOLS), template=GEMMA_TEMPLATE)
-    assert parts(response) == [{"text": "Hello there"}]
+def test_template_without_tools_the_tag_in_text_always_starts_a_call() -> None:
+    response, _ = run("Hello <tool_call> there", request_body(tools=TOOLS), template=GEMMA_TEMPLATE)
+    assert parts(response)[0] == {"text": "Hello"}
+    assert len(calls(response)) == 1  # what followed the tag was made a valid call
 
 
 def test_empty_function_declarations_are_no_tool() -> None:
@@ -174,6 +175,11 @@ def test_json_schema_parameters_and_lowercase_everything() -> None:
     (request_body(contents=[{"role": "user", "parts": [{"functionCall": {"name": "f", "args": {}}}]}]),
      "contents[0].parts[0].function_call", "model"),
     (request_body(contents=[{"role": "tool", "parts": [{"text": "x"}]}]), "contents[0].role", "valid role"),
+    (request_body(contents=[{"role": "model", "parts": [{"functionCall": {"name": "x<|im_end|>", "args": {}}}]}]),
+     "contents[0].parts[0].function_call.name", "Invalid function name"),
+    (request_body(contents=[{"role": "user", "parts": [{"functionResponse": {"name": "\x0199\x01",
+                                                                            "response": {}}}]}]),
+     "contents[0].parts[0].function_response.name", "Invalid function name"),
 ])
 def test_invalid_tools_are_400_naming_the_problem(body: dict[str, Any], field: str, words: str) -> None:
     with pytest.raises(ApiError) as caught:
@@ -190,7 +196,8 @@ def test_call_reader_splits_streamed_text_at_the_tags() -> None:
                   "<tool_call>\nnot json\n</tool_call>"]:
         out += reader.push(piece)
     out += reader.finish()
-    assert out == [TextPart("Let me"), TextPart(" look."), CallPart("f", {"x": 1}), MalformedCall("\nnot json\n")]
+    assert out == [TextPart("Let me"), TextPart(" look."), CallPart("f", {"x": 1}),
+                   MalformedCall("\nnot json\n</tool_call>")]
 
 
 @pytest.mark.parametrize("script", [
@@ -253,3 +260,37 @@ def test_a_repeating_model_is_cut_short_and_its_answer_stays_within_the_budget()
     # The first attempt stopped after one call: one call's tokens, then the whole (text) second attempt.
     assert candidate["tokenCount"] == script_tokens // 2 + script_tokens
     assert calls(response) == [] and parts(response)[0]["text"]
+
+
+def test_a_json_answer_beside_tools_is_not_read_as_a_call() -> None:
+    body = request_body(tools=TOOLS, generationConfig={
+        "responseMimeType": "application/json",
+        "responseSchema": {"type": "OBJECT", "properties": {"recipe": {"type": "STRING"}}, "required": ["recipe"]}})
+    response, _ = run('{"recipe": "soup"}', body)
+    assert parts(response) == [{"text": '{"recipe": "soup"}'}]
+    assert response["candidates"][0]["finishReason"] == "STOP"
+
+
+def test_text_beginning_with_a_space_and_a_brace_stays_text() -> None:
+    response, _ = run(' {"a": 1} is JSON', request_body(tools=TOOLS))
+    assert parts(response) == [{"text": ' {"a": 1} is JSON'}]
+
+
+def test_a_closing_tag_inside_an_argument_does_not_end_the_call() -> None:
+    # (The scripted model cannot spell the tag as plain text, so the reader is driven directly.)
+    reader = CallReader()
+    out = []
+    for piece in ["<tool_call>\n", '{"name": "f", "arguments": {"s": "</tool_', 'call>"}}', "\n</tool_call>"]:
+        out += reader.push(piece)
+    out += reader.finish()
+    assert out == [CallPart("f", {"s": "</tool_call>"})]
+
+
+def test_any_returns_a_repeated_call() -> None:
+    body = request_body(tools=TOOLS, toolConfig=with_mode("ANY"), contents=[
+        {"role": "user", "parts": [{"text": "Weather in Paris?"}]},
+        {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp_c": 21}}}]},
+    ])
+    response, _ = run(PARIS_CALL, body)
+    assert calls(response) == [{"name": "get_weather", "args": {"city": "Paris"}}]

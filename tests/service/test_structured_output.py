@@ -120,6 +120,8 @@ def test_logprobs_under_a_constraint_stay_finite() -> None:
      "generation_config.response_schema.enum", "STRING"),
     ({"responseMimeType": "application/json", "responseSchema": {"type": "BLOB"}},
      "generation_config.response_schema.type", "BLOB"),
+    ({"responseMimeType": "application/json", "responseJsonSchema": False}, "generation_config.response_json_schema",
+     "must be a JSON Schema"),
     ({"responseMimeType": "application/json", "responseJsonSchema": {"type": "object", "required": 3}},
      "generation_config.response_json_schema", "cannot be enforced"),
 ])

@@ -133,27 +133,25 @@ class ChatFormat:
         writes "<end_of_turn>" gets those characters, not the end of a turn (Google treats text literally), and
         so does text inside tool declarations and call arguments.
 
-        Each message and each JSON value is rendered as a marker first; the text between markers is markup. A
-        template that changes message text (so that a marker does not come through once) is tokenized whole."""
+        Each message's text and each JSON value is rendered as a marker first; the text between markers is markup,
+        and each marker is replaced by its data, tokenized as plain text (also where a template writes a message
+        twice). Nothing a client sends is written into the markup as it is: function names are checked first."""
         messages, tools = self._prepared(messages, tools)
         markers = [Message(m.role, f"\x00{i}\x00" if m.content else "", m.tool_calls, m.name)
                    for i, m in enumerate(messages)]
         values: list[str] = []
         text = self._render(markers, tools, values)
         pieces = _MARK.split(text)
-        seen = [int(n) for kind, n in zip(pieces[1::3], pieces[2::3], strict=True) if kind == "\x00"]
-        if sorted(seen) != [i for i, m in enumerate(messages) if m.content]:
-            text = self._render(messages, tools, None)
-            ids = tokenize(text, True)
-        else:
-            ids = []
-            for i in range(0, len(pieces), 3):
-                if pieces[i]:
-                    ids += tokenize(pieces[i], True)
-                if i + 2 < len(pieces):
-                    kind, n = pieces[i + 1], int(pieces[i + 2])
-                    data = messages[n].content if kind == "\x00" else values[n]
-                    ids += tokenize(data, False)
+        ids: list[int] = []
+        for i in range(0, len(pieces), 3):
+            if pieces[i]:
+                ids += tokenize(pieces[i], True)
+            if i + 2 < len(pieces):
+                kind, n = pieces[i + 1], int(pieces[i + 2])
+                data = messages if kind == "\x00" else values
+                if n >= len(data):  # only a template that writes such bytes itself could make one
+                    raise invalid_argument("The conversation could not be rendered with the model's chat template.")
+                ids += tokenize(messages[n].content if kind == "\x00" else values[n], False)
         if bos_id is not None and self._bos_text and not text.startswith(self._bos_text):
             ids = [bos_id, *ids]
         return ids

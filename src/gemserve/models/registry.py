@@ -40,11 +40,8 @@ class ServedModel:
     @cached_property
     def special_call_tags(self) -> bool:
         """Whether `<tool_call>` and `</tool_call>` are tokens of their own in this model's vocabulary."""
-        def single(tag: str) -> bool:
-            special = self.engine.tokenize(tag, add_bos=False, parse_special=True)
-            return len(special) == 1 and special != self.engine.tokenize(tag, add_bos=False, parse_special=False)
-
-        return single("<tool_call>") and single("</tool_call>")
+        return all(len(self.engine.tokenize(tag, add_bos=False, parse_special=True)) == 1
+                   for tag in ("<tool_call>", "</tool_call>"))
 
 
 class ModelRegistry:

@@ -78,10 +78,10 @@ def answer_format(config: GenerationConfig | None) -> Answer:
         return Answer(schema=to_json_schema(config.response_schema, "generation_config.response_schema"))
     if has_json_schema:
         raw = config.response_json_schema
-        if not isinstance(raw, dict | bool):
+        if not isinstance(raw, dict):
             raise invalid_argument("generation_config.response_json_schema: must be a JSON Schema (an object).",
                                    "generation_config.response_json_schema")
-        return Answer(schema=raw if isinstance(raw, dict) else {})
+        return Answer(schema=raw)
     return Answer(schema=_ANY_JSON)
 
 

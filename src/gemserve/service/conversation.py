@@ -19,6 +19,7 @@ import json
 from gemserve.errors import invalid_argument
 from gemserve.models.chat_format import Message, ToolCall
 from gemserve.schema.content import Content, GenerateContentRequest, Part
+from gemserve.service.tools import FUNCTION_NAME
 
 ROLES = ("user", "model", "function")
 
@@ -119,5 +120,8 @@ def _text(part: Part, field: str) -> str:
 
 
 def _check_name(name: str | None, field: str) -> None:
-    if not name:
-        raise invalid_argument(f"{field}: a function name is required.", field)
+    # Templates write names into their markup as they are: only a valid name may get there.
+    if not name or not FUNCTION_NAME.match(name):
+        raise invalid_argument(f"{field}: Invalid function name {name!r}. Must start with a letter or an "
+                               "underscore, and contain only a-z, A-Z, 0-9, underscores, dots, colons and dashes, "
+                               "with a maximum length of 64.", field)

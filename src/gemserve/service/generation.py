@@ -85,8 +85,10 @@ class Generation:
     def __init__(self, plan: GenerationPlan) -> None:
         self.plan = plan
         self.response_id = secrets.token_urlsafe(16)
-        self.candidates = [_Candidate(i, TextStream(plan.stop_sequences), CallReader() if plan.reads_calls else None)
-                           for i in range(len(plan.candidates))]
+        self.candidates = [
+            _Candidate(i, TextStream(plan.stop_sequences), CallReader(plan.bare_calls) if plan.reads_calls else None)
+            for i in range(len(plan.candidates))
+        ]
 
     @property
     def prompt_token_count(self) -> int:
@@ -191,7 +193,7 @@ class Generation:
         if not (cand.repeated and not cand.emitted and self.plan.retries and cand.attempt == 0):
             return False
         retry = self.plan.retries[cand.index]
-        left = retry.max_new_tokens - cand.tokens
+        left = min(retry.max_new_tokens - cand.tokens, self.plan.model.input_token_limit - len(retry.prompt))
         if left <= 0:
             return False
         cand.retry = replace(retry, max_new_tokens=left)

@@ -68,6 +68,7 @@ class GenerationPlan:
     stop_sequences: tuple[str, ...]
     logprobs: int | None  # None: no logprobs in the response
     reads_calls: bool = False  # the output may hold function calls, to be returned as functionCall parts
+    bare_calls: bool = False  # output beginning with "{" is calls (the answer is not JSON itself)
     answered: frozenset[str] = frozenset()  # calls (tools.call_key) the conversation holds the results of
     retries: tuple[GenerationRequest, ...] = ()  # per candidate: the same with calls ruled out
 
@@ -225,9 +226,10 @@ async def plan_generation(target: Target, request: GenerateContentRequest) -> Ge
         for i in range(count)
     )
     reads_calls = tools is not None and tools.may_call
-    answered = answered_calls(request) if reads_calls else frozenset()
+    # Mode ANY must call: a repeated call is an answer there, and no second attempt could do better.
+    answered = answered_calls(request) if reads_calls and tools is not None and tools.mode != "ANY" else frozenset()
     retries: tuple[GenerationRequest, ...] = ()
-    if answered and tools is not None and tools.mode != "ANY":
+    if answered and tools is not None:
         # The model answers from the results, told so at the end of the conversation: the prompt begins as the
         # first attempt's did, so the engine reuses that attempt's cache.
         text_only = FREE_TEXT if answer.free else grammar(answer, None, model.special_call_tags)
@@ -235,8 +237,9 @@ async def plan_generation(target: Target, request: GenerateContentRequest) -> Ge
         constraints = await _compile(model, text_only, count, "tools")
         hinted = tuple(prompt_tokens(model, [*built.messages, Message("system", RETRY_HINT)], tools))
         retries = tuple(replace(c, prompt=hinted, constraint=constraints[i]) for i, c in enumerate(candidates))
+    bare_calls = reads_calls and (answer.free or (tools is not None and tools.mode == "ANY"))
     return GenerationPlan(model, target.version, tuple(prompt), candidates, stops, logprobs, reads_calls,
-                          answered, retries)
+                          bare_calls, answered, retries)
 
 
 def answer_field(request: GenerateContentRequest, tools: ToolPlan | None) -> str:

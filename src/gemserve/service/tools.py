@@ -22,7 +22,7 @@ from gemserve.errors import invalid_argument
 from gemserve.schema.content import FunctionDeclaration, GenerateContentRequest
 from gemserve.service.schemas import to_json_schema
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
+FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
 MAX_FUNCTIONS = 512
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
@@ -98,7 +98,7 @@ def tool_plan(request: GenerateContentRequest) -> ToolPlan | None:
 
 def _function(declaration: FunctionDeclaration, field: str) -> Function:
     name = declaration.name or ""
-    if not _NAME.match(name):
+    if not FUNCTION_NAME.match(name):
         raise invalid_argument(f"{field}.name: Invalid function name {name!r}. Must start with a letter or an "
                                "underscore, and contain only a-z, A-Z, 0-9, underscores, dots, colons and dashes, "
                                "with a maximum length of 64.", f"{field}.name")
@@ -165,16 +165,17 @@ OutputPart = TextPart | CallPart | MalformedCall
 
 class CallReader:
     """Splits a model's streamed output into text and function calls. Text goes out as it becomes final; a call
-    goes out whole once its closing tag has arrived. Whitespace around calls is dropped.
+    goes out whole once its JSON and closing tag have arrived. Whitespace around calls is dropped.
 
-    Output that begins with "{" (or a code block holding one) is read as calls written as bare JSON objects, one
-    after another (the grammar makes every such output a call, and no text answer begins so)."""
+    With `bare`, output that begins with "{" (or a code block holding one) is read as calls written as bare JSON
+    objects, one after another: the grammar makes every such output a call when the answer is free text, and no
+    text answer begins so."""
 
-    def __init__(self) -> None:
+    def __init__(self, bare: bool = True) -> None:
         self._pending = ""
         self._in_call = False
         self._after_call = False
-        self._bare: bool | None = None  # decided by the first character that is not whitespace
+        self._bare: bool | None = None if bare else False  # None: not decided yet
 
     def push(self, text: str) -> list[OutputPart]:
         self._pending += text
@@ -191,7 +192,7 @@ class CallReader:
 
     def _parts(self, final: bool) -> Iterator[OutputPart]:
         if self._bare is None:
-            self._bare = _bare_start(self._pending.lstrip(), final)
+            self._bare = _bare_start(self._pending, final)
             if self._bare is None:
                 return
         if self._bare:
@@ -199,13 +200,10 @@ class CallReader:
             return
         while True:
             if self._in_call:
-                end = self._pending.find(CALL_CLOSE)
-                if end < 0:
+                call = self._tagged_call(final)
+                if call is None:
                     return
-                body, self._pending = self._pending[:end], self._pending[end + len(CALL_CLOSE):]
-                self._in_call = False
-                self._after_call = True
-                yield parse_call(body)
+                yield call
                 continue
             start = self._pending.find(CALL_OPEN)
             if start >= 0:
@@ -227,6 +225,25 @@ class CallReader:
                 self._pending = self._pending[cut:]
             return
 
+    def _tagged_call(self, final: bool) -> OutputPart | None:
+        """The call after an opening tag: its JSON (which may hold the closing tag in a string), then the closing
+        tag. None while it has not arrived whole (at the end, what is left is a malformed call)."""
+        text = self._pending.lstrip()
+        try:
+            value, end = json.JSONDecoder().raw_decode(text)
+        except ValueError:
+            return None
+        rest = text[end:].lstrip()
+        if not rest.startswith(CALL_CLOSE):
+            if not final and CALL_CLOSE.startswith(rest):
+                return None
+            self._in_call = False
+            self._pending = rest
+            return MalformedCall(text[:end])
+        self._pending = rest[len(CALL_CLOSE):]
+        self._in_call = False
+        self._after_call = True
+        return call_from(value, text[:end])
 
     def _bare_calls(self) -> Iterator[OutputPart]:
         decoder = json.JSONDecoder()
@@ -236,7 +253,7 @@ class CallReader:
             if not text.removeprefix(fence):
                 return
             try:
-                _, end = decoder.raw_decode(text, len(fence))
+                value, end = decoder.raw_decode(text, len(fence))
             except ValueError:
                 return  # not complete yet
             rest = text[end:]
@@ -246,7 +263,7 @@ class CallReader:
                     return
                 rest = closing[3:]
             self._pending = rest
-            yield parse_call(text[len(fence):end])
+            yield call_from(value, text[len(fence):end])
 
 
 _FENCES = ("```json\n", "```\n")
@@ -272,11 +289,8 @@ def _partial_tag(text: str) -> int:
     return 0
 
 
-def parse_call(body: str) -> CallPart | MalformedCall:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return MalformedCall(body)
+def call_from(value: Any, body: str) -> CallPart | MalformedCall:
+    """A call from its JSON, `{"name": ..., "arguments": {...}}`; `body` is the JSON as written."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return MalformedCall(body)
     args = value.get("arguments", value.get("parameters", {}))

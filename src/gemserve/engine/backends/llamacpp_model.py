@@ -103,6 +103,25 @@ class LlamaModel:
     # ---- tokens (any thread) ------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
+        """Token ids of `text`. Without `parse_special` the text is literal: llama.cpp still reads user-defined
+        tokens (Qwen's `<tool_call>`) out of plain text, so any it found are spelled out again, split."""
+        ids = self._tokenize(text, add_bos, parse_special)
+        if parse_special or not any(self._user_defined(t) for t in ids):
+            return ids
+        out: list[int] = []
+        for token in ids:
+            piece = self.token_bytes(token).decode("utf-8", errors="replace")
+            if self._user_defined(token) and len(piece) > 1:
+                out += self.tokenize(piece[:1], add_bos=False, parse_special=False)
+                out += self.tokenize(piece[1:], add_bos=False, parse_special=False)
+            else:
+                out.append(token)
+        return out
+
+    def _user_defined(self, token: int) -> bool:
+        return bool(llama.llama_vocab_get_attr(self._vocab, token) & llama.LLAMA_TOKEN_ATTR_USER_DEFINED)
+
+    def _tokenize(self, text: str, add_bos: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
         capacity = len(data) + 8
         buf = (llama.llama_token * capacity)()

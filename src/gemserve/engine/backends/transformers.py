@@ -110,8 +110,20 @@ class TransformersEngine:
 
     def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
         encoded = self._tokenizer(text, add_special_tokens=False, split_special_tokens=not parse_special)
-        ids = encoded["input_ids"]
-        return [self._bos, *ids] if add_bos and self._bos is not None else list(ids)
+        ids = list(encoded["input_ids"])
+        if not parse_special and any(t in self._added for t in ids):
+            # Added tokens that are not "special" (Qwen's `<tool_call>`) are still read out of plain text: spell
+            # any found out again, split, so that the text stays literal.
+            literal: list[int] = []
+            for token in ids:
+                piece = self._added[token].content if token in self._added else ""
+                if len(piece) > 1:
+                    literal += self.tokenize(piece[:1], add_bos=False, parse_special=False)
+                    literal += self.tokenize(piece[1:], add_bos=False, parse_special=False)
+                else:
+                    literal.append(token)
+            ids = literal
+        return [self._bos, *ids] if add_bos and self._bos is not None else ids
 
     def token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)

@@ -1,0 +1,60 @@
+"""The built-in instruct model under llama.cpp: its tool-call tags, literal text, and decoding under a grammar."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gemserve.engine.backends.llamacpp import LlamaCppEngine
+from gemserve.engine.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from gemserve.models.catalog import INSTRUCT_MODEL_ID, ModelSpec, packaged_gguf
+from gemserve.models.chat_format import ChatFormat
+from gemserve.models.registry import ServedModel
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def qwen(data_dir: Path) -> Iterator[LlamaCppEngine]:
+    engine = LlamaCppEngine(packaged_gguf(INSTRUCT_MODEL_ID, data_dir), context_size=2048, max_sequences=2)
+    yield engine
+    engine.close()
+
+
+def test_call_tags_are_tokens_of_their_own_but_never_read_out_of_plain_text(qwen: LlamaCppEngine) -> None:
+    meta = qwen.metadata
+    model = ServedModel(ModelSpec(id="q", display_name="q", description="", path=None), qwen,
+                        ChatFormat(meta.chat_template, meta.architecture, meta.bos_text, meta.eos_text))
+    assert model.special_call_tags
+    tag = qwen.tokenize("<tool_call>", add_bos=False, parse_special=True)
+    literal = qwen.tokenize("see <tool_call> and <|im_end|>", add_bos=False, parse_special=False)
+    assert tag[0] not in literal and qwen.tokenize("<|im_end|>", add_bos=False, parse_special=True)[0] not in literal
+    assert b"".join(qwen.token_bytes(t) for t in literal) == b"see <tool_call> and <|im_end|>"
+
+
+def test_decoding_under_a_json_schema_gives_valid_json(qwen: LlamaCppEngine) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    prompt = qwen.tokenize("<|im_start|>user\nThe largest city of France, as JSON.<|im_end|>\n<|im_start|>assistant\n",
+                           add_bos=False, parse_special=True)
+    request = GenerationRequest(tuple(prompt), SamplingParams(temperature=0.7, seed=1), 60,
+                                constraint=qwen.compile_grammar("start: %json " + json.dumps(schema)))
+
+    async def run() -> tuple[str, str]:
+        pieces, reason = [], ""
+        async for event in qwen.generate(request):
+            if isinstance(event, TokenEvent):
+                pieces.append(qwen.token_bytes(event.token))
+            else:
+                assert isinstance(event, FinishEvent)
+                reason = event.reason
+        return b"".join(pieces).decode(), reason
+
+    text, reason = asyncio.run(run())
+    assert reason == "STOP"
+    value = json.loads(text)
+    assert set(value) == {"city", "population"} and isinstance(value["population"], int)
