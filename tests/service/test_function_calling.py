@@ -294,3 +294,17 @@ def test_any_returns_a_repeated_call() -> None:
     ])
     response, _ = run(PARIS_CALL, body)
     assert calls(response) == [{"name": "get_weather", "args": {"city": "Paris"}}]
+
+
+def test_a_dropped_first_attempt_sends_no_logprobs() -> None:
+    body = request_body(tools=TOOLS, generationConfig={"responseLogprobs": True, "maxOutputTokens": 300}, contents=[
+        {"role": "user", "parts": [{"text": "Weather in Paris?"}]},
+        {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp_c": 21}}}]},
+    ])
+    chunks, engine = run(PARIS_CALL + "It is warm.", body, stream=True)
+    assert len(engine.prompts) == 2
+    sent = [c["token"] for chunk in chunks
+            for c in chunk["candidates"][0].get("logprobsResult", {}).get("chosenCandidates", [])]
+    text = "".join(p.get("text", "") for chunk in chunks for p in parts(chunk))
+    assert "".join(sent) == text  # exactly the tokens of the answer that went out, none of the dropped call

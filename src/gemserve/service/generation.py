@@ -46,6 +46,8 @@ class _Candidate:
     repeated: bool = False  # a call whose result the conversation already holds was left out
     retry: GenerationRequest | None = None  # set when the candidate is to be generated again, calls ruled out
     attempt: int = 0  # events of an earlier attempt are dropped
+    # Log-probabilities not sent yet: while a first attempt may still be dropped, they wait for its first part.
+    held: tuple[list[LogprobsCandidate], list[TopCandidates]] = field(default_factory=lambda: ([], []))
     finish: str | None = None
     chosen: list[LogprobsCandidate] = field(default_factory=list)
     top: list[TopCandidates] = field(default_factory=list)
@@ -164,7 +166,7 @@ class Generation:
             if self._start_over(cand):
                 return None
             cand.finish = "MALFORMED_FUNCTION_CALL" if cand.malformed and event.reason == "STOP" else event.reason
-            return Delta(cand.index, parts, [], [], cand.finish)
+            return Delta(cand.index, parts, *self._release(cand, [], []), cand.finish)
         assert isinstance(event, TokenEvent)
         cand.tokens += 1
         chosen: list[LogprobsCandidate] = []
@@ -179,13 +181,26 @@ class Generation:
         text = cand.text.push(self.plan.model.engine.token_bytes(event.token))
         if cand.text.stopped:
             cand.finish = "STOP"
-            return Delta(cand.index, self._parts(cand, text, final=True), chosen, top, "STOP")
+            parts = self._parts(cand, text, final=True)
+            return Delta(cand.index, parts, *self._release(cand, chosen, top), "STOP")
         parts = self._parts(cand, text, final=False)
         if self._start_over(cand):
             return None
+        chosen, top = self._release(cand, chosen, top)
         if not parts and not chosen:
             return None
         return Delta(cand.index, parts, chosen, top, None)
+
+    def _release(self, cand: _Candidate, chosen: list[LogprobsCandidate], top: list[TopCandidates],
+                 ) -> tuple[list[LogprobsCandidate], list[TopCandidates]]:
+        """The log-probabilities that may go out now, with any held back before them."""
+        held_chosen, held_top = cand.held
+        if self.plan.retries and cand.attempt == 0 and not cand.emitted and cand.finish is None:
+            held_chosen += chosen
+            held_top += top
+            return [], []
+        cand.held = ([], [])
+        return held_chosen + chosen, held_top + top
 
     def _start_over(self, cand: _Candidate) -> bool:
         """When all the model wrote so far is calls it has the results of, it answers again, in text, within what
@@ -201,6 +216,7 @@ class Generation:
         cand.repeated = cand.malformed = False
         cand.text, cand.calls = TextStream(self.plan.stop_sequences), None
         cand.chosen, cand.top, cand.logprob_sum = [], [], 0.0
+        cand.held = ([], [])
         return True
 
     def _parts(self, cand: _Candidate, text: str, final: bool) -> list[Part]:
