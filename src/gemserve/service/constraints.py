@@ -120,41 +120,41 @@ def grammar(answer: Answer, tools: ToolPlan | None, special_call_tags: bool) -> 
     calls = tools is not None and tools.may_call
     if answer.free and not calls:
         if tools is not None and special_call_tags:
-            return f"start: TEXT?\n{_TEXT}\n"  # mode NONE: the call tag's token cannot be drawn
+            return _lines("start: TEXT?", _TEXT)  # mode NONE: the call tag's token cannot be drawn
         return None
-    rules: list[str] = []
     if answer.schema is not None:
-        rules.append(f"answer: %json {_json(answer.schema)}")
-    elif answer.choices is not None:
-        rules.append("answer: " + " | ".join(_lark_string(c) for c in answer.choices))
+        answer_rule = f"answer: %json {_json(answer.schema)}"
     else:
-        rules.append("answer: TEXT")
-    rules.append(_TEXT)
+        answer_rule = "answer: " + " | ".join(_lark_string(c) for c in answer.choices or ())
     if not calls:
-        return "\n".join(["start: answer", *rules]) + "\n"
+        return _lines("start: answer", answer_rule)
     assert tools is not None
     opening, closing = (CALL_OPEN, CALL_CLOSE) if special_call_tags else map(_lark_string, (CALL_OPEN, CALL_CLOSE))
     body = {"anyOf": [_call_schema(name, tools.arguments_schema(name)) for name in tools.allowed]}
-    rules += [f"body: %json {_json(body)}", f'tail: "\\n" body "\\n" {closing}', f'more: ("\\n" {opening} tail)*']
-    # Small models often write a call as bare JSON, without the tags: output that starts with "{" is such a call,
-    # completed under the schema (where the answer is free text, it starts with anything else).
-    rules.append('bare: body ("\\n" body)* | "```json\\n" body "\\n```" | "```\\n" body "\\n```"')
+    call_rules = [
+        f"body: %json {_json(body)}",
+        f'tail: "\\n" body "\\n" {closing}',
+        f'more: ("\\n" {opening} tail)*',
+        # Small models often write a call as bare JSON, without the tags, or in a code block.
+        'bare: body ("\\n" body)* | "```json\\n" body "\\n```" | "```\\n" body "\\n```"',
+    ]
     if tools.mode == "ANY":
-        start = f"start: {opening} tail more | bare"
-    elif not answer.free:
-        start = f"start: answer | {opening} tail more"
-    else:
-        rules[1] = f"TEXT: /(?s:.+)/ & ~/{_BARE_START}(?s:.*)/"
-        if special_call_tags:
-            start = f"start: answer | TEXT? {opening} tail more | bare"
-        else:
-            # The tags are text here: free text runs up to the first opening tag, lazily, so that the tag
-            # always starts a call.
-            rules[0] = "answer: PLAIN"
-            rules += [f"PLAIN: /(?s:.+)/ & ~/{_BARE_START}(?s:.*)/ & ~/(?s:.*){_regex_escape(CALL_OPEN)}(?s:.*)/",
-                      f"lead[lazy]: (/(?s:.+)/ & ~/{_BARE_START}(?s:.*)/)? {opening}"]
-            start = "start: answer | lead tail more | bare"
-    return "\n".join([start, *rules]) + "\n"
+        return _lines(f"start: {opening} tail more | bare", *call_rules)
+    if not answer.free:
+        return _lines(f"start: answer | {opening} tail more", answer_rule, *call_rules)
+    # A free text answer never begins as a bare call does, so output that does is a call, under the schema.
+    not_bare = f"/(?s:.+)/ & ~/{_BARE_START}(?s:.*)/"
+    if special_call_tags:
+        return _lines(f"start: TEXT | TEXT? {opening} tail more | bare", f"TEXT: {not_bare}", *call_rules)
+    # The tags are text here: free text runs up to the first opening tag, lazily, so that the tag always starts
+    # a call.
+    return _lines("start: PLAIN | lead tail more | bare",
+                  f"PLAIN: {not_bare} & ~/(?s:.*){_regex_escape(CALL_OPEN)}(?s:.*)/",
+                  f"lead[lazy]: ({not_bare})? {opening}", *call_rules)
+
+
+def _lines(*rules: str) -> str:
+    return "\n".join(rules) + "\n"
 
 
 def _regex_escape(text: str) -> str:
