@@ -100,14 +100,17 @@ def test_reference_example_with_a_killed_worker_then_the_model_has_learned(tunin
 
     assert accuracy(tuned) >= accuracy(base) + 0.5, list(zip(expected, base, tuned, strict=True))
 
-    # google-genai reaches the same model, streaming included.
+    # google-genai reaches the same model, streaming included. Its answers need not equal the ones above token
+    # for token: a repeated prompt starts from the kept cache, and llama.cpp's logits differ slightly between a
+    # whole prompt and its last token alone (docs/configuration.md), enough to flip a near tie.
     client = genai.Client(api_key=API_KEY, http_options=types.HttpOptions(base_url=tuning_server.url))
     config_new = types.GenerateContentConfig(temperature=0, max_output_tokens=8)
-    assert client.models.generate_content(model=result.name, contents=prompts[0], config=config_new).text.strip() \
-        == tuned[0]
+    through_genai = answers(lambda p: client.models.generate_content(model=result.name, contents=p,
+                                                                     config=config_new).text, prompts)
+    assert accuracy(through_genai) >= accuracy(base) + 0.5, list(zip(expected, base, through_genai, strict=True))
     streamed = "".join(c.text or "" for c in client.models.generate_content_stream(
         model=result.name, contents=prompts[0], config=config_new))
-    assert streamed.strip() == tuned[0]
+    assert streamed.strip() == through_genai[0]
     assert client.models.generate_content(model=result.name, contents="X", config=config_new).model_version \
         == result.name
 
