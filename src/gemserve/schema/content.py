@@ -33,13 +33,13 @@ SCHEMA_TYPES = ["TYPE_UNSPECIFIED", "STRING", "NUMBER", "INTEGER", "BOOLEAN", "A
 FUNCTION_CALLING_MODES = ["MODE_UNSPECIFIED", "AUTO", "ANY", "NONE", "VALIDATED"]
 
 
-def _enum(members: list[str]) -> Any:
+def enum_field(members: list[str]) -> Any:
     """A field holding one of `members`, given by name or by proto number."""
     return Annotated[Literal[tuple(members)], BeforeValidator(enum_by_name_or_number(members))]  # type: ignore[valid-type]
 
 
-HarmCategory = _enum(HARM_CATEGORIES)
-HarmBlockThreshold = _enum(HARM_BLOCK_THRESHOLDS)
+HarmCategory = enum_field(HARM_CATEGORIES)
+HarmBlockThreshold = enum_field(HARM_BLOCK_THRESHOLDS)
 
 
 class Blob(WireModel):
@@ -69,12 +69,12 @@ class FunctionResponse(WireModel):
 
 
 class ExecutableCode(WireModel):
-    language: _enum(LANGUAGES) | None = None  # type: ignore[valid-type]
+    language: enum_field(LANGUAGES) | None = None  # type: ignore[valid-type]
     code: str | None = None
 
 
 class CodeExecutionResult(WireModel):
-    outcome: _enum(OUTCOMES) | None = None  # type: ignore[valid-type]
+    outcome: enum_field(OUTCOMES) | None = None  # type: ignore[valid-type]
     output: str | None = None
 
 
@@ -105,11 +105,11 @@ class Content(WireModel):
 class SafetySetting(WireModel):
     category: HarmCategory | None = None  # type: ignore[valid-type]
     threshold: HarmBlockThreshold | None = None  # type: ignore[valid-type]
-    method: _enum(HARM_BLOCK_METHODS) | None = None  # type: ignore[valid-type]
+    method: enum_field(HARM_BLOCK_METHODS) | None = None  # type: ignore[valid-type]
 
 
 class Schema(WireModel):
-    type: _enum(SCHEMA_TYPES) | None = None  # type: ignore[valid-type]
+    type: enum_field(SCHEMA_TYPES) | None = None  # type: ignore[valid-type]
     format: str | None = None
     title: str | None = None
     description: str | None = None
@@ -144,7 +144,7 @@ class GenerationConfig(WireModel):
     response_mime_type: str | None = None
     response_schema: Schema | None = None
     response_json_schema: Any = None
-    response_modalities: list[_enum(MODALITIES)] | None = None  # type: ignore[valid-type]
+    response_modalities: list[enum_field(MODALITIES)] | None = None  # type: ignore[valid-type]
     candidate_count: int | None = None
     max_output_tokens: int | None = None
     temperature: float | None = None
@@ -159,7 +159,7 @@ class GenerationConfig(WireModel):
     speech_config: dict[str, Any] | None = None
     thinking_config: ThinkingConfig | None = None
     image_config: dict[str, Any] | None = None
-    media_resolution: _enum(MEDIA_RESOLUTIONS) | None = None  # type: ignore[valid-type]
+    media_resolution: enum_field(MEDIA_RESOLUTIONS) | None = None  # type: ignore[valid-type]
 
 
 class FunctionDeclaration(WireModel):
@@ -181,7 +181,7 @@ class Tool(WireModel):
 
 
 class FunctionCallingConfig(WireModel):
-    mode: _enum(FUNCTION_CALLING_MODES) | None = None  # type: ignore[valid-type]
+    mode: enum_field(FUNCTION_CALLING_MODES) | None = None  # type: ignore[valid-type]
     allowed_function_names: list[str] | None = None
 
 
