@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "models":
         for spec in catalog.models.values():
             names = [a for a, target in catalog.aliases.items() if target == spec.id]
-            print(f"models/{spec.id}\t{spec.path or 'packaged'}\taliases: {', '.join(names) or '-'}")
+            print(f"models/{spec.id}\t{spec.kind}\t{spec.path or 'packaged'}\taliases: {', '.join(names) or '-'}")
         return
     settings = Settings(
         data_dir=data_dir, host=args.host, port=args.port, api_keys=api_keys_from_env(),
@@ -101,6 +101,7 @@ def _serve(settings: Settings, catalog, log_level: str) -> None:  # type: ignore
     import uvicorn
 
     from gemserve.api.app import create_app
+    from gemserve.engine.embedding import EmbeddingEngine
     from gemserve.engine.types import Engine
     from gemserve.models.registry import ModelRegistry
 
@@ -121,7 +122,10 @@ def _serve(settings: Settings, catalog, log_level: str) -> None:  # type: ignore
         return LlamaCppEngine(path, context_size=context_size, max_sequences=settings.max_sequences,
                               threads=settings.threads)
 
-    registry = ModelRegistry(catalog, settings.data_dir, engine_factory)
+    def embedder_factory(path: Path, spec: ModelSpec) -> EmbeddingEngine:
+        return EmbeddingEngine(path, threads=settings.threads)
+
+    registry = ModelRegistry(catalog, settings.data_dir, engine_factory, embedder_factory)
     registry.load_all()
     if settings.open_mode:
         logging.getLogger("gemserve").warning(

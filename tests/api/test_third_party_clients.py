@@ -1,5 +1,5 @@
 """LangChain, pydantic-ai, LlamaIndex and LiteLLM against a real server, configured as their users configure them
-for Google's Gemini API with only the base URL changed.
+for Google's Gemini API with only the base URL changed; and gemserve's embeddings against sentence-transformers.
 
 They need google-genai 2.x while gemserve's own tests pin 3.x, so tests/clients/third_party.py runs in a virtual
 environment of its own (.venv-clients, made by scripts/clients-venv.sh on first use) and reports what each library
@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from gemserve.models.catalog import packaged_minilm
 from tests.conftest import Server
 
 ROOT = Path(__file__).parents[2]
@@ -26,8 +27,9 @@ def results(server: Server) -> dict[str, Any]:
     setup = subprocess.run(["bash", str(ROOT / "scripts" / "clients-venv.sh")], capture_output=True, text=True,
                            timeout=900)
     assert setup.returncode == 0, f"installing the client libraries failed:\n{setup.stdout}\n{setup.stderr}"
-    run = subprocess.run([str(ROOT / ".venv-clients" / "bin" / "python"), str(ROOT / "tests" / "clients" /
-                          "third_party.py"), server.url], capture_output=True, text=True, timeout=900)
+    script = ROOT / "tests" / "clients" / "third_party.py"
+    run = subprocess.run([str(ROOT / ".venv-clients" / "bin" / "python"), str(script), server.url,
+                          str(packaged_minilm())], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr
     return dict(json.loads(run.stdout.strip().splitlines()[-1]))
 
@@ -66,3 +68,15 @@ def test_litellm(results: dict[str, Any]) -> None:
     assert calls and calls[0]["name"] == "get_weather" and isinstance(calls[0]["arguments"]["city"], str)
     person = value(results, "litellm.response_format")
     assert isinstance(person["name"], str) and isinstance(person["age"], int)
+
+
+KEYS = list(json.loads((ROOT / "tests" / "data" / "retrieval.json").read_text())["passages"])
+
+
+def test_embedding_classes_retrieve_the_right_passages(results: dict[str, Any]) -> None:
+    for name in ("langchain.embeddings", "llama_index.embeddings", "litellm.embedding"):
+        assert value(results, name) == KEYS, name
+
+
+def test_embeddings_agree_with_sentence_transformers(results: dict[str, Any]) -> None:
+    assert value(results, "sentence_transformers.agreement") > 0.99

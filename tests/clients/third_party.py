@@ -1,8 +1,9 @@
 """Drives gemserve with LangChain, pydantic-ai, LlamaIndex and LiteLLM, each configured as its users configure it
-for Google's Gemini API, with only the base URL changed. Runs in .venv-clients (see requirements.txt), not in
+for Google's Gemini API, with only the base URL changed; and compares gemserve's embeddings with
+sentence-transformers' own on the same model directory. Runs in .venv-clients (see requirements.txt), not in
 gemserve's own environment; prints one JSON object: check name -> what came back, for the test to judge.
 
-    .venv-clients/bin/python tests/clients/third_party.py http://127.0.0.1:8080
+    .venv-clients/bin/python tests/clients/third_party.py http://127.0.0.1:8080 EMBEDDING_MODEL_DIR
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 BASE = sys.argv[1]
+EMBEDDING_DIR = sys.argv[2]
 MODEL = "gemini-2.5-flash"
+RETRIEVAL = json.loads((Path(__file__).parents[1] / "data" / "retrieval.json").read_text())
+KEYS = list(RETRIEVAL["passages"])
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # LiteLLM would fetch a price list from the internet
 
 
@@ -59,6 +64,30 @@ def langchain() -> None:
         "Alice is 30 years old. Extract the person.").model_dump())
 
 
+def ranked(documents: list[list[float]], queries: list[list[float]]) -> list[str]:
+    """For each question, the key of the passage it is closest to (cosine)."""
+    import numpy as np
+
+    d = np.array(documents)
+    q = np.array(queries)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return [KEYS[i] for i in (q @ d.T).argmax(axis=1)]
+
+
+PASSAGES = [RETRIEVAL["passages"][k] for k in KEYS]
+QUESTIONS = [RETRIEVAL["questions"][k] for k in KEYS]
+
+
+def langchain_embeddings() -> None:
+    from langchain_google_genai import GoogleGenerativeAIEmbeddings
+
+    embeddings = GoogleGenerativeAIEmbeddings(model="models/gemini-embedding-001", google_api_key="test",
+                                              base_url=BASE)
+    check("langchain.embeddings")(lambda: ranked(embeddings.embed_documents(PASSAGES),
+                                                 [embeddings.embed_query(q) for q in QUESTIONS]))
+
+
 def pydantic_ai() -> None:
     from pydantic_ai import Agent
     from pydantic_ai.models.google import GoogleModel, GoogleModelSettings
@@ -87,6 +116,34 @@ def llama_index() -> None:
                                                   "What is the weather in Paris?").sources])
 
 
+def llama_index_embeddings() -> None:
+    from llama_index.embeddings.google_genai import GoogleGenAIEmbedding
+
+    embeddings = GoogleGenAIEmbedding(model_name="text-embedding-004", api_key="test",
+                                      http_options={"base_url": BASE})
+    check("llama_index.embeddings")(lambda: ranked(embeddings.get_text_embedding_batch(PASSAGES),
+                                                   [embeddings.get_query_embedding(q) for q in QUESTIONS]))
+
+
+def sentence_transformers_agreement() -> None:
+    """The lowest cosine between gemserve's vector and sentence-transformers' for the same text."""
+    import numpy as np
+    from google import genai
+    from google.genai import types
+    from sentence_transformers import SentenceTransformer
+
+    texts = PASSAGES + QUESTIONS + ["", "a" * 3000, "Ünïcödé text, emoji 🙂 and CJK 漢字"]
+
+    def lowest() -> float:
+        client = genai.Client(api_key="test", http_options=types.HttpOptions(base_url=BASE))
+        ours = np.array([e.values for e in client.models.embed_content(model="text-embedding-004",
+                                                                        contents=texts).embeddings])
+        theirs = SentenceTransformer(EMBEDDING_DIR, device="cpu").encode(texts, normalize_embeddings=True)
+        return float(min((ours * theirs).sum(axis=1)))
+
+    check("sentence_transformers.agreement")(lowest)
+
+
 def litellm_checks() -> None:
     import litellm
 
@@ -109,9 +166,15 @@ def litellm_checks() -> None:
     check("litellm.response_format")(lambda: json.loads(litellm.completion(
         messages=[{"role": "user", "content": "Alice is 30 years old. Extract the person as JSON."}],
         response_format=Person, **kw).choices[0].message.content))
+    check("litellm.embedding")(lambda: ranked(
+        [d["embedding"] for d in litellm.embedding(model="gemini/text-embedding-004", input=PASSAGES,
+                                                   api_base=f"{BASE}/v1beta", api_key="test").data],
+        [d["embedding"] for d in litellm.embedding(model="gemini/text-embedding-004", input=QUESTIONS,
+                                                   api_base=f"{BASE}/v1beta", api_key="test").data]))
 
 
-for group in (langchain, pydantic_ai, llama_index, litellm_checks):
+for group in (langchain, langchain_embeddings, pydantic_ai, llama_index, llama_index_embeddings, litellm_checks,
+              sentence_transformers_agreement):
     try:
         group()
     except Exception:  # an import or set-up failure fails the group's checks

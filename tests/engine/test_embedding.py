@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer, BertModel
 
 from gemserve.engine.embedding import EmbeddingEngine, EmbeddingModelError, SentenceEncoder, read_layout
-from tests.engine.tiny_encoder import MAX_SEQ_LENGTH, make_encoder_dir
+from tests.engine.tiny_encoder import MAX_SEQ_LENGTH, WORDS, make_encoder_dir
 
 TEXTS = ["the cat sat on the mat", "a dog", "storm sails ship harbour sea wind rain"]
 
@@ -60,6 +60,12 @@ def test_a_batch_gives_each_text_its_own_pooled_unit_vector(tmp_path: Path, pool
     assert got.shape == (3, 32) and got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
     np.testing.assert_allclose(got, reference(path, TEXTS, pooling), atol=1e-5)
+
+
+def test_texts_keep_their_order_across_length_sorted_batches(encoder: SentenceEncoder) -> None:
+    texts = [" ".join(["sea"] * (1 + (i * 7) % 12)) + f" {WORDS[i % len(WORDS)]}" for i in range(70)]
+    got = encoder.encode(texts)  # three passes of similar lengths
+    np.testing.assert_allclose(got, np.stack([encoder.encode([t])[0] for t in texts]), atol=1e-5)
 
 
 def test_long_texts_are_cut_at_the_models_window(encoder: SentenceEncoder) -> None:

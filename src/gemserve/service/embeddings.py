@@ -5,7 +5,7 @@ A request's text is its content's text parts joined by newlines; with `taskType:
 service truncates by default (`autoTruncate` is a Vertex AI field; the Gemini API has none). The task type is
 checked and accepted, but all-MiniLM-L6-v2 was trained without task instructions, so it does not change the
 vector. `outputDimensionality` keeps the first values and normalises them again. A batch (at most 100
-requests, as Google allows) is one forward pass.
+requests, as Google allows) goes to the engine as one job.
 
 Not here: the encoder (`engine/embedding.py`), routes (`api/models.py`).
 """
