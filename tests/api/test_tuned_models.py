@@ -100,7 +100,8 @@ def test_invalid_create_requests(registry_server: Server, name: str, change: dic
     assert words.lower() in response.json()["error"]["message"].lower()
 
 
-@pytest.mark.parametrize("bad_id", ["9starts-with-digit", "Upper", "ends-with-", "x" * 41, "under_score"])
+@pytest.mark.parametrize("bad_id", ["9starts-with-digit", "Upper", "ends-with-", "x" * 41, "under_score",
+                                    "trailing-newline\n"])
 def test_invalid_tuned_model_ids(registry_server: Server, bad_id: str) -> None:
     response = call(registry_server, "POST", "tunedModels", json=body(), params={"tunedModelId": bad_id})
     assert response.status_code == 400 and "tuned_model_id" in response.json()["error"]["message"]

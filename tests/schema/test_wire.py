@@ -63,3 +63,15 @@ def test_deep_nesting_and_unpaired_surrogates_are_client_errors() -> None:
         parse_json_body(b"[" * 5000 + b"]" * 5000)
     with pytest.raises(ApiError, match="surrogate"):
         parse_json_body(b'{"displayName": "\\udc00"}')
+
+
+@pytest.mark.parametrize("body", [b'{"generationConfig": {"maxOutputTokens": ' + b"9" * 5000 + b"}}",
+                                  b'{"anything": [1, -' + b"9" * 41 + b"]}"])
+def test_integers_too_long_for_any_field_are_client_errors(body: bytes) -> None:
+    with pytest.raises(ApiError, match="more than 40 digits") as caught:
+        parse_json_body(body)
+    assert caught.value.code == 400
+
+
+def test_long_but_plausible_integers_still_parse() -> None:
+    assert parse_json_body(b'{"seed": -' + b"9" * 40 + b"}") == {"seed": -int("9" * 40)}

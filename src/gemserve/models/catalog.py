@@ -166,7 +166,7 @@ _SPEC_KEYS = {"path", "display_name", "description", "version", "aliases", "temp
 
 
 def _spec_from_entry(model_id: str, entry: dict, base: ModelSpec | None, source: Path) -> ModelSpec:
-    if not _MODEL_ID.match(model_id):
+    if not _MODEL_ID.fullmatch(model_id):
         raise CatalogError(f"{source}: model id {model_id!r} must be lowercase letters, digits, '.' and '-'")
     unknown = set(entry) - _SPEC_KEYS
     if unknown:

@@ -24,6 +24,17 @@ from gemserve.errors import ApiError, invalid_argument
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_NESTING = 64
+MAX_INT_DIGITS = 40  # far beyond int64 (19 digits); parsing longer ones costs quadratic time, or fails at 4300
+
+
+class _TooLong(ValueError):
+    """An integer literal longer than MAX_INT_DIGITS."""
+
+
+def _integer(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+        raise _TooLong(literal[:20])
+    return int(literal)
 
 # Values under these keys belong to the user: no key inside them is renamed.
 _OPAQUE = frozenset({"args", "response", "responseJsonSchema", "parametersJsonSchema", "labels", "default",
@@ -58,10 +69,10 @@ def parse_json_body(raw: bytes) -> Any:
         raise invalid_argument("Invalid JSON payload received. Request body is not valid UTF-8.") from exc
     try:
         try:
-            value = json.loads(text)
+            value = json.loads(text, parse_int=_integer)
         except json.JSONDecodeError as strict_error:
             try:
-                value = json.loads(_without_trailing_commas(text))
+                value = json.loads(_without_trailing_commas(text), parse_int=_integer)
             except json.JSONDecodeError:
                 raise invalid_argument(
                     f"Invalid JSON payload received. {strict_error.msg} at line {strict_error.lineno} "
@@ -69,6 +80,9 @@ def parse_json_body(raw: bytes) -> Any:
                 ) from None
     except RecursionError:
         raise invalid_argument(f"Invalid JSON payload received. Nesting deeper than {MAX_NESTING} levels.") from None
+    except _TooLong:
+        raise invalid_argument(f"Invalid JSON payload received. An integer has more than {MAX_INT_DIGITS} digits; "
+                               "no field takes one that large.") from None
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:  # JSON's \ud800 escapes can spell strings that are not Unicode text

@@ -121,7 +121,7 @@ def _text(part: Part, field: str) -> str:
 
 def _check_name(name: str | None, field: str) -> None:
     # Templates write names into their markup as they are: only a valid name may get there.
-    if not name or not FUNCTION_NAME.match(name):
+    if not name or not FUNCTION_NAME.fullmatch(name):
         raise invalid_argument(f"{field}: Invalid function name {name!r}. Must start with a letter or an "
                                "underscore, and contain only a-z, A-Z, 0-9, underscores, dots, colons and dashes, "
                                "with a maximum length of 64.", field)

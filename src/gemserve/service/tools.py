@@ -98,7 +98,7 @@ def tool_plan(request: GenerateContentRequest) -> ToolPlan | None:
 
 def _function(declaration: FunctionDeclaration, field: str) -> Function:
     name = declaration.name or ""
-    if not FUNCTION_NAME.match(name):
+    if not FUNCTION_NAME.fullmatch(name):
         raise invalid_argument(f"{field}.name: Invalid function name {name!r}. Must start with a letter or an "
                                "underscore, and contain only a-z, A-Z, 0-9, underscores, dots, colons and dashes, "
                                "with a maximum length of 64.", f"{field}.name")

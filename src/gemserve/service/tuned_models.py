@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import math
 import re
 import secrets
@@ -29,6 +30,8 @@ from gemserve.models.catalog import Catalog, model_path
 from gemserve.schema.tuning import Hyperparameters, TunedModelIn
 from gemserve.store.tuned_models import TunedModelRecord, TunedModelStore
 from gemserve.tuning import jobs
+
+log = logging.getLogger("gemserve.tuning")
 
 API_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1beta."
 TUNED_MODEL_ID = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
@@ -82,7 +85,7 @@ class TunedModels:
                                    f"{len(display_name)}.", "display_name")
         _check_sampling(body, spec.max_temperature)
         model_id = tuned_model_id if tuned_model_id is not None else _generated_id(display_name)
-        if not TUNED_MODEL_ID.match(model_id):
+        if not TUNED_MODEL_ID.fullmatch(model_id):
             raise invalid_argument(f"tuned_model_id: {model_id!r} must match [a-z]([a-z0-9-]{{0,38}}[a-z0-9])?: up "
                                    "to 40 lowercase letters, digits and hyphens, starting with a letter and not "
                                    "ending with a hyphen.", "tuned_model_id")
@@ -114,6 +117,7 @@ class TunedModels:
                 "lora": {"rank": 8, "alpha": 16},
                 "seed": secrets.randbelow(2**31),
             })
+            return self.operation(record)
         except jobs.JobError as exc:
             self._store.delete(model_id)  # no record without its job
             shutil.rmtree(job_dir, ignore_errors=True)
@@ -122,7 +126,6 @@ class TunedModels:
             self._store.delete(model_id)
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
-        return self.operation(record)
 
     def _source(self, caller: Caller, body: TunedModelIn) -> tuple[str, str | None, Path, Path | None]:
         """(base model name, source tuned model name, base weights, source adapter) of a create request."""
@@ -171,11 +174,19 @@ class TunedModels:
         binding = hashlib.sha256(f"{caller.owner}\n{query}".encode()).hexdigest()[:16]
         start = _page_start(page_token, binding) if page_token else 0
         matches = [r for r in self._store.all() if _matches(r, caller, query)]
-        page: dict[str, Any] = {"tunedModels": [self.resource(r) for r in matches[start : start + size]]}
+        page: dict[str, Any] = {"tunedModels": [r for r in map(self._listed, matches[start : start + size]) if r]}
         if start + size < len(matches):
             token = json.dumps({"o": start + size, "q": binding}).encode()
             page["nextPageToken"] = base64.urlsafe_b64encode(token).decode()
         return page
+
+    def _listed(self, record: TunedModelRecord) -> dict[str, Any] | None:
+        """The record's resource; a record that cannot be shown is logged and left out, never failing the list."""
+        try:
+            return self.resource(record)
+        except Exception:
+            log.exception("tuned model record cannot be shown", extra={"tuned_model": record.id})
+            return None
 
     def usable(self, caller: Caller, name: str) -> Usable:
         record = self._visible(caller, name, "model")

@@ -58,7 +58,7 @@ def jobs_root(data_dir: Path) -> Path:
 
 
 def job_dir(data_dir: Path, job_id: str) -> Path:
-    if not _JOB_ID.match(job_id):
+    if not _JOB_ID.fullmatch(job_id):
         raise JobError(f"job id {job_id!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a "
                        "letter or digit")
     return jobs_root(data_dir) / job_id
