@@ -75,3 +75,17 @@ def test_integers_too_long_for_any_field_are_client_errors(body: bytes) -> None:
 
 def test_long_but_plausible_integers_still_parse() -> None:
     assert parse_json_body(b'{"seed": -' + b"9" * 40 + b"}") == {"seed": -int("9" * 40)}
+
+
+def test_long_lists_are_validated_in_chunks_with_the_same_result_and_error_positions() -> None:
+    from gemserve.schema import wire
+
+    turns = [{"role": "user" if i % 2 == 0 else "model", "parts": [{"text": f"turn {i}"}]} for i in range(5000)]
+    parsed = parse_model(GenerateContentRequest, {"contents": turns, "generation_config": {"temperature": 0}},
+                         "GenerateContentRequest")
+    assert len(parsed.contents) == 5000 and parsed.contents[4321].parts[0].text == "turn 4321"
+    assert parsed.contents[4321].role == "model" and parsed.generation_config.temperature == 0
+    assert 5000 > wire.VALIDATION_CHUNK  # so the chunked path ran
+    broken = [*turns[:4321], {"parts": [{"txt": "x"}]}, *turns[4322:]]
+    with pytest.raises(ApiError, match=r"Unknown name \"txt\" at 'contents\[4321\].parts\[0\]'"):
+        parse_model(GenerateContentRequest, {"contents": broken}, "GenerateContentRequest")

@@ -3,6 +3,7 @@ embedContent and batchEmbedContents on embedding models."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Sequence
 from typing import Any
@@ -130,13 +131,14 @@ async def call_model(version: str, name_and_method: str, request: Request, _: Ca
     model = registry.get(name, method, version)
     body = await read_json(request)
     if method == "countTokens":
-        return JSONResponse(count_tokens(model, body))
+        return JSONResponse(await asyncio.to_thread(count_tokens, model, body))
     return await generate_response(request, method, base_target(model), body)
 
 
 async def generate_response(request: Request, method: str, target: Target, body: Any) -> Response:
     """generateContent or streamGenerateContent (`alt=sse` or a JSON array) for a base or tuned model."""
-    parsed: GenerateContentRequest = parse_model(GenerateContentRequest, body, "GenerateContentRequest")
+    parsed: GenerateContentRequest = await asyncio.to_thread(parse_model, GenerateContentRequest, body,
+                                                             "GenerateContentRequest")
     plan = await plan_generation(target, parsed)
     if method == "streamGenerateContent":
         sse = request.query_params.get("alt") == "sse"

@@ -75,7 +75,8 @@ async def read_json(request: Request) -> Any:
         if size > MAX_BODY_BYTES:
             raise too_big
         chunks.append(chunk)
-    return parse_json_body(b"".join(chunks))
+    # Parsing a body of tens of megabytes takes a while: on a worker thread, so other clients are served meanwhile.
+    return await asyncio.to_thread(parse_json_body, b"".join(chunks))
 
 
 async def until_disconnect(request: Request, work: Awaitable[T], poll_seconds: float = 0.25) -> T:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
@@ -31,15 +32,15 @@ def tuned_models_of(request: Request) -> TunedModels:
 async def create_tuned_model(version: str, request: Request, caller: CallerDep,
                              tunedModelId: str | None = None) -> dict[str, Any]:  # noqa: N803
     check_version(version)
-    body = parse_model(TunedModelIn, await read_json(request), "TunedModel")
-    return tuned_models_of(request).create(caller, body, tunedModelId)
+    body = await asyncio.to_thread(parse_model, TunedModelIn, await read_json(request), "TunedModel")
+    return await asyncio.to_thread(tuned_models_of(request).create, caller, body, tunedModelId)
 
 
 @router.get("/{version}/tunedModels")
 async def list_tuned_models(version: str, request: Request, caller: CallerDep, pageSize: int | None = None,  # noqa: N803
                             pageToken: str | None = None, filter: str | None = None) -> dict[str, Any]:  # noqa: A002, N803
     check_version(version)
-    return tuned_models_of(request).list(caller, pageSize, pageToken, filter)
+    return await asyncio.to_thread(tuned_models_of(request).list, caller, pageSize, pageToken, filter)
 
 
 @router.get("/{version}/tunedModels/{model_id}")
@@ -47,7 +48,7 @@ async def get_tuned_model(version: str, model_id: str, request: Request, caller:
     check_version(version)
     if ":" in model_id:
         raise url_not_found()
-    return tuned_models_of(request).get(caller, model_id)
+    return await asyncio.to_thread(tuned_models_of(request).get, caller, model_id)
 
 
 @router.patch("/{version}/tunedModels/{model_id}")
@@ -55,15 +56,15 @@ async def patch_tuned_model(version: str, model_id: str, request: Request, calle
                             updateMask: str | None = None) -> dict[str, Any]:  # noqa: N803
     check_version(version)
     raw = await read_json(request)
-    parsed = parse_model(TunedModelIn, raw, "TunedModel")
+    parsed = await asyncio.to_thread(parse_model, TunedModelIn, raw, "TunedModel")
     present = set(camelize(raw)) if isinstance(raw, dict) else set()
-    return tuned_models_of(request).patch(caller, model_id, parsed, present, updateMask)
+    return await asyncio.to_thread(tuned_models_of(request).patch, caller, model_id, parsed, present, updateMask)
 
 
 @router.delete("/{version}/tunedModels/{model_id}")
 async def delete_tuned_model(version: str, model_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
     check_version(version)
-    served = tuned_models_of(request).delete(caller, model_id)
+    served = await asyncio.to_thread(tuned_models_of(request).delete, caller, model_id)
     if served is not None:
         base_model, adapter = served
         with contextlib.suppress(ApiError):  # a base model no longer served has nothing to free
@@ -75,7 +76,7 @@ async def delete_tuned_model(version: str, model_id: str, request: Request, call
 async def call_tuned_model(version: str, name_and_method: str, request: Request, caller: CallerDep) -> Response:
     name, method = split_call(version, name_and_method, GENERATION_METHODS)
     body = await read_json(request)
-    tuned = tuned_models_of(request).usable(caller, name)
+    tuned = await asyncio.to_thread(tuned_models_of(request).usable, caller, name)
     model = registry_of(request).get(tuned.base_model, method, version)
     spec = model.spec
     defaults = Defaults(spec.temperature if tuned.temperature is None else tuned.temperature,
@@ -88,19 +89,19 @@ async def call_tuned_model(version: str, name_and_method: str, request: Request,
 @router.get("/{version}/tunedModels/{model_id}/operations")
 async def list_operations(version: str, model_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
     check_version(version)
-    return tuned_models_of(request).list_operations(caller, model_id)
+    return await asyncio.to_thread(tuned_models_of(request).list_operations, caller, model_id)
 
 
 @router.get("/{version}/tunedModels/{model_id}/operations/{operation_id}")
 async def get_operation(version: str, model_id: str, operation_id: str, request: Request,
                         caller: CallerDep) -> dict[str, Any]:
     check_version(version)
-    return tuned_models_of(request).get_operation(caller, model_id, operation_id)
+    return await asyncio.to_thread(tuned_models_of(request).get_operation, caller, model_id, operation_id)
 
 
 @router.post("/{version}/tunedModels/{model_id}/operations/{operation_and_method}")
 async def cancel_operation(version: str, model_id: str, operation_and_method: str, request: Request,
                            caller: CallerDep) -> dict[str, Any]:
     operation_id, _ = split_call(version, operation_and_method, ["cancel"])
-    tuned_models_of(request).cancel_operation(caller, model_id, operation_id)
+    await asyncio.to_thread(tuned_models_of(request).cancel_operation, caller, model_id, operation_id)
     return {}

@@ -12,12 +12,18 @@ reject unknown names the way Google does.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import json
 import re
+import threading
+import types
+import typing
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, ValidationError
 from pydantic.alias_generators import to_camel
 
 from gemserve.errors import ApiError, invalid_argument
@@ -43,6 +49,10 @@ _OPAQUE = frozenset({"args", "response", "responseJsonSchema", "parametersJsonSc
 _NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions"})
 
 _SNAKE = re.compile(r"_([a-z0-9])")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# A long top-level list (contents, requests) is validated this many items at a time: pydantic holds the GIL for a
+# whole call, and a call over 300,000 turns would keep the event loop's thread waiting for seconds.
+VALIDATION_CHUNK = 2000
 
 
 def camel(name: str) -> str:
@@ -57,8 +67,37 @@ def snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])([A-Z])", lambda m: "_" + m.group(1).lower(), name)
 
 
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+
+
+@contextlib.contextmanager
+def collector_paused() -> Any:
+    """Pause Python's cyclic garbage collector while a body is parsed (a body makes no cycles: refcounting frees
+    it). Parsing a large body allocates millions of objects, and the full collections this sets off hold the
+    GIL for most of a second each on a small machine, stalling the event loop whatever thread parses.
+    Concurrent parses share the pause: the collector resumes when the last one ends."""
+    global _gc_pauses
+    with _gc_lock:
+        if _gc_pauses == 0:
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0:
+                gc.enable()
+
+
 def parse_json_body(raw: bytes) -> Any:
     """Parse a request body; trailing commas are accepted as Google's parser accepts them."""
+    with collector_paused():
+        return _parse_json_body(raw)
+
+
+def _parse_json_body(raw: bytes) -> Any:
     if len(raw) > MAX_BODY_BYTES:
         raise ApiError("INVALID_ARGUMENT", f"Request payload size exceeds the limit: {MAX_BODY_BYTES} bytes.")
     if not raw.strip():
@@ -84,7 +123,8 @@ def parse_json_body(raw: bytes) -> Any:
         raise invalid_argument(f"Invalid JSON payload received. An integer has more than {MAX_INT_DIGITS} digits; "
                                "no field takes one that large.") from None
     try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        if _SURROGATE_ESCAPE.search(text):  # only a \ud800-\udfff escape can spell a lone surrogate
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:  # JSON's \ud800 escapes can spell strings that are not Unicode text
         raise invalid_argument("Invalid JSON payload received. A string holds an unpaired surrogate (\\ud800-"
                                "\\udfff); text must be valid Unicode.") from None
@@ -183,17 +223,59 @@ def enum_by_name_or_number(members: list[str]) -> Callable[[Any], Any]:
 
 def parse_model(model: type[BaseModel], body: Any, what: str) -> Any:
     """Validate a camelized body into `model`, turning the first problem into Google's wording."""
+    with collector_paused():
+        return _parse_model(model, body, what)
+
+
+def _parse_model(model: type[BaseModel], body: Any, what: str) -> Any:
     if not isinstance(body, dict):
         raise invalid_argument(f"Invalid JSON payload received. Expected an object for {what}.")
+    body = camelize(body)
+    long_lists = {name: items for name, items in body.items() if isinstance(items, list)
+                  and len(items) > VALIDATION_CHUNK and name in _list_fields(model)}
     try:
-        return model.model_validate(camelize(body))
+        parsed = model.model_validate({**body, **dict.fromkeys(long_lists, [])})
     except ValidationError as exc:
         raise _describe(exc) from None
+    if not long_lists:
+        return parsed
+    update = {}
+    for name, items in long_lists.items():
+        adapter = _list_fields(model)[name]
+        values: list[Any] = []
+        for start in range(0, len(items), VALIDATION_CHUNK):
+            try:
+                values += adapter.validate_python(items[start : start + VALIDATION_CHUNK])
+            except ValidationError as exc:
+                raise _describe(exc, prefix=(name,), offset=start) from None
+        update[_python_name(model, name)] = values
+    return parsed.model_copy(update=update)
 
 
-def _describe(exc: ValidationError) -> ApiError:
+@functools.cache
+def _list_fields(model: type[BaseModel]) -> dict[str, TypeAdapter[Any]]:
+    """The model's list-valued fields by wire name, each with a validator for a list of its items."""
+    out = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if typing.get_origin(annotation) in (list, typing.Union, types.UnionType):
+            lists = [a for a in (typing.get_args(annotation) if typing.get_origin(annotation) is not list
+                                 else (annotation,)) if typing.get_origin(a) is list]
+            if lists:
+                out[field.alias or name] = TypeAdapter(lists[0])
+    return out
+
+
+def _python_name(model: type[BaseModel], wire_name: str) -> str:
+    return next(name for name, field in model.model_fields.items() if (field.alias or name) == wire_name)
+
+
+def _describe(exc: ValidationError, prefix: tuple[str, ...] = (), offset: int = 0) -> ApiError:
+    """Google's wording for the first problem; `prefix` and `offset` place an error found in a chunk of a list."""
     error = exc.errors(include_url=False)[0]
     loc = [str(p) for p in error["loc"]]
+    if prefix:
+        loc = [*prefix, str(int(loc[0]) + offset), *loc[1:]]
     # pydantic reports list positions as numbers: fold them into the field name, `contents[0].parts`.
     parts: list[str] = []
     for piece in loc:

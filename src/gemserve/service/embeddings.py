@@ -12,6 +12,7 @@ Not here: the encoder (`engine/embedding.py`), routes (`api/models.py`).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -74,14 +75,16 @@ def _embedding(vector: np.ndarray, size: int) -> ContentEmbedding:
 
 
 async def embed_content(embedder: ServedEmbedder, body: Any) -> dict[str, Any]:
-    request: EmbedContentRequest = parse_model(EmbedContentRequest, body, "EmbedContentRequest")
+    request: EmbedContentRequest = await asyncio.to_thread(parse_model, EmbedContentRequest, body,
+                                                           "EmbedContentRequest")
     text, size = _checked(request, "", embedder.engine.layout.dimensions)
     vectors = await embedder.engine.embed([text])
     return EmbedContentResponse(embedding=_embedding(vectors[0], size)).to_wire()
 
 
 async def batch_embed_contents(embedder: ServedEmbedder, catalog: Catalog, body: Any) -> dict[str, Any]:
-    batch: BatchEmbedContentsRequest = parse_model(BatchEmbedContentsRequest, body, "BatchEmbedContentsRequest")
+    batch: BatchEmbedContentsRequest = await asyncio.to_thread(parse_model, BatchEmbedContentsRequest, body,
+                                                               "BatchEmbedContentsRequest")
     if not batch.requests:
         raise invalid_argument("* BatchEmbedContentsRequest.requests: at least one request is required.", "requests")
     if len(batch.requests) > MAX_BATCH:

@@ -19,6 +19,7 @@ from gemserve.errors import invalid_argument
 from gemserve.models.chat_format import Message
 from gemserve.models.registry import ServedModel
 from gemserve.schema.content import GenerateContentRequest, GenerationConfig
+from gemserve.schema.wire import collector_paused
 from gemserve.service.constraints import FREE_TEXT, Answer, answer_format, answer_hint, grammar
 from gemserve.service.conversation import conversation
 from gemserve.service.tools import ToolPlan, answered_calls, tool_plan
@@ -177,6 +178,11 @@ class Prompt:
 
 def request_prompt(model: ServedModel, request: GenerateContentRequest) -> Prompt:
     """The prompt tokens of a request (its tools and the answer's form included), every part of it checked."""
+    with collector_paused():  # a long conversation makes many objects, and full collections stall the loop
+        return _request_prompt(model, request)
+
+
+def _request_prompt(model: ServedModel, request: GenerateContentRequest) -> Prompt:
     check_unsupported(request)
     answer = answer_format(request.generation_config)
     tools = tool_plan(request)
@@ -193,7 +199,11 @@ def request_prompt(model: ServedModel, request: GenerateContentRequest) -> Promp
 async def plan_generation(target: Target, request: GenerateContentRequest) -> GenerationPlan:
     model = target.model
     config = request.generation_config
-    built = request_prompt(model, request)
+    parts = sum(len(c.parts) for c in request.contents)
+    if parts >= model.input_token_limit:  # every part takes a token at least: no need to render them to know
+        raise invalid_argument(f"The input token count (at least {parts}) exceeds the maximum number of tokens "
+                               f"allowed ({model.input_token_limit}).", "contents")
+    built = await asyncio.to_thread(request_prompt, model, request)  # templates and tokenizing: off the loop
     prompt, tools, answer = built.tokens, built.tools, built.answer
     params, count, logprobs = sampling_settings(config, target)
     stops = stop_sequences(config)
