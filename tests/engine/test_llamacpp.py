@@ -115,6 +115,18 @@ def test_seeded_sampling_reproduces(engine: LlamaCppEngine) -> None:
     assert [t.token for t in first] == [t.token for t in second]
 
 
+def test_a_seeded_request_gives_the_same_tokens_and_logprobs_alone_and_repeated(engine: LlamaCppEngine) -> None:
+    """A seeded sequence never starts from a kept prefix: the prefix would change its numbers (issue 9)."""
+    seeded = SamplingParams(temperature=1.0, seed=4, logprobs=0)
+    prompt = "Tell me about your favourite city, and why you would like to live there one day."
+    first, _ = asyncio.run(run(engine, request(engine, prompt, 16, seeded)))
+    reused_before = engine.reused_tokens
+    for _ in range(2):  # a kept cache of the same prompt is there now
+        repeated, _ = asyncio.run(run(engine, request(engine, prompt, 16, seeded)))
+        assert [(t.token, t.logprob) for t in repeated] == [(t.token, t.logprob) for t in first]
+    assert engine.reused_tokens == reused_before
+
+
 def test_a_conversation_reuses_its_cached_prefix(engine: LlamaCppEngine, default_gguf: Path) -> None:
     first = request(engine, "The history of Rome begins with a small settlement on the Tiber", 8)
     tokens, _ = asyncio.run(run(engine, first))

@@ -85,7 +85,7 @@ def test_long_lists_are_validated_in_chunks_with_the_same_result_and_error_posit
                          "GenerateContentRequest")
     assert len(parsed.contents) == 5000 and parsed.contents[4321].parts[0].text == "turn 4321"
     assert parsed.contents[4321].role == "model" and parsed.generation_config.temperature == 0
-    assert 5000 > wire.VALIDATION_CHUNK  # so the chunked path ran
+    assert wire.VALIDATION_CHUNK < 5000  # so the chunked path ran
     broken = [*turns[:4321], {"parts": [{"txt": "x"}]}, *turns[4322:]]
     with pytest.raises(ApiError, match=r"Unknown name \"txt\" at 'contents\[4321\].parts\[0\]'"):
         parse_model(GenerateContentRequest, {"contents": broken}, "GenerateContentRequest")
