@@ -3,6 +3,7 @@ SIGTERM, waits while another worker holds the lock, picks the oldest job first, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -125,6 +126,36 @@ def test_a_second_worker_waits_for_the_lock(tmp_path: Path) -> None:
         stop(first)
         if second is not None:
             stop(second)
+
+
+def test_a_worker_stops_when_the_server_that_started_it_dies(tmp_path: Path) -> None:
+    """A server killed with SIGKILL must not leave its worker holding the lock for the next server's worker."""
+    log = tmp_path / "worker.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    worker_cmd = [sys.executable, "-m", "gemserve.tuning.worker", "--data-dir", str(tmp_path), "--threads", "1"]
+    # A stand-in server: starts the worker as the supervisor does, prints its pid, then waits to be killed.
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time\n"
+        f"cmd = {worker_cmd!r} + ['--parent-pid', str(os.getpid())]\n"
+        f"worker = subprocess.Popen(cmd, stderr=open({str(log)!r}, 'ab'))\n"
+        "print(worker.pid, flush=True)\n"
+        "time.sleep(600)\n")], env=env, stdout=subprocess.PIPE)
+    assert server.stdout is not None
+    worker_pid = int(server.stdout.readline())
+    try:
+        wait_for(lambda: "tuning worker ready" in log.read_text(), what="the worker")
+        server.kill()
+        server.wait()
+        wait_for(lambda: "tuning worker stopped" in log.read_text(), timeout=30, what="the orphaned worker to stop")
+        successor = start_worker(tmp_path, tmp_path / "successor.log")
+        try:
+            wait_for(lambda: "tuning worker ready" in (tmp_path / "successor.log").read_text(), what="the lock")
+        finally:
+            stop(successor)
+    finally:
+        server.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker_pid, signal.SIGKILL)
 
 
 def test_oldest_unfinished_job_first(tiny_gemma: Path, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 Training runs in its own process (`python -m gemserve.tuning.worker`), so the API stays responsive and a crash
 in training cannot take the server down. The supervisor starts it, restarts it if it dies (a killed worker's
 job resumes from its checkpoint in the new one), and stops it with the server. Its pid is written to
-`<data_dir>/tuning/worker.pid` for operators and tests.
+`<data_dir>/tuning/worker.pid` for operators and tests. The worker stops by itself when the server is gone,
+however the server died (`gemserve.tuning.worker.die_with_parent`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +50,7 @@ class WorkerSupervisor:
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         # The worker logs JSON lines to stderr like the server; they go to the server's stderr.
         self._process = subprocess.Popen([sys.executable, "-m", "gemserve.tuning.worker",
-                                          "--data-dir", str(self._data_dir)])
+                                          "--data-dir", str(self._data_dir), "--parent-pid", str(os.getpid())])
         self.pid_file.write_text(str(self._process.pid))
         log.info("tuning worker started", extra={"pid": self._process.pid})
 

@@ -12,6 +12,8 @@ Not here: what running a job means (`runner.py`), the job files (`jobs.py`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -95,6 +97,29 @@ def serve(data_dir: Path, stop: threading.Event, *, once: bool = False, checkpoi
     log.info("tuning worker stopped")
 
 
+PARENT_POLL_SECONDS = 1.0
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int, stop: threading.Event) -> None:
+    """Stop (checkpointing, as on SIGTERM) once the server that started this worker is gone, however it died: a
+    worker left behind would hold the lock and keep the restarted server's worker waiting forever. Linux sends
+    SIGTERM at the parent's death (PR_SET_PDEATHSIG); a watcher thread also notices re-parenting, elsewhere too."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def watch() -> None:
+        while not stop.wait(PARENT_POLL_SECONDS):
+            if os.getppid() != parent_pid:
+                log.warning("the server that started this worker is gone; stopping", extra={"parent": parent_pid})
+                stop.set()
+
+    if os.getppid() != parent_pid:  # it died before the signal was asked for
+        stop.set()
+    threading.Thread(target=watch, name="gemserve-parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gemserve.tuning.worker", description="Run LoRA tuning jobs.")
     parser.add_argument("--data-dir", default="./data", help="the server's data directory")
@@ -102,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
     parser.add_argument("--once", action="store_true", help="exit when no job is left instead of waiting")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="stop when this process (the server that started the worker) is gone")
     args = parser.parse_args(argv)
     # Before tqdm is imported: progress bars (transformers' GGUF conversion has one) would break the JSON lines.
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -122,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid, stop)
 
     import torch
     import transformers
