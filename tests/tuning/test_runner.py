@@ -122,11 +122,22 @@ def test_missing_source_adapter_fails_the_job(tiny_gemma: Path, tmp_path: Path) 
     assert "is not an adapter directory" in jobs.read_progress(directory)["error"]
 
 
-def test_a_job_whose_worker_keeps_dying_fails(tiny_gemma: Path, tmp_path: Path) -> None:
+def test_a_job_whose_worker_keeps_dying_without_progress_fails(tiny_gemma: Path, tmp_path: Path) -> None:
     directory = submit(tmp_path, tiny_gemma)
-    jobs.write_progress(directory, {**jobs.default_progress(), "state": "RUNNING", "attempts": 3})
+    # Three attempts died, the last of them no further than step 4, where the one before it had got.
+    jobs.write_progress(directory, {**jobs.default_progress(), "state": "RUNNING", "attempts": 3,
+                                    "completed_steps": 4, "attempt_step": 4})
     assert run_job(tmp_path, directory) == jobs.FAILED
-    assert "stopped 3 times while running this job" in jobs.read_progress(directory)["error"]
+    assert "stopped 3 times in a row while running this job" in jobs.read_progress(directory)["error"]
+
+
+def test_deaths_between_which_training_advanced_do_not_add_up(tiny_gemma: Path, tmp_path: Path) -> None:
+    directory = submit(tmp_path, tiny_gemma)
+    # Three attempts died, but the last got from step 4 to step 7 before it did.
+    jobs.write_progress(directory, {**jobs.default_progress(), "state": "RUNNING", "attempts": 3,
+                                    "completed_steps": 7, "attempt_step": 4})
+    assert run_job(tmp_path, directory) == jobs.SUCCEEDED
+    assert jobs.read_progress(directory)["attempts"] == 1
 
 
 def test_clean_shutdowns_do_not_count_as_attempts(tiny_gemma: Path, tmp_path: Path) -> None:

@@ -7,7 +7,8 @@
 
 Any error a job can cause (bad job.json, an example too long, an unsupported base) ends it FAILED with a
 readable message; nothing it does raises out of `run_job`. progress.json also counts `attempts`: a job whose
-worker died MAX_ATTEMPTS times while running it fails instead of taking every new worker down with it.
+worker died MAX_ATTEMPTS times in a row without getting a step further fails instead of taking every new worker
+down with it; deaths between which training advanced do not add up.
 Log lines carry ids, counts and timings, never the examples' text.
 
 Not here: picking jobs, locking, signals (`worker.py`).
@@ -80,12 +81,16 @@ def _run(data_dir: Path, job_dir: Path, job: Job, progress: dict[str, Any], opti
         _finish(job_dir, progress, CANCELLED)
         log.info("tuning job cancelled before it started", extra=extra)
         return CANCELLED
-    attempts = int(progress.get("attempts") or 0) + 1  # a clean shutdown gives its attempt back
+    # Only attempts that died without getting further count against the job: `completed_steps` is as far as the
+    # last attempt got, `attempt_step` as far as the one before it had got when the last one began.
+    reached = int(progress.get("completed_steps") or 0)
+    progressed = reached > int(progress.get("attempt_step", -1))
+    attempts = 1 if progressed else int(progress.get("attempts") or 0) + 1  # a clean shutdown gives one back
     if attempts > MAX_ATTEMPTS:
-        raise JobError(f"the tuning worker stopped {MAX_ATTEMPTS} times while running this job without finishing "
-                       "it (killed, or out of memory?); it is not tried again")
+        raise JobError(f"the tuning worker stopped {MAX_ATTEMPTS} times in a row while running this job without "
+                       "getting further (killed, or out of memory?); it is not tried again")
     progress.update(state=RUNNING, total_steps=job.total_steps, start_time=progress["start_time"] or jobs.utc_now(),
-                    attempts=attempts)
+                    attempts=attempts, attempt_step=reached)
     jobs.write_progress(job_dir, progress)
     log.info("tuning job started", extra={**extra, "base_model": job.base_model_id,
                                           "examples": len(job.examples), "total_steps": job.total_steps})
