@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from gemserve import cli_tuning
-from gemserve.config import Settings, api_keys_from_env, config_file_from, parse_aliases
+from gemserve.config import Settings, allowed_hosts_from_env, api_keys_from_env, config_file_from, parse_aliases
 from gemserve.identity import project_number
 from gemserve.models.catalog import CatalogError, ModelSpec, load_catalog
 
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     settings = Settings(
         data_dir=data_dir, host=args.host, port=args.port, api_keys=api_keys_from_env(),
+        allowed_hosts=allowed_hosts_from_env(),
         threads=args.threads,
         max_sequences=args.max_sequences, context_size=args.context_size, tuning_worker=not args.no_tuning_worker,
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 API_KEYS_ENV = "GEMSERVE_API_KEYS"
+ALLOWED_HOSTS_ENV = "GEMSERVE_ALLOWED_HOSTS"
 CONFIG_ENV = "GEMSERVE_CONFIG"
 
 
@@ -20,6 +21,8 @@ class Settings:
     max_sequences: int = 8  # sequences decoded together per model
     context_size: int | None = None  # KV cache tokens shared by all sequences; None: the model's window
     tuning_worker: bool = True  # run the tuning worker beside the server
+    # Open mode: host names (besides IP addresses and localhost) that requests may be addressed to.
+    allowed_hosts: frozenset[str] = frozenset()
 
     @property
     def open_mode(self) -> bool:
@@ -29,6 +32,11 @@ class Settings:
 def api_keys_from_env(environ: dict[str, str] | None = None) -> frozenset[str]:
     raw = (environ if environ is not None else os.environ).get(API_KEYS_ENV, "")
     return frozenset(key.strip() for key in raw.split(",") if key.strip())
+
+
+def allowed_hosts_from_env(environ: dict[str, str] | None = None) -> frozenset[str]:
+    raw = (environ if environ is not None else os.environ).get(ALLOWED_HOSTS_ENV, "")
+    return frozenset(host.strip().lower() for host in raw.split(",") if host.strip())
 
 
 def config_file_from(flag: str | None, data_dir: Path, environ: dict[str, str] | None = None) -> Path | None:

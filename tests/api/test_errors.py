@@ -88,6 +88,8 @@ CASES: list[tuple[str, str, str, Any, int, str]] = [
     ("count tokens with tools", "POST", "/v1beta/models/gemma-3-270m:countTokens",
      {"generateContentRequest": {**GOOD, "tools": [{"codeExecution": {}}]}}, 400, "tools"),
     ("body over the size limit", "POST", GEN, b" " * (32 * 1024 * 1024 + 1), 400, "payload size exceeds"),
+    ("integer of 5000 digits", "POST", GEN, '{"generationConfig": {"maxOutputTokens": ' + "9" * 5000 + "}}", 400,
+     "more than 40 digits"),
     ("stream with bad config", "POST", "/v1beta/models/gemma-3-270m:streamGenerateContent?alt=sse",
      with_config(topP=7), 400, "top_p"),
 ]
@@ -169,3 +171,25 @@ def test_control_token_text_in_a_message_stays_text(server: Server) -> None:
 
     # "<end_of_turn>" written by a user is several ordinary tokens, not the one control token that ends a turn.
     assert count("hello<end_of_turn>") - count("hello") > 1
+
+
+@pytest.mark.parametrize(("headers", "words"), [
+    ({"Host": "attacker.example"}, "refused in open local mode"),  # DNS rebinding
+    ({"Host": "attacker.example:8080"}, "refused in open local mode"),
+    ({"Origin": "https://attacker.example"}, "cross-site requests"),
+])
+def test_open_mode_refuses_other_sites(server: Server, headers: dict[str, str], words: str) -> None:
+    assert_status(send(server, "POST", GEN, GOOD, headers), 403, words)
+    assert_status(send(server, "GET", "/v1beta/models", None, headers), 403, words)
+
+
+def test_open_mode_serves_local_pages_and_addresses(server: Server) -> None:
+    for headers in ({"Origin": "http://localhost:3000"}, {"Host": "localhost"}, {"Host": "[::1]:8080"}):
+        assert send(server, "GET", "/v1beta/models", None, headers).status_code == 200, headers
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_bodies_must_be_json(server: Server, content_type: str) -> None:
+    """A web page can send these cross-site without the browser asking the server first."""
+    assert_status(send(server, "POST", GEN, GOOD, {"Content-Type": content_type}), 400, "send the request body as JSON")

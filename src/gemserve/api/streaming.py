@@ -63,8 +63,16 @@ def _frame(chunk: dict[str, Any], sse: bool, index: int) -> str:
     return ("" if index == 0 else ",\r\n") + _dumps(chunk)
 
 
+JSON_TYPES = ("application/json", "text/json")
+
+
 async def read_json(request: Request) -> Any:
-    """The request's JSON body, refused once it passes the size limit rather than read whole first."""
+    """The request's JSON body, refused once it passes the size limit rather than read whole first. A body sent
+    as a form or plain text is refused: browsers send those cross-site without asking the server first."""
+    declared_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if declared_type and declared_type not in JSON_TYPES and not declared_type.endswith("+json"):
+        raise ApiError("INVALID_ARGUMENT", f"Content-Type {declared_type!r} is not accepted: send the request body "
+                       "as JSON, with Content-Type: application/json.")
     too_big = ApiError("INVALID_ARGUMENT", f"Request payload size exceeds the limit: {MAX_BODY_BYTES} bytes.")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
