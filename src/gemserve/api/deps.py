@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from fastapi import Depends, Request
 
 from gemserve.config import Settings
-from gemserve.errors import ERROR_INFO_TYPE, ApiError
+from gemserve.errors import ERROR_INFO_TYPE, ApiError, invalid_argument
 from gemserve.identity import OPEN_MODE_CALLER, Caller, caller_for_key
 
 
@@ -30,7 +30,26 @@ def settings_of(request: Request) -> Settings:
     return settings
 
 
+# Google's system parameters, and the parameters of gemserve's routes: any other is refused, as Google does.
+SYSTEM_PARAMETERS = frozenset({"key", "alt", "$alt", "$.xgafv", "prettyPrint", "fields", "quotaUser", "callback",
+                               "access_token", "oauth_token", "upload_protocol", "uploadType"})
+ROUTE_PARAMETERS = frozenset({"pageSize", "pageToken", "tunedModelId", "updateMask", "filter"})
+ALT_VALUES = frozenset({"json", "sse"})
+
+
+def check_query(request: Request) -> None:
+    for name in request.query_params:
+        if name not in SYSTEM_PARAMETERS and name not in ROUTE_PARAMETERS:
+            raise invalid_argument(f'Invalid JSON payload received. Unknown name "{name}": Cannot bind query '
+                                   f"parameter. Field '{name}' could not be found in request message.", name)
+    alt = request.query_params.get("alt")
+    if alt is not None and alt not in ALT_VALUES:
+        raise invalid_argument(f"Invalid value at 'alt' ({alt!r}): expected one of {', '.join(sorted(ALT_VALUES))}.",
+                               "alt")
+
+
 def caller(request: Request) -> Caller:
+    check_query(request)
     settings = settings_of(request)
     key = request.headers.get("x-goog-api-key") or request.query_params.get("key")
     if settings.open_mode:

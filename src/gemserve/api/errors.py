@@ -1,7 +1,8 @@
 """One place that turns exceptions into `google.rpc.Status` JSON: `{"error": {"code", "message", "status", "details"}}`.
 
 `ApiError`s keep their status; FastAPI's own validation errors become INVALID_ARGUMENT; unknown routes
-NOT_FOUND; anything unexpected is logged with its traceback and answered 500 INTERNAL without its text.
+NOT_FOUND; an engine that cannot run a request (out of context memory, a dead engine thread) UNAVAILABLE; anything
+unexpected is logged with its traceback and answered 500 INTERNAL without its text.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gemserve.engine.types import EngineError
 from gemserve.errors import STATUS_CODES, ApiError, invalid_argument, url_not_found
 
 log = logging.getLogger("gemserve.api")
@@ -40,6 +42,11 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(url_not_found())
         status = next((s for s, c in STATUS_CODES.items() if c == exc.status_code), "INVALID_ARGUMENT")
         return error_response(ApiError(status, str(exc.detail)))
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
+        log.warning("engine refused a request", extra={"error": str(exc)})
+        return error_response(ApiError("UNAVAILABLE", f"The model could not run this request: {exc}"))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
