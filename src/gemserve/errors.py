@@ -9,6 +9,8 @@ from typing import Any
 
 BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
+RETRY_INFO_TYPE = "type.googleapis.com/google.rpc.RetryInfo"
+RETRY_AFTER_SECONDS = 5  # what a busy server asks a client to wait
 
 STATUS_CODES = {
     "INVALID_ARGUMENT": 400,
@@ -31,12 +33,16 @@ STATUS_CODES = {
 class ApiError(Exception):
     """An error with a canonical status, raised anywhere and answered as `google.rpc.Status`."""
 
-    def __init__(self, status: str, message: str, details: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, status: str, message: str, details: list[dict[str, Any]] | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = STATUS_CODES[status]
         self.message = message
         self.details = details or []
+        self.retry_after = retry_after  # seconds, for a Retry-After header and a RetryInfo detail
+        if retry_after is not None:
+            self.details.append({"@type": RETRY_INFO_TYPE, "retryDelay": f"{retry_after}s"})
 
     def to_json(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message, "status": self.status}

@@ -70,7 +70,8 @@ def test_models_get_and_list(client: genai.Client) -> None:
     assert model.output_token_limit == 8192
     assert "generateContent" in model.supported_actions
     assert model.temperature == 1.0 and model.top_p == 0.95 and model.top_k == 64
-    assert [m.name for m in client.models.list()] == ["models/gemma-3-270m", "models/qwen2.5-coder-0.5b-instruct"]
+    assert [m.name for m in client.models.list()] == ["models/gemma-3-270m", "models/qwen2.5-coder-0.5b-instruct",
+                                                     "models/all-minilm-l6-v2"]
 
 
 def test_count_tokens_predicts_prompt_usage(client: genai.Client) -> None:

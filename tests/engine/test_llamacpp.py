@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from gemserve.engine.backends.llamacpp import LlamaCppEngine
 from gemserve.engine.sampling import log_softmax
-from gemserve.engine.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from gemserve.engine.types import EngineBusy, EngineError, FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -167,3 +168,52 @@ def test_kept_caches_beyond_the_most_recent_stay_within_their_budget(default_ggu
         assert reused[2] == 0  # a third did not
     finally:
         engine.close()
+
+
+def test_a_full_cache_makes_the_latest_request_wait_and_ends_none(default_gguf: Path) -> None:
+    """Two long prompts and three short ones on a cache that cannot hold them all at once: every request
+    completes (the latest ones wait for room), none is ended with an error."""
+    eng = LlamaCppEngine(default_gguf, context_size=1024, max_sequences=5, threads=2)
+    long_text = "The history of the Roman empire is long and full of wars, emperors and roads. " * 26
+
+    async def all_of_them() -> list[tuple[list[TokenEvent], str]]:
+        longs = [run(eng, request(eng, long_text + f" Part {i}.", 60)) for i in range(2)]
+        shorts = [run(eng, request(eng, f"Question {i}: what is the capital of France?", 40)) for i in range(3)]
+        return await asyncio.gather(*longs, *shorts)
+
+    try:
+        assert len(eng.tokenize(long_text, add_bos=True, parse_special=False)) > 400
+        results = asyncio.run(all_of_them())  # an error would raise here
+        for (tokens, reason), wanted in zip(results, [60, 60, 40, 40, 40], strict=True):
+            assert reason == "STOP" or (reason == "MAX_TOKENS" and len(tokens) == wanted)
+    finally:
+        eng.close()
+
+
+def test_a_request_alone_that_cannot_fit_the_cache_ends_with_an_error(default_gguf: Path) -> None:
+    eng = LlamaCppEngine(default_gguf, context_size=256, max_sequences=2, threads=2)
+    try:
+        with pytest.raises(EngineError, match="more context memory"):
+            asyncio.run(run(eng, request(eng, "word " * 200, 200)))
+    finally:
+        eng.close()
+
+
+def test_too_many_waiting_requests_are_refused_as_busy() -> None:
+    from gemserve.engine.sequences import Inbox
+
+    inbox: Inbox[Any] = Inbox(max_waiting=2)
+
+    class Fake:
+        cancelled = False
+
+    async def queue_three() -> None:
+        streams = [inbox.stream(lambda loop, queue: Fake()) for _ in range(3)]  # type: ignore[arg-type,return-value]
+        for stream in streams[:2]:
+            task = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0)
+            task.cancel()
+        with pytest.raises(EngineBusy, match="2 requests are already waiting"):
+            await streams[2].__anext__()
+
+    asyncio.run(queue_three())

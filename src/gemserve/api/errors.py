@@ -14,14 +14,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gemserve.engine.types import EngineError
-from gemserve.errors import STATUS_CODES, ApiError, invalid_argument, url_not_found
+from gemserve.engine.types import EngineBusy, EngineError
+from gemserve.errors import RETRY_AFTER_SECONDS, STATUS_CODES, ApiError, invalid_argument, url_not_found
 
 log = logging.getLogger("gemserve.api")
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.to_json(), status_code=error.code)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return JSONResponse(error.to_json(), status_code=error.code, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -42,6 +43,11 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(url_not_found())
         status = next((s for s, c in STATUS_CODES.items() if c == exc.status_code), "INVALID_ARGUMENT")
         return error_response(ApiError(status, str(exc.detail)))
+
+    @app.exception_handler(EngineBusy)
+    async def _engine_busy(_: Request, exc: EngineBusy) -> JSONResponse:
+        return error_response(ApiError("RESOURCE_EXHAUSTED", f"The server is busy: {exc}. Try again later.",
+                                       retry_after=RETRY_AFTER_SECONDS))
 
     @app.exception_handler(EngineError)
     async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:

@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from gemserve.engine.sampling import sample
-from gemserve.engine.types import EngineError, Event, FinishEvent, GenerationRequest, TokenEvent
+from gemserve.engine.types import EngineBusy, EngineError, Event, FinishEvent, GenerationRequest, TokenEvent
 
 log = logging.getLogger("gemserve.engine")
 
@@ -103,8 +103,9 @@ def advance(seq: Sequence, logits: np.ndarray, is_end: Callable[[int], bool], ou
 class Inbox(Generic[S]):
     """Sequences on their way to the engine thread, and whether that thread still runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_waiting: int = 256) -> None:
         self._cond = threading.Condition()
+        self._max_waiting = max_waiting
         self._incoming: deque[S] = deque()
         self._closed = False
         self._failure: BaseException | None = None
@@ -117,6 +118,8 @@ class Inbox(Generic[S]):
         with self._cond:
             if self._failure is not None or self._closed:
                 raise EngineError("the engine has stopped") from self._failure
+            if len(self._incoming) >= self._max_waiting:
+                raise EngineBusy(f"{len(self._incoming)} requests are already waiting for this model")
             self._incoming.append(seq)
             self._cond.notify()
         try:

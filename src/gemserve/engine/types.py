@@ -14,6 +14,10 @@ class EngineError(RuntimeError):
     """The engine could not run a sequence (out of context memory, or the engine thread died)."""
 
 
+class EngineBusy(EngineError):
+    """Too many requests are already waiting for this engine; the caller may try again later."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen. `temperature == 0` is greedy decoding; `top_k == 0` means no top-k cut."""

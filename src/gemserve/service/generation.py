@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gemserve.engine.types import EngineError, Event, FinishEvent, GenerationRequest, TokenEvent
-from gemserve.errors import ApiError
+from gemserve.engine.types import EngineBusy, EngineError, Event, FinishEvent, GenerationRequest, TokenEvent
+from gemserve.errors import RETRY_AFTER_SECONDS, ApiError
 from gemserve.schema.content import Content, FunctionCall, Part
 from gemserve.schema.responses import (
     Candidate,
@@ -136,6 +136,9 @@ class Generation:
                         continue
                     if attempt != cand.attempt:
                         continue
+                    if isinstance(event, EngineBusy):
+                        raise ApiError("RESOURCE_EXHAUSTED", f"The server is busy: {event}. Try again later.",
+                                       retry_after=RETRY_AFTER_SECONDS) from event
                     if isinstance(event, EngineError):
                         raise ApiError("UNAVAILABLE", f"The model could not finish this request: {event}") from event
                     if isinstance(event, BaseException):

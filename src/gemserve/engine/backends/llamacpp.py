@@ -30,7 +30,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +75,8 @@ class LlamaCppEngine:
 
         self._inbox: Inbox[_Sequence] = Inbox()
         self._outbox = Outbox()
-        self._running: list[_Sequence] = []
+        self._running: list[_Sequence] = []  # in the order they were admitted
+        self._waiting: deque[_Sequence] = deque()  # set aside by _make_room until the cache has room
         self._forgotten: set[str] = set()  # adapters to unload, filled from other threads
         self._forgotten_lock = threading.Lock()
 
@@ -145,7 +146,12 @@ class LlamaCppEngine:
     def _loop(self) -> None:
         try:
             while True:
-                admitted = self._inbox.take(self._max_running - len(self._running), busy=bool(self._running))
+                # Set-aside sequences go first, each once the cache has room for it; new ones only after them.
+                self._waiting = deque(s for s in self._waiting if not s.cancelled)
+                while self._waiting and len(self._running) < self._max_running and self._fits(self._waiting[0]):
+                    self._admit(self._waiting.popleft())
+                room = 0 if self._waiting else self._max_running - len(self._running)
+                admitted = self._inbox.take(room, busy=bool(self._running or self._waiting))
                 if admitted is None:
                     break
                 # Cancelled sequences leave first, so that a new one can start from the cache they leave.
@@ -157,8 +163,9 @@ class LlamaCppEngine:
                 self._outbox.flush()
         except BaseException as exc:  # the thread must never die silently: fail every waiting request
             log.exception("engine thread failed")
-            self._inbox.fail(exc, self._running, self._outbox)
+            self._inbox.fail(exc, self._running + list(self._waiting), self._outbox)
             self._running.clear()
+            self._waiting.clear()
 
     def _admit(self, seq: _Sequence) -> None:
         """Give `seq` a sequence id, starting from the kept cache that shares the longest prefix with it."""
@@ -259,15 +266,33 @@ class LlamaCppEngine:
         return seq_id
 
     def _make_room(self) -> None:
-        """The batch did not fit the KV cache: drop kept caches first, then the sequence with least context."""
+        """The batch did not fit the KV cache: drop kept caches first; then set aside the sequence that came last
+        (its cache freed, its tokens so far computed again once there is room), so that a long prompt never
+        ends requests that were there before it. A sequence alone that does not fit ends with an error."""
         if self._kept:
             while self._kept:
                 self._free_ids.append(self._evict_oldest_kept())
             return
-        victim = min(self._running, key=lambda s: len(s.history))
-        log.warning("KV cache full; dropping the sequence with the least context")
-        self._outbox.put(victim, EngineError("the server ran out of context memory for this request"))
-        self._finish(victim, keep=False)
+        victim = self._running[-1]
+        if len(self._running) == 1:
+            log.warning("KV cache full with one sequence")
+            self._outbox.put(victim, EngineError("this request needs more context memory than the server has "
+                                                 "(see --context-size)"))
+            self._finish(victim, keep=False)
+            return
+        log.info("KV cache full; the latest sequence waits for room", extra={"tokens": len(victim.history)})
+        self._running.remove(victim)
+        self._llm.forget(victim.seq_id)
+        self._free_ids.append(victim.seq_id)
+        victim.pending = victim.history + victim.pending
+        victim.history = []
+        victim.seq_id = -1
+        self._waiting.appendleft(victim)
+
+    def _fits(self, seq: _Sequence) -> bool:
+        """Whether the cache has room for `seq`'s tokens beside what the running sequences hold."""
+        used = sum(len(s.history) + len(s.pending) for s in self._running)
+        return not self._running or used + len(seq.pending) + len(self._running) <= self._llm.n_ctx
 
 
 def _reuses_prefixes(seq: _Sequence) -> bool:

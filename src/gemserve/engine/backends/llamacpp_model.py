@@ -82,6 +82,7 @@ class LlamaModel:
         self._ctx = ctx
         self._memory = llama.llama_get_memory(ctx)
         self.ubatch = ubatch
+        self.n_ctx = n_ctx  # KV cache cells, shared by all sequences
         self._batch = llama.llama_batch_init(ubatch, 0, 1)
         self._adapters: dict[str, llama.llama_adapter_lora_p] = {}
         self._adapters_changing_output: set[str] = set()
