@@ -44,6 +44,7 @@ log = logging.getLogger("gemserve.engine")
 
 MIN_REUSED_PREFIX = 8  # shorter common prefixes are not worth a cache slot
 KEPT_TOKENS = 512  # kept caches beyond the most recent one, in tokens: see the module docstring
+PROMPT_TOKENS_BESIDE_DECODING = 128  # prompt tokens per step while other sequences decode
 
 
 @dataclass(eq=False)
@@ -202,15 +203,23 @@ class LlamaCppEngine:
             return
         entries: list[tuple[int, int, list[int], bool]] = []
         plan: list[_Sequence] = []
+        group = sorted((s for s in self._running if s.request.adapter == adapter), key=lambda s: len(s.pending))
         room = self._llm.ubatch
+        # While others decode, prompts advance by a smaller chunk per step, so that a long prompt slows their
+        # tokens down rather than stopping them (a 512-token chunk deep into a long prompt takes seconds here).
+        decoding = any(s.history and len(s.pending) == 1 for s in group)
+        prompt_room = min(room, PROMPT_TOKENS_BESIDE_DECODING) if decoding else room
         # Decoding sequences first (one token each), then prompt chunks in what room is left.
-        for seq in sorted((s for s in self._running if s.request.adapter == adapter), key=lambda s: len(s.pending)):
-            chunk = seq.pending[:room]
+        for seq in group:
+            prompt = len(seq.pending) > 1 or not seq.history
+            chunk = seq.pending[: min(room, prompt_room) if prompt else room]
             if not chunk:
                 break
             entries.append((seq.seq_id, len(seq.history), chunk, len(chunk) == len(seq.pending)))
             plan.append(seq)
             room -= len(chunk)
+            if prompt:
+                prompt_room -= len(chunk)
         if not self._llm.decode(entries):
             self._make_room()
             return
