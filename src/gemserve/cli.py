@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 from gemserve import cli_tuning
-from gemserve.config import Settings, allowed_hosts_from_env, api_keys_from_env, config_file_from, parse_aliases
+from gemserve.config import (
+    Settings,
+    allowed_hosts_from_env,
+    api_keys_from_env,
+    check_data_dir,
+    config_file_from,
+    parse_aliases,
+)
 from gemserve.identity import project_number
 from gemserve.models.catalog import CatalogError, ModelSpec, load_catalog
 
@@ -105,9 +112,10 @@ def _serve(settings: Settings, catalog, log_level: str) -> None:  # type: ignore
     from gemserve.engine.embedding import EmbeddingEngine
     from gemserve.engine.types import Engine
     from gemserve.models.registry import ModelRegistry
+    from gemserve.store.db import DatabaseError
 
     setup_logging(log_level)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    check_data_dir(settings.data_dir)
 
     def engine_factory(path: Path, spec: ModelSpec) -> Engine:
         # A Hugging Face directory runs on transformers, a GGUF file on llama.cpp. Each backend is imported
@@ -131,7 +139,11 @@ def _serve(settings: Settings, catalog, log_level: str) -> None:  # type: ignore
     if settings.open_mode:
         logging.getLogger("gemserve").warning(
             "open local mode: no API keys configured (set GEMSERVE_API_KEYS to require keys)")
-    app = create_app(settings, registry)
+    try:
+        app = create_app(settings, registry)
+    except DatabaseError as exc:
+        registry.close()
+        raise SystemExit(f"gemserve: {exc}") from None
     uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_config=None,
                 timeout_graceful_shutdown=5)
 

@@ -61,3 +61,16 @@ def parse_aliases(values: list[str]) -> dict[str, str]:
             raise SystemExit(f"gemserve: --alias takes NAME=MODEL, got {value!r}")
         aliases[alias.strip()] = target.strip()
     return aliases
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """Fail at start-up, naming the problem, when the data directory cannot be created or written."""
+    probe = data_dir / ".gemserve-write-check"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise SystemExit(f"gemserve: the data directory {data_dir} is not writable ({exc.strerror}). gemserve keeps "
+                         "its models, database and tuning jobs there: give it a writable directory with "
+                         "--data-dir.") from None

@@ -15,11 +15,14 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger("gemserve.tuning")
 
 RESTART_DELAY_SECONDS = 1.0
+MAX_RESTART_DELAY_SECONDS = 60.0
+QUICK_EXIT_SECONDS = 60.0  # a worker that exits sooner than this after starting is restarted after a longer wait
 
 
 class WorkerSupervisor:
@@ -37,14 +40,19 @@ class WorkerSupervisor:
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
+        delay = RESTART_DELAY_SECONDS
         while not self._stopping:
+            started = time.monotonic()
             self._spawn()
             assert self._process is not None
             code = await asyncio.to_thread(self._process.wait)
             if self._stopping:
                 break
-            log.warning("tuning worker exited; restarting", extra={"exit_code": code})
-            await asyncio.sleep(RESTART_DELAY_SECONDS)
+            # A worker that keeps dying at once (a full disk, a broken install) is restarted ever more slowly.
+            quick = time.monotonic() - started < QUICK_EXIT_SECONDS
+            delay = min(delay * 2, MAX_RESTART_DELAY_SECONDS) if quick else RESTART_DELAY_SECONDS
+            log.warning("tuning worker exited; restarting", extra={"exit_code": code, "in_seconds": delay})
+            await asyncio.sleep(delay)
 
     def _spawn(self) -> None:
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)

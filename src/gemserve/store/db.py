@@ -16,6 +16,10 @@ from pathlib import Path
 Migration = Callable[[sqlite3.Connection], None]
 
 
+class DatabaseError(RuntimeError):
+    """The database file cannot be opened or set up; the server cannot start with it."""
+
+
 def _create_tuned_models(db: sqlite3.Connection) -> None:
     db.execute(
         """CREATE TABLE tuned_models (
@@ -47,10 +51,17 @@ MIGRATIONS: list[tuple[str, Migration]] = [
 class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        plain = sqlite3.connect(path)
-        plain.execute("PRAGMA journal_mode=WAL")  # must happen outside a transaction
-        plain.close()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            plain = sqlite3.connect(path)
+            plain.execute("PRAGMA journal_mode=WAL")  # must happen outside a transaction
+            plain.close()
+            self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            raise DatabaseError(f"cannot open the database {path}: {exc} (is the data directory writable, and is "
+                                "there free space?)") from exc
+
+    def _migrate(self) -> None:
         with self.connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied TEXT NOT NULL)")
             applied = {row[0] for row in db.execute("SELECT name FROM schema_migrations")}
@@ -60,12 +71,13 @@ class Database:
                     db.execute("INSERT INTO schema_migrations VALUES (?, datetime('now'))", (name,))
 
     @contextmanager
-    def connect(self) -> Iterator[sqlite3.Connection]:
-        """A connection whose changes commit together when the block ends, or not at all."""
+    def connect(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """A connection whose changes commit together when the block ends, or not at all. A reading one
+        (`write=False`) takes no write lock, so reads go on when the disk is full."""
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield db
             db.execute("COMMIT")
         except BaseException:

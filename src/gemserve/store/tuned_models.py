@@ -69,12 +69,12 @@ class TunedModelStore:
             return cursor.rowcount == 1
 
     def get(self, model_id: str) -> TunedModelRecord | None:
-        with self._db.connect() as db:
+        with self._db.connect(write=False) as db:
             row = db.execute("SELECT * FROM tuned_models WHERE id = ?", (model_id,)).fetchone()
         return _from_row(row) if row else None
 
     def all(self) -> list[TunedModelRecord]:
-        with self._db.connect() as db:
+        with self._db.connect(write=False) as db:
             rows = db.execute("SELECT * FROM tuned_models ORDER BY create_time, id").fetchall()
         return [_from_row(row) for row in rows]
 
