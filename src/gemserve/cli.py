@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     _serve(settings, catalog, args.log_level)
 
 
+MAX_CONNECTIONS = 1000
+
+
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="./data", help="where models, caches and records live")
     parser.add_argument("--config", default=None, help="model configuration (TOML); default: "
@@ -144,8 +147,9 @@ def _serve(settings: Settings, catalog, log_level: str) -> None:  # type: ignore
     except DatabaseError as exc:
         registry.close()
         raise SystemExit(f"gemserve: {exc}") from None
+    # Connections beyond the limit are answered 503 at once rather than piling up; idle ones close after 30 s.
     uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_config=None,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=30)
 
 
 if __name__ == "__main__":

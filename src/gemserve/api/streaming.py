@@ -64,6 +64,7 @@ def _frame(chunk: dict[str, Any], sse: bool, index: int) -> str:
 
 
 JSON_TYPES = ("application/json", "text/json")
+BODY_CHUNK_TIMEOUT_SECONDS = 30
 
 
 async def read_json(request: Request) -> Any:
@@ -78,7 +79,16 @@ async def read_json(request: Request) -> Any:
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        try:
+            # A client that stops sending holds a connection and a task: it gets a while between chunks, no more.
+            chunk = await asyncio.wait_for(anext(stream), BODY_CHUNK_TIMEOUT_SECONDS)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise ApiError("DEADLINE_EXCEEDED", f"The request body stopped arriving for {BODY_CHUNK_TIMEOUT_SECONDS} "
+                           "seconds; the request was dropped.") from None
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise too_big
