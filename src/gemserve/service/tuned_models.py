@@ -30,6 +30,7 @@ from gemserve.models.catalog import Catalog, model_path
 from gemserve.schema.tuning import Hyperparameters, TunedModelIn
 from gemserve.store.tuned_models import TunedModelRecord, TunedModelStore
 from gemserve.tuning import jobs
+from gemserve.tuning.jobs import MAX_BATCH_SIZE
 
 log = logging.getLogger("gemserve.tuning")
 
@@ -39,7 +40,6 @@ MAX_DISPLAY_NAME = 40
 MAX_EXAMPLES = 100_000
 MAX_EXAMPLE_CHARS = 40_000
 MAX_EPOCHS = 1000
-MAX_BATCH_SIZE = 64
 LARGE_DATASET = 500  # from this many examples on, the larger batch and smaller learning rate are the defaults
 DEFAULT_PAGE_SIZE = 10
 MAX_PAGE_SIZE = 1000

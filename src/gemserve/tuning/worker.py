@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     # Everything the worker loads is on this machine; no library should try the model hub (and time out).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from gemserve.cli import setup_logging
+    from gemserve.logs import setup_logging
 
     setup_logging(args.log_level)
     logging.captureWarnings(True)  # library warnings become JSON log lines too
