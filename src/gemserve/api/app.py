@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -50,6 +51,19 @@ class RequestLog:
                                        "ms": round((time.perf_counter() - started) * 1000, 1)})
 
 
+SWEEP_SECONDS = 60.0
+
+
+async def _sweep_every(seconds: float, tuned_models: TunedModels) -> None:
+    """Job directories of deleted models go once their job has stopped, not only at the next start."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await asyncio.to_thread(tuned_models.sweep)
+        except Exception:
+            log.exception("sweeping job directories failed")
+
+
 def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     """`registry` may still be empty; it is loaded at start-up and closed at shutdown."""
 
@@ -61,10 +75,12 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
         supervisor = WorkerSupervisor(settings.data_dir)
         if settings.tuning_worker:
             supervisor.start()
+        sweeper = asyncio.create_task(_sweep_every(SWEEP_SECONDS, app.state.tuned_models))
         served = registry.everything()
         log.info("serving", extra={"models": [m.spec.id for m in served],
                                    "open_mode": settings.open_mode})
         yield
+        sweeper.cancel()
         await supervisor.stop()
         registry.close()
 
