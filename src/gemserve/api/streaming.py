@@ -49,7 +49,10 @@ def streaming_response(chunks: AsyncIterator[dict[str, Any]], sse: bool) -> Stre
             log.exception("stream failed")
             yield _frame(ApiError("INTERNAL", "An internal error has occurred.").to_json(), sse, sent)
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            # A client that leaves before the first chunk cancels this while `chunks` may still be running;
+            # closing it then would raise, and it is closed by its own cancellation anyway.
+            with contextlib.suppress(RuntimeError):
+                await chunks.aclose()  # type: ignore[attr-defined]
         if not sse:
             yield "]"
 

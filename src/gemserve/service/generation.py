@@ -14,8 +14,9 @@ request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -100,7 +101,7 @@ class Generation:
     def candidates_token_count(self) -> int:
         return sum(c.tokens for c in self.candidates)
 
-    async def deltas(self) -> AsyncIterator[Delta]:
+    async def deltas(self) -> AsyncGenerator[Delta, None]:
         engine = self.plan.model.engine
         streams = [engine.generate(request) for request in self.plan.candidates]
         queue: asyncio.Queue[tuple[int, int, Event | BaseException | None]] = asyncio.Queue()
@@ -273,8 +274,9 @@ async def generate(plan: GenerationPlan) -> dict[str, Any]:
     """The whole response at once (generateContent)."""
     generation = Generation(plan)
     parts: list[list[Part]] = [[] for _ in plan.candidates]
-    async for delta in generation.deltas():
-        parts[delta.index] = join_parts(parts[delta.index] + delta.parts)
+    async with contextlib.aclosing(generation.deltas()) as deltas:  # closed at once when the client leaves
+        async for delta in deltas:
+            parts[delta.index] = join_parts(parts[delta.index] + delta.parts)
     candidates = []
     for cand in generation.candidates:
         logprobs = None
@@ -288,11 +290,13 @@ async def generate(plan: GenerationPlan) -> dict[str, Any]:
 async def stream(plan: GenerationPlan) -> AsyncIterator[dict[str, Any]]:
     """One GenerateContentResponse per delta (streamGenerateContent); the last ones carry finishReason."""
     generation = Generation(plan)
-    async for delta in generation.deltas():
-        cand = generation.candidates[delta.index]
-        logprobs = None
-        if delta.chosen:
-            avg = sum(c.log_probability for c in delta.chosen) / len(delta.chosen)
-            logprobs = (delta.chosen, delta.top, avg)
-        tokens = cand.tokens if delta.finish is not None else None
-        yield generation.response([candidate(delta.index, delta.parts, delta.finish, tokens, logprobs)])
+    # Closed with this generator, not left to the collector: its tasks hold the engine's sequences.
+    async with contextlib.aclosing(generation.deltas()) as deltas:
+        async for delta in deltas:
+            cand = generation.candidates[delta.index]
+            logprobs = None
+            if delta.chosen:
+                avg = sum(c.log_probability for c in delta.chosen) / len(delta.chosen)
+                logprobs = (delta.chosen, delta.top, avg)
+            tokens = cand.tokens if delta.finish is not None else None
+            yield generation.response([candidate(delta.index, delta.parts, delta.finish, tokens, logprobs)])
