@@ -217,3 +217,45 @@ def test_too_many_waiting_requests_are_refused_as_busy() -> None:
             await streams[2].__anext__()
 
     asyncio.run(queue_three())
+
+
+def test_a_pinned_prefix_is_shared_saved_and_read_back(default_gguf: Path, tmp_path: Path) -> None:
+    """Requests that begin with a pinned prefix start from it (several at once), and a new engine reads the
+    prefix back from its saved state instead of computing it."""
+    saved = tmp_path / "doc.kvstate"
+    eng = LlamaCppEngine(default_gguf, context_size=2048, max_sequences=4, threads=2)
+    try:
+        prefix = tuple(eng.tokenize("A long document about Roman roads and aqueducts. " * 20, add_bos=True,
+                                    parse_special=False))
+        eng.pin("doc", prefix, saved=saved)
+
+        async def ask(question: str) -> int:
+            prompt = prefix + tuple(eng.tokenize(question, add_bos=False, parse_special=False))
+            async for event in eng.generate(GenerationRequest(prompt, GREEDY, 4)):
+                if isinstance(event, FinishEvent):
+                    return event.cached_tokens
+            raise AssertionError("no finish event")
+
+        assert asyncio.run(ask(" First question?")) == 0  # computes the prefix, and pins it
+        assert saved.is_file()
+
+        async def together() -> list[int]:
+            return list(await asyncio.gather(*(ask(f" Question {i}?") for i in range(3))))
+
+        assert asyncio.run(together()) == [len(prefix)] * 3
+    finally:
+        eng.close()
+    again = LlamaCppEngine(default_gguf, context_size=2048, max_sequences=4, threads=2)
+    try:
+        again.pin("doc", prefix, saved=saved)
+        tokens = prefix + tuple(again.tokenize(" After a restart?", add_bos=False, parse_special=False))
+
+        async def after_restart() -> int:
+            async for event in again.generate(GenerationRequest(tokens, GREEDY, 4)):
+                if isinstance(event, FinishEvent):
+                    return event.cached_tokens
+            raise AssertionError("no finish event")
+
+        assert asyncio.run(after_restart()) == len(prefix)
+    finally:
+        again.close()

@@ -12,6 +12,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import llguidance
@@ -83,6 +84,7 @@ class ScriptedEngine:
     def __init__(self, script: str = "", chat_template: str | None = TOOLS_TEMPLATE) -> None:
         self.script = script
         self.prompts: list[tuple[int, ...]] = []
+        self.pinned: dict[str, tuple[int, ...]] = {}
         self.metadata = ModelMetadata(context_length=8192, vocab_size=256 + len(SPECIAL), bos_text="",
                                       eos_text="<eos>", chat_template=chat_template, architecture="scripted")
         self._lltokenizer = grammar_tokenizer()
@@ -109,6 +111,12 @@ class ScriptedEngine:
 
     def forget_adapter(self, path: str) -> None:
         pass
+
+    def pin(self, key: str, prefix: tuple[int, ...], adapter: str | None = None, saved: Path | None = None) -> None:
+        self.pinned[key] = prefix
+
+    def unpin(self, key: str) -> None:
+        self.pinned.pop(key, None)
 
     def close(self) -> None:
         pass

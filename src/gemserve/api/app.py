@@ -11,12 +11,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gemserve.api import models, tuned_models
+from gemserve.api import cached_contents, models, tuned_models
 from gemserve.api.errors import install_error_handlers
 from gemserve.config import Settings
 from gemserve.models.registry import ModelRegistry
+from gemserve.service.cached_contents import CachedContents
 from gemserve.service.tuned_models import TunedModels
 from gemserve.service.tuning_worker import WorkerSupervisor
+from gemserve.store.cached_contents import CachedContentStore
 from gemserve.store.db import Database
 from gemserve.store.tuned_models import TunedModelStore
 
@@ -54,14 +56,16 @@ class RequestLog:
 SWEEP_SECONDS = 60.0
 
 
-async def _sweep_every(seconds: float, tuned_models: TunedModels) -> None:
-    """Job directories of deleted models go once their job has stopped, not only at the next start."""
+async def _sweep_every(seconds: float, tuned_models: TunedModels, caches: CachedContents) -> None:
+    """Job directories of deleted models go once their job has stopped, not only at the next start; expired
+    caches go with their computed state."""
     while True:
         await asyncio.sleep(seconds)
         try:
             await asyncio.to_thread(tuned_models.sweep)
+            await caches.sweep()
         except Exception:
-            log.exception("sweeping job directories failed")
+            log.exception("sweeping failed")
 
 
 def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
@@ -75,23 +79,27 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
         supervisor = WorkerSupervisor(settings.data_dir)
         if settings.tuning_worker:
             supervisor.start()
-        sweeper = asyncio.create_task(_sweep_every(SWEEP_SECONDS, app.state.tuned_models))
+        sweeper = asyncio.create_task(_sweep_every(SWEEP_SECONDS, app.state.tuned_models, app.state.cached_contents))
+        restoring = asyncio.create_task(app.state.cached_contents.restore())
         served = registry.everything()
         log.info("serving", extra={"models": [m.spec.id for m in served],
                                    "open_mode": settings.open_mode})
         yield
         sweeper.cancel()
+        restoring.cancel()
         await supervisor.stop()
         registry.close()
 
     app = FastAPI(title="gemserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.registry = registry
-    store = TunedModelStore(Database(settings.data_dir / "gemserve.db"))
-    app.state.tuned_models = TunedModels(store, registry.catalog, settings.data_dir)
+    database = Database(settings.data_dir / "gemserve.db")
+    app.state.tuned_models = TunedModels(TunedModelStore(database), registry.catalog, settings.data_dir)
+    app.state.cached_contents = CachedContents(CachedContentStore(database), registry, settings.data_dir)
     install_error_handlers(app)
     app.include_router(models.router)
     app.include_router(tuned_models.router)
+    app.include_router(cached_contents.router)
 
     app.add_middleware(RequestLog)
 

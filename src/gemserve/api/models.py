@@ -19,6 +19,7 @@ from gemserve.schema.content import CountTokensRequest, GenerateContentRequest
 from gemserve.schema.responses import CountTokensResponse, ModalityTokenCount
 from gemserve.schema.wire import parse_model
 from gemserve.service import embeddings, generation
+from gemserve.service.cached_contents import CachedContents
 from gemserve.service.requests import Target, base_target, plan_generation, request_prompt
 
 router = APIRouter()
@@ -116,7 +117,7 @@ async def get_model(version: str, name: str, request: Request, _: CallerDep) -> 
 
 
 @router.post("/{version}/models/{name_and_method}")
-async def call_model(version: str, name_and_method: str, request: Request, _: CallerDep) -> Response:
+async def call_model(version: str, name_and_method: str, request: Request, caller: CallerDep) -> Response:
     name, method = split_call(version, name_and_method, MODEL_METHODS)
     registry = registry_of(request)
     spec = registry.catalog.resolve(name)
@@ -130,33 +131,41 @@ async def call_model(version: str, name_and_method: str, request: Request, _: Ca
         return JSONResponse(await embeddings.count_tokens(embedder, body))
     model = registry.get(name, method, version)
     body = await read_json(request)
+    caches: CachedContents = request.app.state.cached_contents
     if method == "countTokens":
-        return JSONResponse(await asyncio.to_thread(count_tokens, model, body))
-    return await generate_response(request, method, base_target(model), body)
-
-
-async def generate_response(request: Request, method: str, target: Target, body: Any) -> Response:
-    """generateContent or streamGenerateContent (`alt=sse` or a JSON array) for a base or tuned model."""
+        inner = await asyncio.to_thread(count_tokens_request, body)
+        inner, _ = await caches.apply(caller, model, inner)
+        return JSONResponse(await asyncio.to_thread(count_tokens, model, inner))
     parsed: GenerateContentRequest = await asyncio.to_thread(parse_model, GenerateContentRequest, body,
                                                              "GenerateContentRequest")
-    plan = await plan_generation(target, parsed)
+    parsed, cached_tokens = await caches.apply(caller, model, parsed)
+    return await generate_response(request, method, base_target(model), parsed, cached_tokens)
+
+
+async def generate_response(request: Request, method: str, target: Target, parsed: GenerateContentRequest,
+                            cached_tokens: int = 0) -> Response:
+    """generateContent or streamGenerateContent (`alt=sse` or a JSON array) for a base or tuned model."""
+    plan = await plan_generation(target, parsed, cached_tokens)
     if method == "streamGenerateContent":
         sse = request.query_params.get("alt") == "sse"
         return streaming_response(generation.stream(plan), sse)
     return JSONResponse(await until_disconnect(request, generation.generate(plan)))
 
 
-def count_tokens(model: ServedModel, body: Any) -> dict[str, Any]:
-    """Tokens of the prompt exactly as generateContent would build it (chat format included)."""
+def count_tokens_request(body: Any) -> GenerateContentRequest:
+    """The generateContent request a countTokens body stands for."""
     parsed: CountTokensRequest = parse_model(CountTokensRequest, body, "CountTokensRequest")
     if parsed.contents and parsed.generate_content_request is not None:
         raise invalid_argument("contents and generate_content_request are mutually exclusive.", "contents")
     if parsed.generate_content_request is not None:
-        inner = parsed.generate_content_request
-    elif parsed.contents:
-        inner = GenerateContentRequest(contents=parsed.contents)
-    else:
-        raise invalid_argument("* CountTokensRequest: contents or generate_content_request must be set.", "contents")
+        return parsed.generate_content_request
+    if parsed.contents:
+        return GenerateContentRequest(contents=parsed.contents)
+    raise invalid_argument("* CountTokensRequest: contents or generate_content_request must be set.", "contents")
+
+
+def count_tokens(model: ServedModel, inner: GenerateContentRequest) -> dict[str, Any]:
+    """Tokens of the prompt exactly as generateContent would build it (chat format included)."""
     total = len(request_prompt(model, inner).tokens)
     details = [ModalityTokenCount(modality="TEXT", token_count=total)]
     return CountTokensResponse(total_tokens=total, prompt_tokens_details=details).to_wire()

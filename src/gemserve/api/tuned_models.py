@@ -13,6 +13,7 @@ from gemserve.api.deps import CallerDep
 from gemserve.api.models import check_version, generate_response, registry_of, split_call
 from gemserve.api.streaming import read_json
 from gemserve.errors import ApiError, url_not_found
+from gemserve.schema.content import GenerateContentRequest
 from gemserve.schema.tuning import TunedModelIn
 from gemserve.schema.wire import camelize, parse_model
 from gemserve.service.requests import Defaults, Target
@@ -83,7 +84,8 @@ async def call_tuned_model(version: str, name_and_method: str, request: Request,
                         spec.top_p if tuned.top_p is None else tuned.top_p,
                         spec.top_k if tuned.top_k is None else tuned.top_k, spec.repetition_penalty)
     target = Target(model, tuned.name, defaults, str(tuned.adapter))
-    return await generate_response(request, method, target, body)
+    parsed = await asyncio.to_thread(parse_model, GenerateContentRequest, body, "GenerateContentRequest")
+    return await generate_response(request, method, target, parsed)
 
 
 @router.get("/{version}/tunedModels/{model_id}/operations")

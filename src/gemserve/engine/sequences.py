@@ -38,6 +38,7 @@ class Sequence:
     generated: Counter[int] = field(default_factory=Counter)
     n_generated: int = 0
     cancelled: bool = False
+    cached_tokens: int = 0  # prompt tokens taken from a kept or pinned cache
 
 
 S = TypeVar("S", bound=Sequence)
@@ -85,16 +86,16 @@ def advance(seq: Sequence, logits: np.ndarray, is_end: Callable[[int], bool], ou
         outbox.put(seq, EngineError(f"sampling failed for this request: {exc}"))
         return True
     if is_end(choice.token):
-        outbox.put(seq, FinishEvent("STOP"))
+        outbox.put(seq, FinishEvent("STOP", seq.cached_tokens))
         return True
     seq.generated[choice.token] += 1
     seq.n_generated += 1
     outbox.put(seq, TokenEvent(choice.token, choice.logprob, choice.top))
     if constraint is not None and constraint.finished:
-        outbox.put(seq, FinishEvent("STOP"))
+        outbox.put(seq, FinishEvent("STOP", seq.cached_tokens))
         return True
     if seq.n_generated >= seq.request.max_new_tokens:
-        outbox.put(seq, FinishEvent("MAX_TOKENS"))
+        outbox.put(seq, FinishEvent("MAX_TOKENS", seq.cached_tokens))
         return True
     seq.pending.append(choice.token)
     return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -56,9 +57,11 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class FinishEvent:
-    """The sequence ended: `"STOP"` at the model's end-of-turn token, `"MAX_TOKENS"` at the budget."""
+    """The sequence ended: `"STOP"` at the model's end-of-turn token, `"MAX_TOKENS"` at the budget.
+    `cached_tokens`: how many prompt tokens came from a kept or pinned cache instead of being computed."""
 
     reason: str
+    cached_tokens: int = 0
 
 
 Event = TokenEvent | FinishEvent
@@ -97,6 +100,14 @@ class Engine(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Stream events for one sequence; closing the iterator early cancels the generation."""
         ...
+
+    def pin(self, key: str, prefix: tuple[int, ...], adapter: str | None = None, saved: Path | None = None) -> None:
+        """Keep the computed state of `prefix` for prompts that start with it (a cachedContent), from the first
+        time it is computed until `unpin(key)`; within a memory budget, beyond which it is computed again.
+        With `saved`, the state is also written to that file, and read back from it after a restart."""
+        ...
+
+    def unpin(self, key: str) -> None: ...
 
     def forget_adapter(self, path: str) -> None:
         """The adapter at `path` will not be asked for again: free it once no running sequence uses it."""

@@ -42,6 +42,7 @@ class ModalityTokenCount(WireModel):
 
 class UsageMetadata(WireModel):
     prompt_token_count: int
+    cached_content_token_count: int | None = None  # of the prompt's tokens, those that came from a cache
     candidates_token_count: int
     total_token_count: int
 

@@ -88,6 +88,7 @@ class Generation:
     def __init__(self, plan: GenerationPlan) -> None:
         self.plan = plan
         self.response_id = secrets.token_urlsafe(16)
+        self.reused_tokens = 0  # prompt tokens the engine took from a kept cache (implicit caching)
         self.candidates = [
             _Candidate(i, TextStream(plan.stop_sequences), CallReader(plan.bare_calls) if plan.reads_calls else None)
             for i in range(len(plan.candidates))
@@ -166,6 +167,7 @@ class Generation:
         if cand.finish is not None:
             return None
         if isinstance(event, FinishEvent):
+            self.reused_tokens = max(self.reused_tokens, min(event.cached_tokens, self.prompt_token_count))
             parts = self._parts(cand, cand.text.flush(), final=True)
             if self._start_over(cand):
                 return None
@@ -249,8 +251,9 @@ class Generation:
 
     def usage(self) -> UsageMetadata:
         prompt, generated = self.prompt_token_count, self.candidates_token_count
-        return UsageMetadata(prompt_token_count=prompt, candidates_token_count=generated,
-                             total_token_count=prompt + generated)
+        cached = max(self.plan.cached_tokens, self.reused_tokens)  # a named cache, or a recent prefix reused
+        return UsageMetadata(prompt_token_count=prompt, cached_content_token_count=cached or None,
+                             candidates_token_count=generated, total_token_count=prompt + generated)
 
     def response(self, candidates: list[Candidate]) -> dict[str, Any]:
         return GenerateContentResponse(candidates=candidates, usage_metadata=self.usage(),

@@ -72,13 +72,14 @@ class GenerationPlan:
     bare_calls: bool = False  # output beginning with "{" is calls (the answer is not JSON itself)
     answered: frozenset[str] = frozenset()  # calls (tools.call_key) the conversation holds the results of
     retries: tuple[GenerationRequest, ...] = ()  # per candidate: the same with calls ruled out
+    cached_tokens: int = 0  # prompt tokens that come from the cachedContent the request names
 
 
 def check_unsupported(request: GenerateContentRequest) -> None:
     """Reject features this server does not offer yet, rather than silently answering without them."""
-    if request.cached_content:
-        raise invalid_argument("cached_content: context caching is not supported by this server yet.",
-                               "cached_content")
+    if request.cached_content:  # one the route resolves is gone from the request by now
+        raise invalid_argument("cached_content: a cachedContent can only be used with the base model it was "
+                               "created for, not with a tuned model.", "cached_content")
     seen: set[str | None] = set()
     for i, setting in enumerate(request.safety_settings or []):
         if setting.category not in GEMINI_HARM_CATEGORIES:
@@ -196,7 +197,7 @@ def _request_prompt(model: ServedModel, request: GenerateContentRequest) -> Prom
     return Prompt(prompt_tokens(model, messages, tools), tools, answer, messages)
 
 
-async def plan_generation(target: Target, request: GenerateContentRequest) -> GenerationPlan:
+async def plan_generation(target: Target, request: GenerateContentRequest, cached_tokens: int = 0) -> GenerationPlan:
     model = target.model
     config = request.generation_config
     parts = sum(len(c.parts) for c in request.contents)
@@ -249,7 +250,7 @@ async def plan_generation(target: Target, request: GenerateContentRequest) -> Ge
         retries = tuple(replace(c, prompt=hinted, constraint=constraints[i]) for i, c in enumerate(candidates))
     bare_calls = reads_calls and (answer.free or (tools is not None and tools.mode == "ANY"))
     return GenerationPlan(model, target.version, tuple(prompt), candidates, stops, logprobs, reads_calls,
-                          bare_calls, answered, retries)
+                          bare_calls, answered, retries, cached_tokens)
 
 
 def answer_field(request: GenerateContentRequest, tools: ToolPlan | None) -> str:

@@ -43,8 +43,26 @@ def _create_tuned_models(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX tuned_models_owner ON tuned_models (owner, create_time)")
 
 
+def _create_cached_contents(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE cached_contents (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            model TEXT NOT NULL,
+            display_name TEXT NOT NULL DEFAULT '',
+            content TEXT NOT NULL,
+            token_count INTEGER NOT NULL,
+            create_time TEXT NOT NULL,
+            update_time TEXT NOT NULL,
+            expire_time TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX cached_contents_owner ON cached_contents (owner, create_time)")
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("0001_create_tuned_models", _create_tuned_models),
+    ("0002_create_cached_contents", _create_cached_contents),
 ]
 
 

@@ -11,6 +11,11 @@ away (client disconnect, stop sequence) is dropped at the next step.
 A seeded request never starts from a kept cache, so that the same seed gives the same output when repeated
 (`_reuses_prefixes`).
 
+Pinned prefixes (a cachedContent's prompt, `pin`) are kept apart under sequence ids of their own, from the first
+time a sequence computes them, within `pin_budget` tokens (half the cache by default; least recently used out
+first, and out before any running sequence is set aside). A sequence whose prompt begins with one starts from a
+copy of it (llama.cpp shares the cells), so any number of requests use it at once.
+
 A finished sequence's cache is kept (least recently used first out) so that a later request that starts with
 the same tokens - the next turn of a conversation, the same long instructions - only computes what is new.
 Kept caches are not free: every prompt token attends over (masked) all cells in use, so prompt processing slows
@@ -54,6 +59,15 @@ class _Sequence(Sequence):
 
 
 @dataclass
+class _Pinned:
+    """A pinned prefix's computed cache, under a sequence id of its own; sequences copy it, never take it."""
+
+    seq_id: int
+    tokens: tuple[int, ...]
+    adapter: str | None
+
+
+@dataclass
 class _Kept:
     """The cache of a finished sequence, kept under its sequence id for reuse."""
 
@@ -66,7 +80,7 @@ class LlamaCppEngine:
 
     def __init__(self, path: Path, *, context_size: int | None = None, max_sequences: int = 8,
                  threads: int | None = None, ubatch: int = 512, own_output_layer: bool = True,
-                 kept_tokens: int = KEPT_TOKENS) -> None:
+                 kept_tokens: int = KEPT_TOKENS, pin_budget: int | None = None) -> None:
         self._max_running = max_sequences
         self._kept_tokens = kept_tokens
         self._free_ids = list(range(2 * max_sequences - 1, -1, -1))
@@ -80,6 +94,11 @@ class LlamaCppEngine:
         self._waiting: deque[_Sequence] = deque()  # set aside by _make_room until the cache has room
         self._forgotten: set[str] = set()  # adapters to unload, filled from other threads
         self._forgotten_lock = threading.Lock()
+        # key -> (prefix, adapter, file to save its state to / load it from); written by other threads
+        self._pins: dict[str, tuple[tuple[int, ...], str | None, Path | None]] = {}
+        self._pinned: OrderedDict[str, _Pinned] = OrderedDict()  # computed pins, least recently used first
+        self._pin_budget = pin_budget
+        self._unloadable: set[str] = set()  # pins whose saved state could not be read back
 
         # The model is loaded on the engine thread, which then runs every step: llama.cpp's OpenMP threads (and
         # the output-layer kernel's) belong to the thread that first starts them, and a second such pool, made
@@ -101,6 +120,8 @@ class LlamaCppEngine:
         self._thread.start()
         loaded.result()
         self.metadata = self._llm.metadata
+        if self._pin_budget is None:  # pinned prefixes may hold half the cache; the rest is for requests
+            self._pin_budget = self._llm.n_ctx // 2
         self._grammar = GrammarTokenizer(self._llm.grammar_tokenizer)
 
     @property
@@ -135,6 +156,16 @@ class LlamaCppEngine:
     def forget_adapter(self, path: str) -> None:
         with self._forgotten_lock:
             self._forgotten.add(path)
+
+    def pin(self, key: str, prefix: tuple[int, ...], adapter: str | None = None, saved: Path | None = None) -> None:
+        """See `Engine.pin`. With `saved`, the computed state is written there, and read from there when the
+        file exists (after a restart), so that it is not computed again."""
+        with self._forgotten_lock:
+            self._pins[key] = (tuple(prefix), adapter, saved)
+
+    def unpin(self, key: str) -> None:
+        with self._forgotten_lock:
+            self._pins.pop(key, None)
 
     def close(self) -> None:
         self._inbox.close()
@@ -171,6 +202,8 @@ class LlamaCppEngine:
     def _admit(self, seq: _Sequence) -> None:
         """Give `seq` a sequence id, starting from the kept cache that shares the longest prefix with it."""
         prompt = seq.pending
+        if _reuses_prefixes(seq) and self._start_from_pin(seq):
+            return
         best_id, best_len = -1, 0
         for seq_id, kept in self._kept.items():
             if kept.adapter == seq.request.adapter and _reuses_prefixes(seq):
@@ -183,11 +216,107 @@ class LlamaCppEngine:
             seq.seq_id = best_id
             seq.history = prompt[:best_len]
             seq.pending = prompt[best_len:]
+            seq.cached_tokens = best_len
             self.reused_tokens += best_len
         else:
             seq.seq_id = self._free_ids.pop() if self._free_ids else self._evict_oldest_kept()
             self._llm.forget(seq.seq_id)
         self._running.append(seq)
+
+    def _start_from_pin(self, seq: _Sequence) -> bool:
+        """Start `seq` from a copy of the longest computed pin its prompt begins with (and leave it room)."""
+        self._drop_unpinned()
+        self._load_saved_pins()
+        prompt = seq.pending
+        best: tuple[str, _Pinned] | None = None
+        for key, pinned in self._pinned.items():
+            n = len(pinned.tokens)
+            if (pinned.adapter == seq.request.adapter and n < len(prompt) and tuple(prompt[:n]) == pinned.tokens
+                    and (best is None or n > len(best[1].tokens))):
+                best = key, pinned
+        if best is None:
+            return False
+        key, pinned = best
+        seq_id = self._take_id()
+        if seq_id is None:
+            return False
+        self._pinned.move_to_end(key)
+        n = len(pinned.tokens)
+        self._llm.copy(pinned.seq_id, seq_id, n)
+        seq.seq_id, seq.history, seq.pending, seq.cached_tokens = seq_id, prompt[:n], prompt[n:], n
+        self.reused_tokens += n
+        self._running.append(seq)
+        return True
+
+    def _take_id(self) -> int | None:
+        if self._free_ids:
+            return self._free_ids.pop()
+        if self._kept:
+            return self._evict_oldest_kept()
+        return None
+
+    def _drop_unpinned(self) -> None:
+        with self._forgotten_lock:
+            wanted = {k: (p, a) for k, (p, a, _) in self._pins.items()}
+        for key in [k for k, p in self._pinned.items() if wanted.get(k) != (p.tokens, p.adapter)]:
+            self._forget_pin(key)
+
+    def _load_saved_pins(self) -> None:
+        """Pins whose state was saved (before a restart) come back from their files."""
+        with self._forgotten_lock:
+            saved = [(k, p, a, f) for k, (p, a, f) in self._pins.items()
+                     if k not in self._pinned and k not in self._unloadable and f is not None and f.is_file()]
+        for key, prefix, adapter, path in saved:
+            if not self._fits_pin(len(prefix)):
+                continue
+            seq_id = self._take_id()
+            if seq_id is None:
+                return
+            if self._llm.load_sequence(seq_id, path, len(prefix)) == prefix:
+                self._pinned[key] = _Pinned(seq_id, prefix, adapter)
+                log.info("pinned prefix read back", extra={"tokens": len(prefix)})
+            else:
+                self._llm.forget(seq_id)
+                self._free_ids.append(seq_id)
+                self._unloadable.add(key)  # computed again by the first request that needs it
+
+    def _fits_pin(self, n: int) -> bool:
+        """Make room for a pin of `n` tokens (least recently used out first); False if it cannot have any."""
+        assert self._pin_budget is not None
+        if n > self._pin_budget:
+            log.warning("a pinned prefix is larger than the pin budget", extra={"tokens": n})
+            return False
+        # Pins use at most half the sequence ids (the other half is for running sequences), and the budget.
+        while self._pinned and (len(self._pinned) >= self._max_running or
+                                sum(len(p.tokens) for p in self._pinned.values()) + n > self._pin_budget):
+            self._forget_pin(next(iter(self._pinned)))
+        return True
+
+    def _forget_pin(self, key: str) -> None:
+        pinned = self._pinned.pop(key)
+        self._llm.forget(pinned.seq_id)
+        self._free_ids.append(pinned.seq_id)
+
+    def _pin_from(self, seq: _Sequence) -> None:
+        """Keep a copy of the pins `seq` computed (its history begins with them) that are not kept yet."""
+        with self._forgotten_lock:
+            wanted = [(k, p, a, f) for k, (p, a, f) in self._pins.items() if k not in self._pinned]
+        for key, prefix, adapter, path in wanted:
+            n = len(prefix)
+            if adapter != seq.request.adapter or len(seq.history) < n or tuple(seq.history[:n]) != prefix:
+                continue
+            if not self._fits_pin(n):
+                continue
+            seq_id = self._take_id()
+            if seq_id is None:
+                return
+            self._llm.copy(seq.seq_id, seq_id, n)
+            self._pinned[key] = _Pinned(seq_id, prefix, adapter)
+            self._unloadable.discard(key)
+            if path is not None:
+                partial = path.with_suffix(".partial")
+                if self._llm.save_sequence(seq_id, partial, prefix):
+                    partial.replace(path)
 
     def _step(self) -> None:
         self._unload_forgotten()
@@ -258,6 +387,8 @@ class LlamaCppEngine:
     def _finish(self, seq: _Sequence, keep: bool = True) -> None:
         self._running.remove(seq)
         seq.cancelled = True
+        if keep:
+            self._pin_from(seq)
         if keep and len(seq.history) >= MIN_REUSED_PREFIX:
             self._kept[seq.seq_id] = _Kept(seq.history, seq.request.adapter)
             total = sum(len(kept.tokens) for kept in self._kept.values())
@@ -281,6 +412,9 @@ class LlamaCppEngine:
         if self._kept:
             while self._kept:
                 self._free_ids.append(self._evict_oldest_kept())
+            return
+        if self._pinned:  # computed again when next needed
+            self._forget_pin(next(iter(self._pinned)))
             return
         victim = self._running[-1]
         if len(self._running) == 1:

@@ -242,6 +242,23 @@ class LlamaModel:
                  head.instructions, head.nbytes / 2**20, gap)
         return True
 
+    def copy(self, source: int, target: int, length: int) -> None:
+        """Give sequence `target` the cache of `source`'s first `length` positions (shared cells, no copying)."""
+        llama.llama_memory_seq_cp(self._memory, source, target, 0, length)
+
+    def save_sequence(self, seq_id: int, path: Path, tokens: tuple[int, ...]) -> bool:
+        """Write a sequence's cache (and its tokens) to `path`; llama.cpp's own file format."""
+        array = (llama.llama_token * len(tokens))(*tokens)
+        return bool(llama.llama_state_seq_save_file(self._ctx, str(path).encode(), seq_id, array, len(tokens)))
+
+    def load_sequence(self, seq_id: int, path: Path, capacity: int) -> tuple[int, ...] | None:
+        """Read a cache `save_sequence` wrote into sequence `seq_id`; its tokens, or None if it cannot."""
+        array = (llama.llama_token * capacity)()
+        count = ctypes.c_size_t(0)
+        read = llama.llama_state_seq_load_file(self._ctx, str(path).encode(), seq_id, array, capacity,
+                                               ctypes.byref(count))
+        return tuple(array[: count.value]) if read else None
+
     def forget(self, seq_id: int, start: int = 0) -> bool:
         """Drop a sequence's cache from position `start` on; False if llama.cpp cannot cut it there."""
         return bool(llama.llama_memory_seq_rm(self._memory, seq_id, start, -1))

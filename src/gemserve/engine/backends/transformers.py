@@ -191,6 +191,12 @@ class TransformersEngine:
     def forget_adapter(self, path: str) -> None:
         """This engine serves no adapters: nothing to free."""
 
+    def pin(self, key: str, prefix: tuple[int, ...], adapter: str | None = None, saved: Path | None = None) -> None:
+        """This engine keeps no caches between sequences: nothing to pin (prompts are computed every time)."""
+
+    def unpin(self, key: str) -> None:
+        """Nothing was pinned."""
+
     def close(self) -> None:
         self._inbox.close()
         self._thread.join(timeout=30)
