@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     _add_model_flags(serve)
     serve.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
     serve.add_argument("--max-sequences", type=int, default=8, help="sequences decoded together per model")
+    serve.add_argument("--cache-tokens", type=int, default=None,
+                       help="KV cache tokens that cachedContents may hold, per model (default: half the cache)")
     serve.add_argument("--context-size", type=int, default=None,
                        help="KV cache tokens shared by a model's sequences (default: the model's window)")
     serve.add_argument("--no-tuning-worker", action="store_true",
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         allowed_hosts=allowed_hosts_from_env(),
         threads=args.threads,
         max_sequences=args.max_sequences, context_size=args.context_size, tuning_worker=not args.no_tuning_worker,
+        cache_tokens=args.cache_tokens,
     )
     _serve(settings, catalog, args.log_level)
 
@@ -105,6 +108,7 @@ def _serve(settings: Settings, catalog, log_level: str) -> None:  # type: ignore
         from gemserve.engine.backends.llamacpp import LlamaCppEngine
 
         return LlamaCppEngine(path, context_size=context_size, max_sequences=settings.max_sequences,
+                              pin_budget=settings.cache_tokens,
                               threads=settings.threads)
 
     def embedder_factory(path: Path, spec: ModelSpec) -> EmbeddingEngine:

@@ -20,6 +20,7 @@ class Settings:
     threads: int | None = None  # engine threads; None: all cores
     max_sequences: int = 8  # sequences decoded together per model
     context_size: int | None = None  # KV cache tokens shared by all sequences; None: the model's window
+    cache_tokens: int | None = None  # of those, what cachedContents' prefixes may hold; None: half
     tuning_worker: bool = True  # run the tuning worker beside the server
     # Open mode: host names (besides IP addresses and localhost) that requests may be addressed to.
     allowed_hosts: frozenset[str] = frozenset()

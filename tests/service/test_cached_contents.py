@@ -149,3 +149,12 @@ def test_bad_creates_are_client_errors(setup: tuple[CachedContents, ModelRegistr
     with pytest.raises(ApiError, match=words) as caught:
         asyncio.run(caches.create(ALICE, {k: v for k, v in body.items() if v is not None}))
     assert 400 <= caught.value.code < 500
+
+
+def test_a_cache_larger_than_the_models_budget_is_refused(
+        setup: tuple[CachedContents, ModelRegistry, ScriptedEngine]) -> None:
+    caches, _, engine = setup
+    engine.pin_budget = 50  # type: ignore[attr-defined]
+    with pytest.raises(ApiError, match="keeps at most 50 tokens of cached content") as caught:
+        create(caches)
+    assert caught.value.code == 429 and not engine.pinned

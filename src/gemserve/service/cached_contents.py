@@ -120,6 +120,11 @@ class CachedContents:
         content = parsed.model_dump(by_alias=True, exclude_none=True, mode="json",
                                     include={"contents", "system_instruction", "tools", "tool_config"})
         prefix = await asyncio.to_thread(self._prefix, model, content)
+        budget = getattr(model.engine, "pin_budget", None)
+        if budget is not None and len(prefix) > budget:
+            raise ApiError("RESOURCE_EXHAUSTED", f"This cached content has {len(prefix)} tokens; models/"
+                           f"{model.spec.id} keeps at most {budget} tokens of cached content (the server's "
+                           "--cache-tokens).")
         record = CachedContentRecord(
             id=secrets.token_hex(8), owner=caller.owner, model=model.spec.id, content=content,
             token_count=len(prefix), create_time=_timestamp(now), update_time=_timestamp(now),

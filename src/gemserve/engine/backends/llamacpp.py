@@ -122,6 +122,9 @@ class LlamaCppEngine:
         self.metadata = self._llm.metadata
         if self._pin_budget is None:  # pinned prefixes may hold half the cache; the rest is for requests
             self._pin_budget = self._llm.n_ctx // 2
+        self.pin_budget: int = self._pin_budget
+        log.info("pinned prefixes (cachedContents) may hold %d of %d KV cache tokens", self._pin_budget,
+                 self._llm.n_ctx)
         self._grammar = GrammarTokenizer(self._llm.grammar_tokenizer)
 
     @property
