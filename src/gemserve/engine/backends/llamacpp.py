@@ -229,7 +229,7 @@ class LlamaCppEngine:
     def _start_from_pin(self, seq: _Sequence) -> bool:
         """Start `seq` from a copy of the longest computed pin its prompt begins with (and leave it room)."""
         self._drop_unpinned()
-        self._load_saved_pins()
+        self._load_saved_pins(seq)
         prompt = seq.pending
         best: tuple[str, _Pinned] | None = None
         for key, pinned in self._pinned.items():
@@ -264,11 +264,14 @@ class LlamaCppEngine:
         for key in [k for k, p in self._pinned.items() if wanted.get(k) != (p.tokens, p.adapter)]:
             self._forget_pin(key)
 
-    def _load_saved_pins(self) -> None:
-        """Pins whose state was saved (before a restart) come back from their files."""
+    def _load_saved_pins(self, seq: _Sequence) -> None:
+        """Pins `seq`'s prompt begins with whose state was saved (before a restart, or before the pin had to
+        make room) come back from their files."""
+        prompt = seq.pending
         with self._forgotten_lock:
             saved = [(k, p, a, f) for k, (p, a, f) in self._pins.items()
-                     if k not in self._pinned and k not in self._unloadable and f is not None and f.is_file()]
+                     if k not in self._pinned and k not in self._unloadable and a == seq.request.adapter
+                     and len(p) < len(prompt) and tuple(prompt[: len(p)]) == p and f is not None and f.is_file()]
         for key, prefix, adapter, path in saved:
             if not self._fits_pin(len(prefix)):
                 continue
