@@ -112,7 +112,8 @@ class ScriptedEngine:
     def forget_adapter(self, path: str) -> None:
         pass
 
-    def pin(self, key: str, prefix: tuple[int, ...], adapter: str | None = None, saved: Path | None = None) -> None:
+    def pin(self, key: str, prefix: tuple[int, ...], adapter: str | None = None, saved: Path | None = None,
+            scope: str | None = None) -> None:
         self.pinned[key] = prefix
 
     def unpin(self, key: str) -> None:

@@ -157,4 +157,4 @@ def test_a_cache_larger_than_the_models_budget_is_refused(
     engine.pin_budget = 50  # type: ignore[attr-defined]
     with pytest.raises(ApiError, match="keeps at most 50 tokens of cached content") as caught:
         create(caches)
-    assert caught.value.code == 429 and not engine.pinned
+    assert caught.value.code == 400 and not engine.pinned

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -134,12 +135,13 @@ async def call_model(version: str, name_and_method: str, request: Request, calle
     caches: CachedContents = request.app.state.cached_contents
     if method == "countTokens":
         inner = await asyncio.to_thread(count_tokens_request, body)
-        inner, _ = await caches.apply(caller, model, inner)
-        return JSONResponse(await asyncio.to_thread(count_tokens, model, inner))
+        inner, cached_tokens = await caches.apply(caller, model, inner)
+        return JSONResponse(await asyncio.to_thread(count_tokens, model, inner, cached_tokens))
     parsed: GenerateContentRequest = await asyncio.to_thread(parse_model, GenerateContentRequest, body,
                                                              "GenerateContentRequest")
     parsed, cached_tokens = await caches.apply(caller, model, parsed)
-    return await generate_response(request, method, base_target(model), parsed, cached_tokens)
+    target = replace(base_target(model), scope=caller.owner)
+    return await generate_response(request, method, target, parsed, cached_tokens)
 
 
 async def generate_response(request: Request, method: str, target: Target, parsed: GenerateContentRequest,
@@ -164,8 +166,9 @@ def count_tokens_request(body: Any) -> GenerateContentRequest:
     raise invalid_argument("* CountTokensRequest: contents or generate_content_request must be set.", "contents")
 
 
-def count_tokens(model: ServedModel, inner: GenerateContentRequest) -> dict[str, Any]:
-    """Tokens of the prompt exactly as generateContent would build it (chat format included)."""
+def count_tokens(model: ServedModel, inner: GenerateContentRequest, cached_tokens: int = 0) -> dict[str, Any]:
+    """Tokens of the prompt exactly as generateContent would build it (chat format and cached content included)."""
     total = len(request_prompt(model, inner).tokens)
     details = [ModalityTokenCount(modality="TEXT", token_count=total)]
-    return CountTokensResponse(total_tokens=total, prompt_tokens_details=details).to_wire()
+    return CountTokensResponse(total_tokens=total, cached_content_token_count=cached_tokens or None,
+                               prompt_tokens_details=details).to_wire()

@@ -83,7 +83,7 @@ async def call_tuned_model(version: str, name_and_method: str, request: Request,
     defaults = Defaults(spec.temperature if tuned.temperature is None else tuned.temperature,
                         spec.top_p if tuned.top_p is None else tuned.top_p,
                         spec.top_k if tuned.top_k is None else tuned.top_k, spec.repetition_penalty)
-    target = Target(model, tuned.name, defaults, str(tuned.adapter))
+    target = Target(model, tuned.name, defaults, str(tuned.adapter), scope=caller.owner)
     parsed = await asyncio.to_thread(parse_model, GenerateContentRequest, body, "GenerateContentRequest")
     return await generate_response(request, method, target, parsed)
 

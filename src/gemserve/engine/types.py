@@ -44,6 +44,9 @@ class GenerationRequest:
     adapter: str | None = None
     # The grammar the output must follow (compiled for this sequence alone: it keeps the sequence's parse state).
     constraint: Constraint | None = None
+    # Who may share computed prefixes with this sequence (the caller's owner id): a kept or pinned cache serves
+    # only requests of the same scope, so that timing and cachedContentTokenCount reveal nothing across keys.
+    scope: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,8 @@ class Engine(Protocol):
         """Stream events for one sequence; closing the iterator early cancels the generation."""
         ...
 
-    def pin(self, key: str, prefix: tuple[int, ...], adapter: str | None = None, saved: Path | None = None) -> None:
+    def pin(self, key: str, prefix: tuple[int, ...], adapter: str | None = None, saved: Path | None = None,
+            scope: str | None = None) -> None:
         """Keep the computed state of `prefix` for prompts that start with it (a cachedContent), from the first
         time it is computed until `unpin(key)`; within a memory budget, beyond which it is computed again.
         With `saved`, the state is also written to that file, and read back from it after a restart."""

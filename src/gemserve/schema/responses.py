@@ -56,4 +56,5 @@ class GenerateContentResponse(WireModel):
 
 class CountTokensResponse(WireModel):
     total_tokens: int
+    cached_content_token_count: int | None = None
     prompt_tokens_details: list[ModalityTokenCount]

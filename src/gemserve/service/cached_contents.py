@@ -122,7 +122,7 @@ class CachedContents:
         prefix = await asyncio.to_thread(self._prefix, model, content)
         budget = getattr(model.engine, "pin_budget", None)
         if budget is not None and len(prefix) > budget:
-            raise ApiError("RESOURCE_EXHAUSTED", f"This cached content has {len(prefix)} tokens; models/"
+            raise ApiError("INVALID_ARGUMENT", f"This cached content has {len(prefix)} tokens; models/"
                            f"{model.spec.id} keeps at most {budget} tokens of cached content (the server's "
                            "--cache-tokens).")
         record = CachedContentRecord(
@@ -130,9 +130,14 @@ class CachedContents:
             token_count=len(prefix), create_time=_timestamp(now), update_time=_timestamp(now),
             expire_time=_timestamp(expires), display_name=display_name)
         await asyncio.to_thread(self._store.insert, record)
-        await asyncio.to_thread(self._states.mkdir, parents=True, exist_ok=True)
-        model.engine.pin(record.id, prefix, saved=self._state_file(record.id))
-        await _compute(model, prefix)
+        try:
+            await asyncio.to_thread(self._states.mkdir, parents=True, exist_ok=True)
+            model.engine.pin(record.id, prefix, saved=self._state_file(record.id), scope=caller.owner)
+            await _compute(model, prefix, caller.owner)
+        except BaseException:  # no cache the client was not told about
+            await asyncio.shield(asyncio.to_thread(self._store.delete, record.id))
+            await asyncio.to_thread(self._unpin, record)
+            raise
         log.info("cached content created", extra={"cache": record.id, "model": model.spec.id,
                                                    "tokens": len(prefix)})
         return self.resource(record)
@@ -157,11 +162,13 @@ class CachedContents:
         record = await self._owned(caller, name)
         parsed: CachedContentIn = await asyncio.to_thread(parse_model, CachedContentIn, body, "CachedContent")
         given = {k for k, v in parsed.model_dump(exclude_none=True).items() if k not in ("name", "model")}
+        # With a mask, fields outside it are ignored (a client may send the whole resource back), as at Google.
         fields = {_snake(f.strip()) for f in update_mask.split(",") if f.strip()} if update_mask else given
-        if not fields or not fields <= {"ttl", "expire_time"} or not given <= {"ttl", "expire_time"}:
+        if not fields or not fields <= {"ttl", "expire_time"}:
             raise invalid_argument("update_mask: only ttl or expire_time can be updated.", "update_mask")
         now = datetime.now(UTC)
-        expires = _expiry(parsed, now, None)
+        expires = _expiry(parsed.model_copy(update={k: None for k in ("ttl", "expire_time") if k not in fields}),
+                          now, None)
         if expires is None:
             raise invalid_argument("ttl: a new ttl or expire_time is required.", "ttl")
         record.expire_time, record.update_time = _timestamp(expires), _timestamp(now)
@@ -209,16 +216,21 @@ class CachedContents:
         """After a start: pin every live cache again. Saved states are read back when first needed; a cache
         without one (the engine could not save it) is computed again, one after another in the background."""
         await self.sweep()
-        for record in await asyncio.to_thread(self._store.all):
+        records = await asyncio.to_thread(self._store.all)
+        await asyncio.to_thread(self._remove_stray_states, {r.id for r in records})
+        for record in records:
             try:
                 model = self._registry.get(record.model)
                 prefix = await asyncio.to_thread(self._prefix, model, record.content)
             except ApiError:
                 continue  # its model is no longer served; it expires in time
             saved = self._state_file(record.id)
-            model.engine.pin(record.id, prefix, saved=saved)
+            model.engine.pin(record.id, prefix, saved=saved, scope=record.owner)
             if not await asyncio.to_thread(saved.is_file):
-                await _compute(model, prefix)
+                try:
+                    await _compute(model, prefix, record.owner)
+                except Exception:  # the first request naming it computes it instead
+                    log.exception("computing a cached content again failed", extra={"cache": record.id})
 
     async def sweep(self) -> None:
         """Forget expired caches, records and computed state alike."""
@@ -229,6 +241,12 @@ class CachedContents:
                 self._unpin(record)
 
     # ---- helpers ------------------------------------------------------------------------------------------
+
+    def _remove_stray_states(self, live: set[str]) -> None:
+        """Saved states of caches deleted while the engine was writing them, and half-written ones."""
+        for path in self._states.glob("*") if self._states.is_dir() else []:
+            if path.suffix == ".partial" or path.stem not in live:
+                path.unlink(missing_ok=True)
 
     def _unpin(self, record: CachedContentRecord) -> None:
         served = {m.spec.id: m for m in self._registry.served()}
@@ -263,11 +281,12 @@ class CachedContents:
             raise ApiError("PERMISSION_DENIED", "CachedContent not found (or permission denied)") from None
 
 
-async def _compute(model: ServedModel, prefix: tuple[int, ...]) -> None:
-    """Run the prefix (and one token more) through the engine, which pins its state as the sequence ends."""
+async def _compute(model: ServedModel, prefix: tuple[int, ...], scope: str) -> None:
+    """Run the prefix through the engine (one token generated), which pins its state as the sequence ends."""
     if not prefix:
         return
-    request = GenerationRequest(prompt=prefix, sampling=SamplingParams(temperature=0.0), max_new_tokens=1)
+    request = GenerationRequest(prompt=prefix, sampling=SamplingParams(temperature=0.0), max_new_tokens=1,
+                                scope=scope)
     async for _ in model.engine.generate(request):
         pass
 

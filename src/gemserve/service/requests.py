@@ -53,6 +53,7 @@ class Target:
     version: str  # the modelVersion responses report
     defaults: Defaults
     adapter: str | None = None
+    scope: str | None = None  # the caller's owner id: computed prefixes are shared only within it
 
 
 def base_target(model: ServedModel) -> Target:
@@ -233,6 +234,7 @@ async def plan_generation(target: Target, request: GenerateContentRequest, cache
             max_new_tokens=max_new,
             adapter=target.adapter,
             constraint=constraints[i],
+            scope=target.scope,
         )
         for i in range(count)
     )

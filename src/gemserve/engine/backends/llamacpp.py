@@ -65,6 +65,7 @@ class _Pinned:
     seq_id: int
     tokens: tuple[int, ...]
     adapter: str | None
+    scope: str | None
 
 
 @dataclass
@@ -73,6 +74,7 @@ class _Kept:
 
     tokens: list[int]
     adapter: str | None
+    scope: str | None
 
 
 class LlamaCppEngine:
@@ -94,8 +96,8 @@ class LlamaCppEngine:
         self._waiting: deque[_Sequence] = deque()  # set aside by _make_room until the cache has room
         self._forgotten: set[str] = set()  # adapters to unload, filled from other threads
         self._forgotten_lock = threading.Lock()
-        # key -> (prefix, adapter, file to save its state to / load it from); written by other threads
-        self._pins: dict[str, tuple[tuple[int, ...], str | None, Path | None]] = {}
+        # key -> (prefix, adapter, file to save its state to / load it from, scope); written by other threads
+        self._pins: dict[str, tuple[tuple[int, ...], str | None, Path | None, str | None]] = {}
         self._pinned: OrderedDict[str, _Pinned] = OrderedDict()  # computed pins, least recently used first
         self._pin_budget = pin_budget
         self._unloadable: set[str] = set()  # pins whose saved state could not be read back
@@ -160,15 +162,17 @@ class LlamaCppEngine:
         with self._forgotten_lock:
             self._forgotten.add(path)
 
-    def pin(self, key: str, prefix: tuple[int, ...], adapter: str | None = None, saved: Path | None = None) -> None:
+    def pin(self, key: str, prefix: tuple[int, ...], adapter: str | None = None, saved: Path | None = None,
+            scope: str | None = None) -> None:
         """See `Engine.pin`. With `saved`, the computed state is written there, and read from there when the
-        file exists (after a restart), so that it is not computed again."""
+        file exists (after a restart), so that it is not computed again. Only requests of `scope` use it."""
         with self._forgotten_lock:
-            self._pins[key] = (tuple(prefix), adapter, saved)
+            self._pins[key] = (tuple(prefix), adapter, saved, scope)
 
     def unpin(self, key: str) -> None:
         with self._forgotten_lock:
             self._pins.pop(key, None)
+            self._unloadable.discard(key)
 
     def close(self) -> None:
         self._inbox.close()
@@ -209,7 +213,7 @@ class LlamaCppEngine:
             return
         best_id, best_len = -1, 0
         for seq_id, kept in self._kept.items():
-            if kept.adapter == seq.request.adapter and _reuses_prefixes(seq):
+            if (kept.adapter, kept.scope) == (seq.request.adapter, seq.request.scope) and _reuses_prefixes(seq):
                 common = _common_prefix(kept.tokens, prompt)
                 if common > best_len:
                     best_id, best_len = seq_id, common
@@ -234,7 +238,8 @@ class LlamaCppEngine:
         best: tuple[str, _Pinned] | None = None
         for key, pinned in self._pinned.items():
             n = len(pinned.tokens)
-            if (pinned.adapter == seq.request.adapter and n < len(prompt) and tuple(prompt[:n]) == pinned.tokens
+            if ((pinned.adapter, pinned.scope) == (seq.request.adapter, seq.request.scope) and n < len(prompt)
+                    and tuple(prompt[:n]) == pinned.tokens
                     and (best is None or n > len(best[1].tokens))):
                 best = key, pinned
         if best is None:
@@ -260,8 +265,8 @@ class LlamaCppEngine:
 
     def _drop_unpinned(self) -> None:
         with self._forgotten_lock:
-            wanted = {k: (p, a) for k, (p, a, _) in self._pins.items()}
-        for key in [k for k, p in self._pinned.items() if wanted.get(k) != (p.tokens, p.adapter)]:
+            wanted = {k: (p, a, s) for k, (p, a, _, s) in self._pins.items()}
+        for key in [k for k, p in self._pinned.items() if wanted.get(k) != (p.tokens, p.adapter, p.scope)]:
             self._forget_pin(key)
 
     def _load_saved_pins(self, seq: _Sequence) -> None:
@@ -269,17 +274,20 @@ class LlamaCppEngine:
         make room) come back from their files."""
         prompt = seq.pending
         with self._forgotten_lock:
-            saved = [(k, p, a, f) for k, (p, a, f) in self._pins.items()
-                     if k not in self._pinned and k not in self._unloadable and a == seq.request.adapter
-                     and len(p) < len(prompt) and tuple(prompt[: len(p)]) == p and f is not None and f.is_file()]
-        for key, prefix, adapter, path in saved:
+            saved = [(k, p, a, f, s) for k, (p, a, f, s) in self._pins.items()
+                     if k not in self._pinned and k not in self._unloadable
+                     and (a, s) == (seq.request.adapter, seq.request.scope)
+                     and len(p) < len(prompt) and tuple(prompt[: len(p)]) == p and f is not None]
+        for key, prefix, adapter, path, scope in saved:
+            if not path.is_file():
+                continue
             if not self._fits_pin(len(prefix)):
                 continue
             seq_id = self._take_id()
             if seq_id is None:
                 return
             if self._llm.load_sequence(seq_id, path, len(prefix)) == prefix:
-                self._pinned[key] = _Pinned(seq_id, prefix, adapter)
+                self._pinned[key] = _Pinned(seq_id, prefix, adapter, scope)
                 log.info("pinned prefix read back", extra={"tokens": len(prefix)})
             else:
                 self._llm.forget(seq_id)
@@ -306,10 +314,11 @@ class LlamaCppEngine:
     def _pin_from(self, seq: _Sequence) -> None:
         """Keep a copy of the pins `seq` computed (its history begins with them) that are not kept yet."""
         with self._forgotten_lock:
-            wanted = [(k, p, a, f) for k, (p, a, f) in self._pins.items() if k not in self._pinned]
-        for key, prefix, adapter, path in wanted:
+            wanted = [(k, p, a, f, s) for k, (p, a, f, s) in self._pins.items() if k not in self._pinned]
+        for key, prefix, adapter, path, scope in wanted:
             n = len(prefix)
-            if adapter != seq.request.adapter or len(seq.history) < n or tuple(seq.history[:n]) != prefix:
+            if ((adapter, scope) != (seq.request.adapter, seq.request.scope) or len(seq.history) < n
+                    or tuple(seq.history[:n]) != prefix):
                 continue
             if not self._fits_pin(n):
                 continue
@@ -317,7 +326,7 @@ class LlamaCppEngine:
             if seq_id is None:
                 return
             self._llm.copy(seq.seq_id, seq_id, n)
-            self._pinned[key] = _Pinned(seq_id, prefix, adapter)
+            self._pinned[key] = _Pinned(seq_id, prefix, adapter, scope)
             self._unloadable.discard(key)
             if path is not None:
                 partial = path.with_suffix(".partial")
@@ -396,7 +405,7 @@ class LlamaCppEngine:
         if keep:
             self._pin_from(seq)
         if keep and len(seq.history) >= MIN_REUSED_PREFIX:
-            self._kept[seq.seq_id] = _Kept(seq.history, seq.request.adapter)
+            self._kept[seq.seq_id] = _Kept(seq.history, seq.request.adapter, seq.request.scope)
             total = sum(len(kept.tokens) for kept in self._kept.values())
             while len(self._kept) > 1 and total > len(seq.history) + self._kept_tokens:
                 oldest = next(iter(self._kept))
@@ -436,6 +445,7 @@ class LlamaCppEngine:
         victim.pending = victim.history + victim.pending
         victim.history = []
         victim.seq_id = -1
+        victim.cached_tokens = 0
         self._waiting.appendleft(victim)
 
     def _fits(self, seq: _Sequence) -> bool:

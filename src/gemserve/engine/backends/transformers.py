@@ -191,7 +191,8 @@ class TransformersEngine:
     def forget_adapter(self, path: str) -> None:
         """This engine serves no adapters: nothing to free."""
 
-    def pin(self, key: str, prefix: tuple[int, ...], adapter: str | None = None, saved: Path | None = None) -> None:
+    def pin(self, key: str, prefix: tuple[int, ...], adapter: str | None = None, saved: Path | None = None,
+            scope: str | None = None) -> None:
         """This engine keeps no caches between sequences: nothing to pin (prompts are computed every time)."""
 
     def unpin(self, key: str) -> None:
