@@ -257,15 +257,17 @@ class TunedModels:
         self.sweep()
         return (record.base_model, adapter[1]) if adapter and adapter[1] else None
 
-    def sweep(self) -> None:
-        """Remove job directories whose model was deleted, once their job has stopped."""
+    def sweep(self, cancel: bool = True) -> None:
+        """Remove job directories whose model was deleted, once their job has stopped; with `cancel`, ask the
+        jobs of such directories that still run to stop (at start-up and on delete; the periodic sweep only
+        removes, since a directory may be on its way to its record)."""
         known = {r.job_id for r in self._store.all()}
         root = self._data_dir / "tuning" / "jobs"
         for job_dir in root.glob("*") if root.is_dir() else []:
             if job_dir.name not in known and jobs.read_progress(job_dir)["state"] in {"SUCCEEDED", "FAILED",
                                                                                      "CANCELLED"}:
                 shutil.rmtree(job_dir, ignore_errors=True)
-            elif job_dir.name not in known:
+            elif job_dir.name not in known and cancel:
                 jobs.request_cancel(job_dir)
 
     # ---- operations ---------------------------------------------------------------------------------------
