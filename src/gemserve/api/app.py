@@ -62,7 +62,7 @@ async def _sweep_every(seconds: float, tuned_models: TunedModels, caches: Cached
     while True:
         await asyncio.sleep(seconds)
         try:
-            await asyncio.to_thread(tuned_models.sweep, False)
+            await asyncio.to_thread(tuned_models.sweep_deleted)
             await caches.sweep()
         except Exception:
             log.exception("sweeping failed")

@@ -70,6 +70,7 @@ class TunedModels:
         self._store = store
         self._catalog = catalog
         self._data_dir = data_dir
+        self._deleted_jobs: set[str] = set()  # job ids of models deleted while their job still ran
 
     # ---- create -------------------------------------------------------------------------------------------
 
@@ -254,21 +255,31 @@ class TunedModels:
         adapter = self._adapter_of(record)
         jobs.request_cancel(job_dir)
         self._store.delete(record.id)
+        self._deleted_jobs.add(record.job_id)
         self.sweep()
         return (record.base_model, adapter[1]) if adapter and adapter[1] else None
 
-    def sweep(self, cancel: bool = True) -> None:
-        """Remove job directories whose model was deleted, once their job has stopped; with `cancel`, ask the
-        jobs of such directories that still run to stop (at start-up and on delete; the periodic sweep only
-        removes, since a directory may be on its way to its record)."""
+    def sweep(self) -> None:
+        """Remove job directories whose model was deleted, once their job has stopped."""
         known = {r.job_id for r in self._store.all()}
         root = self._data_dir / "tuning" / "jobs"
         for job_dir in root.glob("*") if root.is_dir() else []:
             if job_dir.name not in known and jobs.read_progress(job_dir)["state"] in {"SUCCEEDED", "FAILED",
                                                                                      "CANCELLED"}:
                 shutil.rmtree(job_dir, ignore_errors=True)
-            elif job_dir.name not in known and cancel:
+            elif job_dir.name not in known:
                 jobs.request_cancel(job_dir)
+
+    def sweep_deleted(self) -> None:
+        """Remove the job directories of models this server deleted whose job has stopped since (run every
+        minute; other directories are left to the start-up sweep)."""
+        for job_id in list(self._deleted_jobs):
+            job_dir = self._data_dir / "tuning" / "jobs" / job_id
+            if not job_dir.is_dir():
+                self._deleted_jobs.discard(job_id)
+            elif jobs.read_progress(job_dir)["state"] in {"SUCCEEDED", "FAILED", "CANCELLED"}:
+                shutil.rmtree(job_dir, ignore_errors=True)
+                self._deleted_jobs.discard(job_id)
 
     # ---- operations ---------------------------------------------------------------------------------------
 
