@@ -4,7 +4,6 @@ embedContent and batchEmbedContents on embedding models."""
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -21,6 +20,7 @@ from gemserve.schema.responses import CountTokensResponse, ModalityTokenCount
 from gemserve.schema.wire import parse_model
 from gemserve.service import embeddings, generation
 from gemserve.service.cached_contents import CachedContents
+from gemserve.service.paging import page_offset, page_token
 from gemserve.service.requests import Target, base_target, plan_generation, request_prompt
 
 router = APIRouter()
@@ -54,23 +54,18 @@ def split_call(version: str, name_and_method: str, methods: Sequence[str]) -> tu
 
 def model_resource(model: ServedModel | ServedEmbedder, name: str | None = None) -> dict[str, Any]:
     spec = model.spec
-    if isinstance(model, ServedEmbedder):
-        return {
-            "name": f"models/{name or spec.id}",
-            "baseModelId": spec.id,
-            "version": spec.version,
-            "displayName": spec.display_name,
-            "description": spec.description,
-            "inputTokenLimit": model.engine.layout.max_tokens,
-            "outputTokenLimit": 1,
-            "supportedGenerationMethods": EMBEDDING_METHODS,
-        }
-    return {
+    resource: dict[str, Any] = {
         "name": f"models/{name or spec.id}",
         "baseModelId": spec.id,
         "version": spec.version,
         "displayName": spec.display_name,
         "description": spec.description,
+    }
+    if isinstance(model, ServedEmbedder):
+        return {**resource, "inputTokenLimit": model.engine.layout.max_tokens, "outputTokenLimit": 1,
+                "supportedGenerationMethods": EMBEDDING_METHODS}
+    return {
+        **resource,
         "inputTokenLimit": model.input_token_limit,
         "outputTokenLimit": model.output_token_limit,
         "supportedGenerationMethods": GENERATION_METHODS,
@@ -89,23 +84,13 @@ async def list_models(version: str, request: Request, _: CallerDep,
     if size < 0:
         raise invalid_argument("page_size must not be negative.", "page_size")
     size = min(size, MAX_PAGE_SIZE)
-    start = _decode_page_token(pageToken) if pageToken else 0
+    start = page_offset(pageToken, "models") if pageToken else 0
     registry = registry_of(request)
     models = [model_resource(m) for m in registry.everything()]
     page: dict[str, Any] = {"models": models[start : start + size]}
     if start + size < len(models):
-        page["nextPageToken"] = base64.urlsafe_b64encode(f"models:{start + size}".encode()).decode()
+        page["nextPageToken"] = page_token("models", start + size)
     return page
-
-
-def _decode_page_token(token: str) -> int:
-    try:
-        kind, _, offset = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind == "models" and offset.isdigit():
-            return int(offset)
-    except (ValueError, UnicodeDecodeError):
-        pass
-    raise invalid_argument("page_token is not valid.", "page_token")
 
 
 @router.get("/{version}/models/{name}")

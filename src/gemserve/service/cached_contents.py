@@ -16,7 +16,6 @@ reports the prefix's tokens, and `promptTokenCount` includes them.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import re
 import secrets
@@ -30,6 +29,7 @@ from gemserve.identity import Caller
 from gemserve.models.registry import ModelRegistry, ServedModel
 from gemserve.schema.content import Content, GenerateContentRequest, Tool, ToolConfig
 from gemserve.schema.wire import OneOrMany, WireModel, parse_model
+from gemserve.service import paging
 from gemserve.service.requests import request_prompt
 from gemserve.store.cached_contents import CachedContentRecord, CachedContentStore
 
@@ -150,12 +150,12 @@ class CachedContents:
         if size < 0:
             raise invalid_argument("page_size must not be negative.", "page_size")
         size = min(size, MAX_PAGE_SIZE)
-        start = _page_start(page_token) if page_token else 0
+        start = paging.page_offset(page_token, "caches") if page_token else 0
         now = datetime.now(UTC)
         records = [r for r in await asyncio.to_thread(self._store.owned_by, caller.owner) if not _expired(r, now)]
         page: dict[str, Any] = {"cachedContents": [self.resource(r) for r in records[start : start + size]]}
         if start + size < len(records):
-            page["nextPageToken"] = base64.urlsafe_b64encode(f"caches:{start + size}".encode()).decode()
+            page["nextPageToken"] = paging.page_token("caches", start + size)
         return page
 
     async def patch(self, caller: Caller, name: str, body: Any, update_mask: str | None) -> dict[str, Any]:
@@ -293,14 +293,3 @@ async def _compute(model: ServedModel, prefix: tuple[int, ...], scope: str) -> N
 
 def _snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])([A-Z])", lambda m: "_" + m.group(1).lower(), name)
-
-
-def _page_start(token: str) -> int:
-    try:
-        kind, _, offset = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind == "caches" and offset.isdigit():
-            return int(offset)
-    except (ValueError, UnicodeDecodeError):
-        pass
-    raise invalid_argument("page_token is not valid.", "page_token")
-
