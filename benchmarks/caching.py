@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from serving import start_server, stop_server
 
 ROOT = Path(__file__).parents[1]
 MODEL = "gemini-2.5-flash"
@@ -34,29 +33,6 @@ def document(seed: int) -> str:
     lines = [f"Archive {seed}, inventory list."]
     lines += [f"Shelf {i}: {kinds[(i + seed) % 5]} of the year {1700 + (i * 7 + seed) % 300}." for i in range(330)]
     return "\n".join(lines)
-
-
-def start(data_dir: Path) -> tuple[str, subprocess.Popen[bytes]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen([str(ROOT / ".venv" / "bin" / "gemserve"), "serve", "--host", "127.0.0.1", "--port",
-                                str(port), "--data-dir", str(data_dir), "--no-tuning-worker"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            httpx.get(f"{url}/v1beta/models", timeout=1)
-            return url, process
-        except httpx.TransportError:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit("the server did not start")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    process.wait(timeout=60)
 
 
 def ttft(url: str, body: dict) -> float:
@@ -90,7 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         own = Path(scratch)
         (own / "models").symlink_to(args.data_dir.resolve() / "models")
-        url, process = start(own)
+        url, process = start_server(own, "--no-tuning-worker")
         try:
             started = time.perf_counter()
             made = httpx.post(f"{url}/v1beta/cachedContents", timeout=900, json={
@@ -104,12 +80,12 @@ def main() -> None:
                 cached.append(ttft(url, cached_body(cache)))
                 inline.append(ttft(url, inline_body(r + 1)))
         finally:
-            stop(process)
-        url, process = start(own)
+            stop_server(process)
+        url, process = start_server(own, "--no-tuning-worker")
         try:
             restarted = [ttft(url, cached_body(cache)) for _ in range(args.rounds)]
         finally:
-            stop(process)
+            stop_server(process)
 
     c, i, a = statistics.median(cached), statistics.median(inline), statistics.median(restarted)
     print(f"cached document: {tokens} tokens; creating the cache took {created:.1f} s")

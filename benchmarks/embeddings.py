@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from serving import start_server, stop_server
 
 ROOT = Path(__file__).parents[1]
 SENTENCE = ("the river carried small stones past the old mill while farmers in the valley watched clouds gather "
@@ -39,24 +39,6 @@ def documents(count: int, seed: int) -> list[str]:
         n = 40 + (i * 7 + seed) % 41
         out.append(" ".join(WORDS[(i * 3 + seed + j * (1 + i % 5)) % len(WORDS)] for j in range(n)))
     return out
-
-
-def start_server(data_dir: Path) -> tuple[str, subprocess.Popen[bytes]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen([str(ROOT / ".venv" / "bin" / "gemserve"), "serve", "--host", "127.0.0.1", "--port",
-                                str(port), "--data-dir", str(data_dir), "--no-tuning-worker"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            httpx.get(f"{url}/v1beta/models", timeout=1)
-            return url, process
-        except httpx.TransportError:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit("the server did not start")
 
 
 def model_dir() -> str:
@@ -85,7 +67,7 @@ def main() -> None:
     process = None
     url = args.url
     if url is None:
-        url, process = start_server(args.data_dir)
+        url, process = start_server(args.data_dir, "--no-tuning-worker")
     client = httpx.Client(base_url=url, timeout=600)
 
     def gemserve(texts: list[str]) -> object:
@@ -112,8 +94,7 @@ def main() -> None:
     finally:
         client.close()
         if process is not None:
-            process.terminate()
-            process.wait(timeout=30)
+            stop_server(process)
 
     print("| batch | gemserve docs/s | sentence-transformers docs/s | ratio |")
     print("|---|---|---|---|")

@@ -15,43 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from serving import start_server, stop_server
 
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
 NEW_TOKENS = 128
 TIMEOUT_S = 900
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "GEMSERVE_API_KEYS": ""}
-    process = subprocess.Popen([sys.executable, "-m", "gemserve.cli", "serve", "--port", str(port), "--data-dir",
-                                str(data_dir), "--log-level", "warning"], env=env)
-    url = f"http://127.0.0.1:{port}/v1beta"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{url}/models", timeout=1)
-            return process, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("the server did not start")
 
 
 def tune(url: str) -> str:
@@ -97,7 +71,8 @@ def main() -> None:
         for sub in ("models", "hf"):
             (shared / sub).mkdir(parents=True, exist_ok=True)
             (own / sub).symlink_to(shared / sub)
-        process, url = start(own)
+        base_url, process = start_server(own)
+        url = f"{base_url}/v1beta"
         try:
             started = time.perf_counter()
             tuned = tune(url)
@@ -111,8 +86,7 @@ def main() -> None:
             status = Path(f"/proc/{process.pid}/status").read_text()
             peak = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            stop_server(process)
     base = statistics.median(r for r, _ in base_rates)
     with_adapter = statistics.median(r for r, _ in tuned_rates)
     print(f"tokens per run: base {[n for _, n in base_rates]}, adapter {[n for _, n in tuned_rates]}")
