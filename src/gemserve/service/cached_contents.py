@@ -28,7 +28,7 @@ from gemserve.errors import ApiError, invalid_argument
 from gemserve.identity import Caller
 from gemserve.models.registry import ModelRegistry, ServedModel
 from gemserve.schema.content import Content, GenerateContentRequest, Tool, ToolConfig
-from gemserve.schema.wire import OneOrMany, WireModel, parse_model
+from gemserve.schema.wire import OneOrMany, WireModel, parse_model, snake
 from gemserve.service import paging
 from gemserve.service.requests import request_prompt
 from gemserve.store.cached_contents import CachedContentRecord, CachedContentStore
@@ -163,7 +163,7 @@ class CachedContents:
         parsed: CachedContentIn = await asyncio.to_thread(parse_model, CachedContentIn, body, "CachedContent")
         given = {k for k, v in parsed.model_dump(exclude_none=True).items() if k not in ("name", "model")}
         # With a mask, fields outside it are ignored (a client may send the whole resource back), as at Google.
-        fields = {_snake(f.strip()) for f in update_mask.split(",") if f.strip()} if update_mask else given
+        fields = {snake(f.strip()) for f in update_mask.split(",") if f.strip()} if update_mask else given
         if not fields or not fields <= {"ttl", "expire_time"}:
             raise invalid_argument("update_mask: only ttl or expire_time can be updated.", "update_mask")
         now = datetime.now(UTC)
@@ -289,7 +289,3 @@ async def _compute(model: ServedModel, prefix: tuple[int, ...], scope: str) -> N
                                 scope=scope)
     async for _ in model.engine.generate(request):
         pass
-
-
-def _snake(name: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])([A-Z])", lambda m: "_" + m.group(1).lower(), name)

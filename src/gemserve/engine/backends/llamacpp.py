@@ -99,7 +99,6 @@ class LlamaCppEngine:
         # key -> (prefix, adapter, file to save its state to / load it from, scope); written by other threads
         self._pins: dict[str, tuple[tuple[int, ...], str | None, Path | None, str | None]] = {}
         self._pinned: OrderedDict[str, _Pinned] = OrderedDict()  # computed pins, least recently used first
-        self._pin_budget = pin_budget
         self._unloadable: set[str] = set()  # pins whose saved state could not be read back
 
         # The model is loaded on the engine thread, which then runs every step: llama.cpp's OpenMP threads (and
@@ -122,10 +121,9 @@ class LlamaCppEngine:
         self._thread.start()
         loaded.result()
         self.metadata = self._llm.metadata
-        if self._pin_budget is None:  # pinned prefixes may hold half the cache; the rest is for requests
-            self._pin_budget = self._llm.n_ctx // 2
-        self.pin_budget: int = self._pin_budget
-        log.info("pinned prefixes (cachedContents) may hold %d of %d KV cache tokens", self._pin_budget,
+        # Pinned prefixes may hold half the cache by default; the rest is for requests.
+        self.pin_budget = pin_budget if pin_budget is not None else self._llm.n_ctx // 2
+        log.info("pinned prefixes (cachedContents) may hold %d of %d KV cache tokens", self.pin_budget,
                  self._llm.n_ctx)
         self._grammar = GrammarTokenizer(self._llm.grammar_tokenizer)
 
@@ -212,8 +210,8 @@ class LlamaCppEngine:
         if _reuses_prefixes(seq) and self._start_from_pin(seq):
             return
         best_id, best_len = -1, 0
-        for seq_id, kept in self._kept.items():
-            if (kept.adapter, kept.scope) == (seq.request.adapter, seq.request.scope) and _reuses_prefixes(seq):
+        for seq_id, kept in self._kept.items() if _reuses_prefixes(seq) else ():
+            if (kept.adapter, kept.scope) == (seq.request.adapter, seq.request.scope):
                 common = _common_prefix(kept.tokens, prompt)
                 if common > best_len:
                     best_id, best_len = seq_id, common
@@ -226,8 +224,10 @@ class LlamaCppEngine:
             seq.cached_tokens = best_len
             self.reused_tokens += best_len
         else:
-            seq.seq_id = self._free_ids.pop() if self._free_ids else self._evict_oldest_kept()
-            self._llm.forget(seq.seq_id)
+            fresh = self._take_id()
+            assert fresh is not None, "pins hold at most half the ids, so one is free or kept"
+            seq.seq_id = fresh
+            self._llm.forget(fresh)
         self._running.append(seq)
 
     def _start_from_pin(self, seq: _Sequence) -> bool:
@@ -296,13 +296,12 @@ class LlamaCppEngine:
 
     def _fits_pin(self, n: int) -> bool:
         """Make room for a pin of `n` tokens (least recently used out first); False if it cannot have any."""
-        assert self._pin_budget is not None
-        if n > self._pin_budget:
+        if n > self.pin_budget:
             log.warning("a pinned prefix is larger than the pin budget", extra={"tokens": n})
             return False
         # Pins use at most half the sequence ids (the other half is for running sequences), and the budget.
         while self._pinned and (len(self._pinned) >= self._max_running or
-                                sum(len(p.tokens) for p in self._pinned.values()) + n > self._pin_budget):
+                                sum(len(p.tokens) for p in self._pinned.values()) + n > self.pin_budget):
             self._forget_pin(next(iter(self._pinned)))
         return True
 
