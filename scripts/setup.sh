@@ -22,3 +22,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! compgen -G "$kernel*.so" > 
   fi
   echo "$want" > "$stamp"
 fi
+bash scripts/setup-sandbox.sh

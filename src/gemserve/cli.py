@@ -18,6 +18,7 @@ from gemserve.config import (
 from gemserve.identity import project_number
 from gemserve.logs import setup_logging
 from gemserve.models.catalog import CatalogError, ModelSpec, load_catalog
+from gemserve.sandbox.bwrap import default_python
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--no-tuning-worker", action="store_true",
                        help="do not run the tuning worker in this server (run `python -m gemserve.tuning.worker "
                        "--data-dir D` elsewhere, or tuning jobs wait)")
+    serve.add_argument("--sandbox-python", default=None, metavar="PYTHON",
+                       help="the Python that runs the codeExecution tool's code, in a bubblewrap sandbox "
+                       "(default: .venv-sandbox beside gemserve's environment, made by scripts/setup.sh)")
     serve.add_argument("--log-level", default="info")
 
     listing = commands.add_parser("models", help="list the models and aliases a configuration serves")
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         max_sequences=args.max_sequences, context_size=args.context_size, tuning_worker=not args.no_tuning_worker,
         cache_tokens=args.cache_tokens,
+        sandbox_python=Path(args.sandbox_python).expanduser() if args.sandbox_python else default_python(),
     )
     _serve(settings, catalog, args.log_level)
 

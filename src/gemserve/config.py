@@ -24,6 +24,7 @@ class Settings:
     tuning_worker: bool = True  # run the tuning worker beside the server
     # Open mode: host names (besides IP addresses and localhost) that requests may be addressed to.
     allowed_hosts: frozenset[str] = frozenset()
+    sandbox_python: Path | None = None  # the Python the codeExecution tool runs code with; None: not available
 
     @property
     def open_mode(self) -> bool:

@@ -79,10 +79,11 @@ def grammar_tokenizer() -> llguidance.LLTokenizer:
 
 
 class ScriptedEngine:
-    """Writes `script` (special tokens by name), whatever the prompt; records the prompts it was given."""
+    """Writes `script` (special tokens by name), whatever the prompt; records the prompts it was given. With a
+    list of scripts, each generation takes the next one (the last one repeats)."""
 
-    def __init__(self, script: str = "", chat_template: str | None = TOOLS_TEMPLATE) -> None:
-        self.script = script
+    def __init__(self, script: str | list[str] = "", chat_template: str | None = TOOLS_TEMPLATE) -> None:
+        self.scripts = script if isinstance(script, list) else [script]
         self.prompts: list[tuple[int, ...]] = []
         self.pinned: dict[str, tuple[int, ...]] = {}
         self.metadata = ModelMetadata(context_length=8192, vocab_size=256 + len(SPECIAL), bos_text="",
@@ -126,8 +127,9 @@ class ScriptedEngine:
         return b"".join(self.token_bytes(t) for t in ids).decode()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        text = self.scripts[min(len(self.prompts), len(self.scripts) - 1)]
         self.prompts.append(request.prompt)
-        script = self.tokenize(self.script, add_bos=False, parse_special=True)
+        script = self.tokenize(text, add_bos=False, parse_special=True)
         queue: asyncio.Queue[Message] = asyncio.Queue()
         seq = Sequence(request=request, loop=asyncio.get_running_loop(), queue=queue,
                        rng=rng_for(request.sampling.seed))
@@ -164,15 +166,15 @@ def served(engine: ScriptedEngine, model_id: str = "scripted") -> ServedModel:
                                                 meta.eos_text))
 
 
-def run(script: str, body: dict[str, Any], template: str | None = TOOLS_TEMPLATE, stream: bool = False,
-        ) -> tuple[Any, ScriptedEngine]:
+def run(script: str | list[str], body: dict[str, Any], template: str | None = TOOLS_TEMPLATE, stream: bool = False,
+        sandbox: Any = None) -> tuple[Any, ScriptedEngine]:
     """A generateContent request (streamed: the list of chunks) answered by a model that wants to write `script`."""
     engine = ScriptedEngine(script, chat_template=template)
     model = served(engine)
 
     async def go() -> Any:
         parsed = parse_model(GenerateContentRequest, body, "GenerateContentRequest")
-        plan = await plan_generation(base_target(model), parsed)
+        plan = await plan_generation(base_target(model), parsed, sandbox=sandbox)
         if stream:
             return [chunk async for chunk in generation.stream(plan)]
         return await generation.generate(plan)

@@ -15,6 +15,7 @@ from gemserve.api import cached_contents, models, tuned_models
 from gemserve.api.errors import install_error_handlers
 from gemserve.config import Settings
 from gemserve.models.registry import ModelRegistry
+from gemserve.sandbox.bwrap import Sandbox, SandboxUnavailable
 from gemserve.service.cached_contents import CachedContents
 from gemserve.service.tuned_models import TunedModels
 from gemserve.service.tuning_worker import WorkerSupervisor
@@ -68,6 +69,14 @@ async def _sweep_every(seconds: float, tuned_models: TunedModels, caches: Cached
             log.exception("sweeping failed")
 
 
+async def _check_sandbox(sandbox: Sandbox) -> None:
+    """At start-up, so that the first code execution does not wait for it and a missing piece shows in the log."""
+    try:
+        await sandbox.ready()
+    except SandboxUnavailable as exc:
+        log.warning("code execution is not available", extra={"reason": str(exc)})
+
+
 def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     """`registry` may still be empty; it is loaded at start-up and closed at shutdown."""
 
@@ -81,12 +90,14 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
             supervisor.start()
         sweeper = asyncio.create_task(_sweep_every(SWEEP_SECONDS, app.state.tuned_models, app.state.cached_contents))
         restoring = asyncio.create_task(app.state.cached_contents.restore())
+        checking = asyncio.create_task(_check_sandbox(app.state.sandbox))
         served = registry.everything()
         log.info("serving", extra={"models": [m.spec.id for m in served],
                                    "open_mode": settings.open_mode})
         yield
         sweeper.cancel()
         restoring.cancel()
+        checking.cancel()
         await supervisor.stop()
         registry.close()
 
@@ -96,6 +107,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     database = Database(settings.data_dir / "gemserve.db")
     app.state.tuned_models = TunedModels(TunedModelStore(database), registry.catalog, settings.data_dir)
     app.state.cached_contents = CachedContents(CachedContentStore(database), registry, settings.data_dir)
+    app.state.sandbox = Sandbox(settings.sandbox_python)
     install_error_handlers(app)
     app.include_router(models.router)
     app.include_router(tuned_models.router)

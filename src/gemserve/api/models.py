@@ -132,7 +132,7 @@ async def call_model(version: str, name_and_method: str, request: Request, calle
 async def generate_response(request: Request, method: str, target: Target, parsed: GenerateContentRequest,
                             cached_tokens: int = 0) -> Response:
     """generateContent or streamGenerateContent (`alt=sse` or a JSON array) for a base or tuned model."""
-    plan = await plan_generation(target, parsed, cached_tokens)
+    plan = await plan_generation(target, parsed, cached_tokens, request.app.state.sandbox)
     if method == "streamGenerateContent":
         sse = request.query_params.get("alt") == "sse"
         return streaming_response(generation.stream(plan), sse)

@@ -44,6 +44,7 @@ class UsageMetadata(WireModel):
     prompt_token_count: int
     cached_content_token_count: int | None = None  # of the prompt's tokens, those that came from a cache
     candidates_token_count: int
+    tool_use_prompt_token_count: int | None = None  # code execution: the run results fed back to the model
     total_token_count: int
 
 

@@ -7,7 +7,8 @@ list of typed Parts. Chat templates take messages in Hugging Face's shape: `syst
 - text -> the message's text (thought parts, the model's own reasoning, are left out of the prompt);
 - functionCall -> a tool call of the model's message;
 - functionResponse -> a `tool` message holding the response as JSON;
-- executableCode / codeExecutionResult -> fenced code and output in the text, as the model would write them.
+- executableCode / codeExecutionResult -> ```python and ```output blocks in the text, as the model writes them
+  when it runs code (`service/code_execution.py`).
 
 Media parts (inlineData, fileData) are refused with a 400 until media are supported.
 """
@@ -19,6 +20,7 @@ import json
 from gemserve.errors import invalid_argument
 from gemserve.models.chat_format import Message, ToolCall
 from gemserve.schema.content import Content, GenerateContentRequest, Part
+from gemserve.service.code_execution import code_block, output_block
 from gemserve.service.tools import FUNCTION_NAME
 
 ROLES = ("user", "model", "function")
@@ -97,9 +99,9 @@ def _messages_of(content: Content, role: str, where: str) -> list[Message]:
             body = json.dumps(response.response or {}, ensure_ascii=False)
             out.append(Message("tool", body, name=response.name))
         elif part.executable_code is not None:
-            texts.append(f"\n```python\n{part.executable_code.code or ''}\n```\n")
+            texts.append(code_block(part.executable_code.code or ""))
         elif part.code_execution_result is not None:
-            texts.append(f"\n```output\n{part.code_execution_result.output or ''}\n```\n")
+            texts.append(output_block(part.code_execution_result.output or ""))
         elif part.inline_data is not None or part.file_data is not None:
             raise invalid_argument(f"{field}: this model accepts text only; images, audio, video and files "
                                    "are not supported.", field)

@@ -14,6 +14,7 @@ request.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -22,7 +23,8 @@ from typing import Any
 
 from gemserve.engine.types import EngineBusy, EngineError, Event, FinishEvent, GenerationRequest, TokenEvent
 from gemserve.errors import RETRY_AFTER_SECONDS, ApiError
-from gemserve.schema.content import Content, FunctionCall, Part
+from gemserve.sandbox.bwrap import Execution
+from gemserve.schema.content import Blob, CodeExecutionResult, Content, ExecutableCode, FunctionCall, Part
 from gemserve.schema.responses import (
     Candidate,
     GenerateContentResponse,
@@ -31,6 +33,7 @@ from gemserve.schema.responses import (
     TopCandidates,
     UsageMetadata,
 )
+from gemserve.service.code_execution import MAX_ROUNDS, Code, CodeReader, Forged, output_block
 from gemserve.service.requests import GenerationPlan
 from gemserve.service.text import TextStream
 from gemserve.service.tools import CallPart, CallReader, MalformedCall, OutputPart, TextPart, call_key
@@ -41,6 +44,7 @@ class _Candidate:
     index: int
     text: TextStream
     calls: CallReader | None
+    code: CodeReader | None  # set when the model may run code
     tokens: int = 0
     malformed: bool = False
     emitted: bool = False  # some part went out
@@ -53,6 +57,21 @@ class _Candidate:
     chosen: list[LogprobsCandidate] = field(default_factory=list)
     top: list[TopCandidates] = field(default_factory=list)
     logprob_sum: float = 0.0
+    # Code execution: the current attempt's prompt and the tokens it generated, what is to run, rounds done.
+    prompt: tuple[int, ...] = ()
+    written: list[int] = field(default_factory=list)
+    to_run: str | None = None
+    ran: list[str] = field(default_factory=list)  # the code of the blocks run so far
+    cut: bool = False  # the candidate ends at the block it wrote last (see _prose_and_code)
+    tool_tokens: int = 0  # tokens of run results put into the prompt
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A code run ended; its continuation is `request` (None: no room left to continue)."""
+
+    execution: Execution
+    request: GenerationRequest | None
 
 
 @dataclass(frozen=True)
@@ -90,8 +109,9 @@ class Generation:
         self.response_id = secrets.token_urlsafe(16)
         self.reused_tokens = 0  # prompt tokens the engine took from a kept cache (implicit caching)
         self.candidates = [
-            _Candidate(i, TextStream(plan.stop_sequences), CallReader(plan.bare_calls) if plan.reads_calls else None)
-            for i in range(len(plan.candidates))
+            _Candidate(i, TextStream(plan.stop_sequences), CallReader(plan.bare_calls) if plan.reads_calls else None,
+                       CodeReader() if plan.sandbox is not None else None, prompt=request.prompt)
+            for i, request in enumerate(plan.candidates)
         ]
 
     @property
@@ -102,10 +122,14 @@ class Generation:
     def candidates_token_count(self) -> int:
         return sum(c.tokens for c in self.candidates)
 
+    @property
+    def tool_use_token_count(self) -> int:
+        return sum(c.tool_tokens for c in self.candidates)
+
     async def deltas(self) -> AsyncGenerator[Delta, None]:
         engine = self.plan.model.engine
         streams = [engine.generate(request) for request in self.plan.candidates]
-        queue: asyncio.Queue[tuple[int, int, Event | BaseException | None]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, int, Event | Ran | BaseException | None]] = asyncio.Queue()
 
         async def pump(index: int, attempt: int, events: AsyncIterator[Event]) -> None:
             cand = self.candidates[index]
@@ -119,6 +143,20 @@ class Generation:
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
                 await queue.put((index, attempt, None))
+
+        async def run_then_continue(index: int, attempt: int, code: str) -> None:
+            """Runs the candidate's code and goes on generating after its output."""
+            try:
+                ran = await self._run(self.candidates[index], code)
+            except Exception as exc:
+                await queue.put((index, attempt, exc))
+                await queue.put((index, attempt, None))
+                return
+            await queue.put((index, attempt, ran))
+            if ran.request is None:
+                await queue.put((index, attempt, None))
+                return
+            await pump(index, attempt, engine.generate(ran.request))
 
         tasks = [asyncio.create_task(pump(i, 0, s)) for i, s in enumerate(streams)]
         current = dict(enumerate(tasks))  # each candidate's running attempt
@@ -145,7 +183,7 @@ class Generation:
                         raise ApiError("UNAVAILABLE", f"The model could not finish this request: {event}") from event
                     if isinstance(event, BaseException):
                         raise event
-                    delta = self._apply(cand, event)
+                    delta = self._ran(cand, event) if isinstance(event, Ran) else self._apply(cand, event)
                     if delta is not None:
                         merged[index] = _merge(merged[index], delta) if index in merged else delta
                     if cand.retry is not None:
@@ -155,6 +193,15 @@ class Generation:
                         current[index] = asyncio.create_task(pump(index, cand.attempt, engine.generate(cand.retry)))
                         tasks.append(current[index])
                         cand.retry = None
+                        live += 1
+                    if cand.to_run is not None:
+                        # The model closed a code block: its generation stops there, the code runs, and the
+                        # model goes on after the output (from the cache of what it wrote, kept by the engine).
+                        current[index].cancel()
+                        cand.attempt += 1
+                        current[index] = asyncio.create_task(run_then_continue(index, cand.attempt, cand.to_run))
+                        tasks.append(current[index])
+                        cand.to_run = None
                         live += 1
                 for delta in merged.values():
                     yield delta
@@ -167,14 +214,18 @@ class Generation:
         if cand.finish is not None:
             return None
         if isinstance(event, FinishEvent):
-            self.reused_tokens = max(self.reused_tokens, min(event.cached_tokens, self.prompt_token_count))
+            if cand.attempt == 0:  # later attempts start from the first one's own cache: not the prompt's reuse
+                self.reused_tokens = max(self.reused_tokens, min(event.cached_tokens, self.prompt_token_count))
             parts = self._parts(cand, cand.text.flush(), final=True)
             if self._start_over(cand):
                 return None
+            if cand.to_run is not None:  # the model ended right after a code block: it runs, and the model goes on
+                return Delta(cand.index, parts, *self._release(cand, [], []), None)
             cand.finish = "MALFORMED_FUNCTION_CALL" if cand.malformed and event.reason == "STOP" else event.reason
             return Delta(cand.index, parts, *self._release(cand, [], []), cand.finish)
         assert isinstance(event, TokenEvent)
         cand.tokens += 1
+        cand.written.append(event.token)
         chosen: list[LogprobsCandidate] = []
         top: list[TopCandidates] = []
         if self.plan.logprobs is not None and event.logprob is not None:
@@ -192,6 +243,9 @@ class Generation:
         parts = self._parts(cand, text, final=False)
         if self._start_over(cand):
             return None
+        if cand.cut:
+            cand.finish = "STOP"
+            return Delta(cand.index, parts, *self._release(cand, chosen, top), "STOP")
         chosen, top = self._release(cand, chosen, top)
         if not parts and not chosen:
             return None
@@ -221,29 +275,95 @@ class Generation:
         cand.attempt += 1
         cand.repeated = cand.malformed = False
         cand.text, cand.calls = TextStream(self.plan.stop_sequences), None
+        cand.code = CodeReader() if cand.code is not None else None
+        cand.prompt, cand.written = retry.prompt, []
         cand.chosen, cand.top, cand.logprob_sum = [], [], 0.0
         cand.held = ([], [])
         return True
 
     def _parts(self, cand: _Candidate, text: str, final: bool) -> list[Part]:
+        found: list[OutputPart]
         if cand.calls is None:
-            return [Part(text=text)] if text else []
-        found: list[OutputPart] = cand.calls.push(text)
-        if final:
-            found += cand.calls.finish()
+            found = [TextPart(text)] if text else []
+        else:
+            found = cand.calls.push(text)
+            if final:
+                found += cand.calls.finish()
         parts = []
         for item in found:
             if isinstance(item, TextPart):
-                parts.append(Part(text=item.text))
-            elif isinstance(item, CallPart):
+                parts += self._prose_and_code(cand, item.text)
+                continue
+            parts += self._held_prose(cand)  # text held back before a call goes out before it
+            if isinstance(item, CallPart):
                 if call_key(item.name, item.args) in self.plan.answered:
                     cand.repeated = True
                     continue
                 parts.append(Part(function_call=FunctionCall(name=item.name, args=item.args)))
             elif isinstance(item, MalformedCall):
                 cand.malformed = True
+        if final:
+            parts += self._held_prose(cand)
         cand.emitted = cand.emitted or bool(parts)
         return parts
+
+    def _prose_and_code(self, cand: _Candidate, text: str) -> list[Part]:
+        """Text as text parts, and a finished python block as an executableCode part, to be run."""
+        if cand.code is None:
+            return [Part(text=text)] if text else []
+        parts = []
+        for item in cand.code.push(text):
+            if isinstance(item, Code) and len(cand.ran) < MAX_ROUNDS and item.code not in cand.ran:
+                parts.append(Part(executable_code=ExecutableCode(language="PYTHON", code=item.code)))
+                cand.to_run = item.code
+            elif isinstance(item, Code | Forged):
+                # The candidate ends here, without this block: past the rounds a request may run, running the
+                # same code again (small models repeat a failing block word for word), or writing the output
+                # of code itself (it would be made up).
+                cand.cut = True
+            else:
+                parts.append(Part(text=item.text))
+        return parts
+
+    def _held_prose(self, cand: _Candidate) -> list[Part]:
+        if cand.code is None:
+            return []
+        return [Part(text=item.text) for item in cand.code.finish()]
+
+    async def _run(self, cand: _Candidate, code: str) -> Ran:
+        """Runs the code; the continuation's prompt is the attempt's own tokens plus the output block."""
+        assert self.plan.sandbox is not None
+        execution = await self.plan.sandbox.run(code)
+        cand.ran.append(code)
+        engine = self.plan.model.engine
+        written = b"".join(engine.token_bytes(t) for t in cand.written).decode("utf-8", errors="replace")
+        block = output_block(execution.output) if written.endswith("\n") else "\n" + output_block(execution.output)
+        fed = await asyncio.to_thread(engine.tokenize, block, add_bos=False, parse_special=False)
+        prompt = (*cand.prompt, *cand.written, *fed)
+        cand.tool_tokens += len(fed)
+        request = self.plan.candidates[cand.index]
+        left = min(request.max_new_tokens - cand.tokens, self.plan.model.input_token_limit - len(prompt))
+        if left <= 0:
+            return Ran(execution, None)
+        constraint = None
+        if self.plan.rules is not None:
+            constraint = await asyncio.to_thread(engine.compile_grammar, self.plan.rules)
+        cand.prompt, cand.written = prompt, []
+        if cand.code is not None:
+            cand.code.reopen()
+        cand.text = TextStream(self.plan.stop_sequences)
+        return Ran(execution, replace(request, prompt=prompt, max_new_tokens=left, constraint=constraint))
+
+    def _ran(self, cand: _Candidate, ran: Ran) -> Delta:
+        execution = ran.execution
+        parts = [Part(code_execution_result=CodeExecutionResult(outcome=execution.outcome,
+                                                                output=execution.output or None))]
+        parts += [Part(inline_data=Blob(mime_type="image/png", data=base64.b64encode(png).decode("ascii")))
+                  for png in execution.figures]
+        finish = None
+        if ran.request is None:
+            cand.finish = finish = "MAX_TOKENS"
+        return Delta(cand.index, parts, [], [], finish)
 
     def _logprob_candidate(self, token: int, logprob: float) -> LogprobsCandidate:
         piece = self.plan.model.engine.token_bytes(token).decode("utf-8", errors="replace")
@@ -252,8 +372,10 @@ class Generation:
     def usage(self) -> UsageMetadata:
         prompt, generated = self.prompt_token_count, self.candidates_token_count
         cached = max(self.plan.cached_tokens, self.reused_tokens)  # a named cache, or a recent prefix reused
+        tool = self.tool_use_token_count
         return UsageMetadata(prompt_token_count=prompt, cached_content_token_count=cached or None,
-                             candidates_token_count=generated, total_token_count=prompt + generated)
+                             candidates_token_count=generated, tool_use_prompt_token_count=tool or None,
+                             total_token_count=prompt + generated + tool)
 
     def response(self, candidates: list[Candidate]) -> dict[str, Any]:
         return GenerateContentResponse(candidates=candidates, usage_metadata=self.usage(),

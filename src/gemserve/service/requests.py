@@ -15,11 +15,13 @@ from dataclasses import dataclass, replace
 
 from gemserve.engine.constraints import Constraint, ConstraintError
 from gemserve.engine.types import GenerationRequest, SamplingParams
-from gemserve.errors import invalid_argument
+from gemserve.errors import ApiError, invalid_argument
 from gemserve.models.chat_format import Message
 from gemserve.models.registry import ServedModel
+from gemserve.sandbox.bwrap import Sandbox, SandboxUnavailable
 from gemserve.schema.content import GenerateContentRequest, GenerationConfig
 from gemserve.schema.wire import collector_paused
+from gemserve.service import code_execution
 from gemserve.service.constraints import FREE_TEXT, Answer, answer_format, answer_hint, grammar
 from gemserve.service.conversation import conversation
 from gemserve.service.tools import ToolPlan, answered_calls, tool_plan
@@ -74,6 +76,8 @@ class GenerationPlan:
     answered: frozenset[str] = frozenset()  # calls (tools.call_key) the conversation holds the results of
     retries: tuple[GenerationRequest, ...] = ()  # per candidate: the same with calls ruled out
     cached_tokens: int = 0  # prompt tokens that come from the cachedContent the request names
+    sandbox: Sandbox | None = None  # set when the model may run code (the codeExecution tool)
+    rules: str | None = None  # the grammar the candidates' constraints were compiled from
 
 
 def check_unsupported(request: GenerateContentRequest) -> None:
@@ -176,6 +180,7 @@ class Prompt:
     tools: ToolPlan | None
     answer: Answer
     messages: list[Message]
+    code_execution: bool = False
 
 
 def request_prompt(model: ServedModel, request: GenerateContentRequest) -> Prompt:
@@ -188,17 +193,20 @@ def _request_prompt(model: ServedModel, request: GenerateContentRequest) -> Prom
     check_unsupported(request)
     answer = answer_format(request.generation_config)
     tools = tool_plan(request)
+    code = code_execution.wants_code_execution(request, answer)
     messages = conversation(request)
-    hint = answer_hint(answer)
-    if hint is not None:
+    for hint in (answer_hint(answer), code_execution.HINT if code else None):
+        if hint is None:
+            continue
         if messages[0].role == "system":
             messages[0] = Message("system", f"{messages[0].content}\n\n{hint}")
         else:
             messages.insert(0, Message("system", hint))
-    return Prompt(prompt_tokens(model, messages, tools), tools, answer, messages)
+    return Prompt(prompt_tokens(model, messages, tools), tools, answer, messages, code)
 
 
-async def plan_generation(target: Target, request: GenerateContentRequest, cached_tokens: int = 0) -> GenerationPlan:
+async def plan_generation(target: Target, request: GenerateContentRequest, cached_tokens: int = 0,
+                          sandbox: Sandbox | None = None) -> GenerationPlan:
     model = target.model
     config = request.generation_config
     parts = sum(len(c.parts) for c in request.contents)
@@ -207,6 +215,8 @@ async def plan_generation(target: Target, request: GenerateContentRequest, cache
                                f"allowed ({model.input_token_limit}).", "contents")
     built = await asyncio.to_thread(request_prompt, model, request)  # templates and tokenizing: off the loop
     prompt, tools, answer = built.tokens, built.tools, built.answer
+    if built.code_execution:
+        sandbox = await _usable(sandbox)
     params, count, logprobs = sampling_settings(config, target)
     stops = stop_sequences(config)
     limit = model.input_token_limit
@@ -252,7 +262,20 @@ async def plan_generation(target: Target, request: GenerateContentRequest, cache
         retries = tuple(replace(c, prompt=hinted, constraint=constraints[i]) for i, c in enumerate(candidates))
     bare_calls = reads_calls and (answer.free or (tools is not None and tools.mode == "ANY"))
     return GenerationPlan(model, target.version, tuple(prompt), candidates, stops, logprobs, reads_calls,
-                          bare_calls, answered, retries, cached_tokens)
+                          bare_calls, answered, retries, cached_tokens,
+                          sandbox if built.code_execution else None, rules)
+
+
+async def _usable(sandbox: Sandbox | None) -> Sandbox:
+    """The sandbox, checked; code execution fails closed with a 400 naming what is missing."""
+    try:
+        if sandbox is None:
+            raise SandboxUnavailable("this server was started without a sandbox.")
+        await sandbox.ready()
+    except SandboxUnavailable as exc:
+        raise ApiError("FAILED_PRECONDITION", f"tools.code_execution: code execution is not available on this "
+                       f"server: {exc}") from None
+    return sandbox
 
 
 def answer_field(request: GenerateContentRequest, tools: ToolPlan | None) -> str:

@@ -66,9 +66,6 @@ def tool_plan(request: GenerateContentRequest) -> ToolPlan | None:
                 raise invalid_argument(f"tools[{i}].{attr}: the {wire} tool is not available on this server: it "
                                        "needs Google's search and web services. Use function declarations and "
                                        "run the search yourself.", f"tools[{i}].{attr}")
-        if tool.code_execution is not None:
-            raise invalid_argument(f"tools[{i}].code_execution: the codeExecution tool is not supported by this "
-                                   "server yet.", f"tools[{i}].code_execution")
         for j, declaration in enumerate(tool.function_declarations or []):
             functions.append(_function(declaration, f"tools[{i}].function_declarations[{j}]"))
     names = [f.name for f in functions]
