@@ -29,10 +29,9 @@ MAX_ROUNDS = 5
 OPENERS = ("```python\n", "```py\n", "```Python\n")
 OUTPUT_OPENER = "```output\n"
 CLOSER = "\n```"
-HINT = ("You can run Python code. To run code, write it in a markdown code block that starts with ```python and ends "
-        "with ```. The code runs as soon as the block ends, in a sandbox with numpy, sympy, pandas and matplotlib "
-        "and no network. What it prints is shown to you right after, in a block that starts with ```output. Print "
-        "the results you need, then finish your answer using them.")
+HINT = ("You can run Python code: write it in a ```python code block, and it runs as soon as the block ends "
+        "(numpy, sympy, pandas and matplotlib are installed; there is no network). Its output is then shown to "
+        "you in an ```output block. Use print() to show results, and use the output in your answer.")
 
 
 def code_block(code: str) -> str:
