@@ -11,7 +11,7 @@ import pytest
 
 from gemserve.errors import ApiError
 from gemserve.sandbox.bwrap import DEADLINE_EXCEEDED, FAILED, OK, Execution, SandboxUnavailable
-from gemserve.service.code_execution import MAX_ROUNDS, HINT, Code, CodeReader, Forged, Prose
+from gemserve.service.code_execution import HINT, MAX_ROUNDS, Code, CodeReader, Forged, Prose
 from tests.service.scripted import request_body, run
 
 CODE_TOOL = [{"codeExecution": {}}]
@@ -151,7 +151,8 @@ def test_streaming_delivers_each_part_when_it_exists() -> None:
                     sandbox=sandbox, stream=True)
     kinds = [next(iter(p)) for c in chunks for p in c["candidates"][0]["content"]["parts"]]
     assert kinds.index("executableCode") < kinds.index("codeExecutionResult")
-    assert kinds[kinds.index("codeExecutionResult") + 1:] and set(kinds[kinds.index("codeExecutionResult") + 1:]) == {"text"}
+    after = kinds[kinds.index("codeExecutionResult") + 1:]
+    assert after and set(after) == {"text"}
     # The result is a chunk of its own: it goes out when the run ends, before the model writes again.
     result_chunk = next(c for c in chunks if "codeExecutionResult" in c["candidates"][0]["content"]["parts"][0])
     assert len(result_chunk["candidates"][0]["content"]["parts"]) == 1
