@@ -86,7 +86,7 @@ CASES: list[tuple[str, str, str, Any, int, str]] = [
                                                     "generationConfig": {"candidateCount": 8}}, 400,
      "do not fit the model's context"),
     ("count tokens with tools", "POST", "/v1beta/models/gemma-3-270m:countTokens",
-     {"generateContentRequest": {**GOOD, "tools": [{"codeExecution": {}}]}}, 400, "tools"),
+     {"generateContentRequest": {**GOOD, "tools": [{"googleSearch": {}}]}}, 400, "tools"),
     ("body over the size limit", "POST", GEN, b" " * (32 * 1024 * 1024 + 1), 400, "payload size exceeds"),
     ("unknown query parameter", "GET", "/v1beta/models?foo=1", None, 400, "Cannot bind query parameter"),
     ("unknown alt", "POST", GEN + "?alt=weird", GOOD, 400, "Invalid value at 'alt'"),

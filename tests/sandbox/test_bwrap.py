@@ -254,3 +254,22 @@ def _sandbox_processes() -> list[str]:
     # A killed sandbox's first process may stay a zombie until init reaps it: it is dead, and counts as gone.
     return [line for line in out.splitlines()
             if ("bwrap" in line or "sleep 3.14159" in line) and not line.split()[1].startswith("Z")]
+
+
+def test_memory_outside_every_limit_is_refused(sandbox: Sandbox) -> None:
+    # memfd files are never mapped (no address-space limit) and System V segments live in the ipc namespace:
+    # the seccomp filter refuses both.
+    result = run(sandbox, "import os\nos.memfd_create('hoard')")
+    assert result.outcome == FAILED and "PermissionError" in result.output
+    result = run(sandbox, "import ctypes\nprint(ctypes.CDLL(None).shmget(0, 1 << 30, 0o1000 | 0o600))")
+    assert result == Execution(OK, "-1\n")
+
+
+def test_dev_is_read_only_and_dev_shm_bounded(sandbox: Sandbox) -> None:
+    result = run(sandbox, "import os\nprint(os.access('/dev', os.W_OK))\n"
+                          "with open('/dev/shm/big', 'wb') as f:\n"
+                          "    for _ in range(200):\n        f.write(b'x' * (1 << 20))")
+    assert result.outcome == FAILED and result.output.startswith("False\n")
+    assert "File too large" in result.output or "No space left" in result.output
+    result = run(sandbox, "from multiprocessing import Pool\nwith Pool(2) as pool:\n    print(pool.map(abs, [-1, 2]))")
+    assert result == Execution(OK, "[1, 2]\n")

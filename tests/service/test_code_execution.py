@@ -223,3 +223,37 @@ def test_no_room_left_after_a_run_ends_with_max_tokens() -> None:
     assert response["candidates"][0]["finishReason"] == "MAX_TOKENS"
     assert len(engine.prompts) == 1
     assert parts_of(response)[-1]["codeExecutionResult"]["output"] == "1\n"
+
+
+def test_a_call_written_as_bare_json_after_a_run_is_a_call() -> None:
+    sandbox = RecordingSandbox(Execution(OK, "3\n"))
+    tools = [{"codeExecution": {}}, {"functionDeclarations": [
+        {"name": "get_time", "parameters": {"type": "OBJECT", "properties": {"city": {"type": "STRING"}}}}]}]
+    script = ["```python\nprint(1 + 2)\n```", '{"name": "get_time", "arguments": {"city": "Oslo"}}']
+    response, _ = run(script, request_body(tools=tools), sandbox=sandbox)
+    assert parts_of(response)[-1] == {"functionCall": {"name": "get_time", "args": {"city": "Oslo"}}}
+
+
+def test_a_sandbox_that_cannot_start_a_run_is_a_503_not_a_500() -> None:
+    class Broken(RecordingSandbox):
+        async def run(self, code: str) -> Execution:
+            raise SandboxUnavailable("the sandbox could not be started: [Errno 11] Resource temporarily unavailable")
+
+    with pytest.raises(ApiError) as caught:
+        run(["```python\nprint(1)\n```", "x"], request_body(tools=CODE_TOOL), sandbox=Broken())
+    assert caught.value.status == "UNAVAILABLE" and "Resource temporarily unavailable" in caught.value.message
+
+
+def test_a_chat_sends_back_figures_and_ids_as_the_response_had_them() -> None:
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
+    body = {"contents": [
+        {"role": "user", "parts": [{"text": "Plot x squared"}]},
+        {"role": "model", "parts": [{"executableCode": {"id": "c1", "language": "PYTHON", "code": "plot()"}},
+                                    {"codeExecutionResult": {"id": "c1", "outcome": "OUTCOME_OK"}},
+                                    {"inlineData": {"mimeType": "image/png", "data": png}},
+                                    {"text": "Here it is."}]},
+        {"role": "user", "parts": [{"text": "Thanks"}]},
+    ], "tools": CODE_TOOL}
+    response, engine = run("You are welcome.", body, sandbox=RecordingSandbox())
+    assert parts_of(response) == [{"text": "You are welcome."}]
+    assert "```python\nplot()\n```\n```output\n\n```\nHere it is." in engine.detokenize(engine.prompts[0])

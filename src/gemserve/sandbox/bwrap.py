@@ -24,9 +24,13 @@ import os
 import shutil
 import signal
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from gemserve.sandbox.seccomp import memory_filter
 
 log = logging.getLogger("gemserve.sandbox")
 
@@ -37,7 +41,8 @@ NOBODY = 65534
 SANDBOX_ENV_NAME = ".venv-sandbox"
 PROBE = "import numpy, sympy, pandas, matplotlib; print('ready')"
 MAX_FIGURES = 8
-MAX_REPORT_BYTES = 32 << 20
+MAX_REPORT_BYTES = 16 << 20
+RECHECK_SECONDS = 30.0  # after a failed readiness check, the next request checks again once this has passed
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Limits:
     file_bytes: int = 64 << 20  # any one file written
     open_files: int = 256
     tmpfs_bytes: int = 256 << 20  # the whole working directory
+    shm_bytes: int = 64 << 20  # /dev/shm, for multiprocessing's semaphores and shared arrays
     output_bytes: int = 32 << 10  # what the model is shown; the rest is cut with a note
     output_cap_bytes: int = 4 << 20  # the run is stopped when it writes more than this
 
@@ -71,20 +77,29 @@ def default_python() -> Path | None:
 
 
 class Sandbox:
-    """Runs code, at most `concurrency` runs at a time. `ready()` checks once that a sandbox can be made."""
+    """Runs code, at most `concurrency` runs at a time. `ready()` checks that a sandbox can be made."""
 
     def __init__(self, python: Path | None, limits: Limits | None = None, concurrency: int | None = None) -> None:
         self.python = python
         self.limits = limits or Limits()
-        self._slots = asyncio.Semaphore(concurrency or max(2, os.cpu_count() or 2))
+        slots = concurrency or max(2, os.cpu_count() or 2)
+        self._slots = asyncio.Semaphore(slots)
+        # Each run's report is read by a thread of this pool, never of the loop's default one: runs last up to
+        # the wall deadline, and the server's other work must not wait for a thread meanwhile.
+        self._readers = ThreadPoolExecutor(slots + 1, thread_name_prefix="sandbox-report")
         self._checked: asyncio.Task[None] | None = None
+        self._checked_at = 0.0
         self._runner = resources.files("gemserve.sandbox").joinpath("runner.py").read_text()
+        self._filter = memory_filter()
         self._mounts: list[str] = []
 
     async def ready(self) -> None:
-        """Raises SandboxUnavailable, the same each time, when no sandbox can be made here."""
-        if self._checked is None:
+        """Raises SandboxUnavailable naming what is missing when no sandbox can be made here. A failed check is
+        repeated after RECHECK_SECONDS (a set-up finished meanwhile, or a slow first start)."""
+        failed = self._checked is not None and self._checked.done() and self._checked.exception() is not None
+        if self._checked is None or (failed and time.monotonic() - self._checked_at > RECHECK_SECONDS):
             self._checked = asyncio.create_task(self._check())
+            self._checked_at = time.monotonic()
         await asyncio.shield(self._checked)
 
     async def run(self, code: str) -> Execution:
@@ -127,7 +142,7 @@ class Sandbox:
             kept.append(real)
         return kept
 
-    def command(self, report_fd: int) -> list[str]:
+    def command(self, report_fd: int, filter_fd: int | None) -> list[str]:
         assert self.python is not None
         limits = self.limits
         rlimits = {"RLIMIT_CPU": limits.cpu_seconds, "RLIMIT_AS": limits.memory_bytes,
@@ -155,27 +170,43 @@ class Sandbox:
                "MPLCONFIGDIR": "/tmp/.matplotlib", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
         for key, value in env.items():
             args += ["--setenv", key, value]
+        if filter_fd is not None:
+            args += ["--seccomp", str(filter_fd)]
+        # Every writable place is a tmpfs of bounded size; the rest is read-only, /dev's own tmpfs included.
         args += ["--size", str(limits.tmpfs_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp",
-                 "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/",
+                 "--proc", "/proc", "--dev", "/dev", "--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm",
+                 "--remount-ro", "/dev", "--remount-ro", "/",
                  str(self.python), "-I", "-u", "-c", self._runner,
                  json.dumps({"limits": rlimits, "report_fd": report_fd})]
         return args
 
     async def _run(self, code: str) -> Execution:
-        read_report, write_report = os.pipe()
+        """Raises SandboxUnavailable when no sandbox could be started (out of processes or files, say)."""
+        passed: list[int] = []
         try:
+            read_report, write_report = os.pipe()
+            passed.append(write_report)
+            filter_fd = None
+            if self._filter is not None:
+                filter_fd, write_filter = os.pipe()
+                passed.append(filter_fd)
+                with os.fdopen(write_filter, "wb") as pipe:  # a few dozen bytes: the pipe holds them
+                    pipe.write(self._filter)
             process = await asyncio.create_subprocess_exec(
-                *self.command(write_report), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, pass_fds=(write_report,), start_new_session=True,
+                *self.command(write_report, filter_fd), stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, pass_fds=passed,
+                start_new_session=True,
                 # Not the server's environment, not even for bwrap: the code can read its sandbox's first
                 # process's /proc/1/environ, and that process is bwrap.
                 env={"PATH": os.defpath})
         except OSError as exc:
-            os.close(read_report)
+            if passed:
+                os.close(read_report)
             raise SandboxUnavailable(f"the sandbox could not be started: {exc}") from None
         finally:
-            os.close(write_report)
-        report = asyncio.create_task(asyncio.to_thread(_read_all, read_report, MAX_REPORT_BYTES))
+            for fd in passed:
+                os.close(fd)
+        report = asyncio.get_running_loop().run_in_executor(self._readers, _read_report, read_report)
         try:
             assert process.stdin is not None and process.stdout is not None
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -194,7 +225,7 @@ class Sandbox:
         finally:
             _kill(process)  # whatever happened (a cancelled caller too), nothing of the sandbox outlives its run
             await process.communicate()  # what is left in the pipe: the process counts as ended once it is read
-        return _execution(output, process.returncode, await report)
+        return _execution(output, process.returncode, *await report)
 
 
 class _Output:
@@ -219,11 +250,7 @@ class _Output:
         return text
 
 
-def _execution(output: _Output, status: int | None, raw_report: bytes) -> Execution:
-    report: dict[str, object] = {}
-    with contextlib.suppress(ValueError):
-        loaded = json.loads(raw_report)
-        report = loaded if isinstance(loaded, dict) else {}
+def _execution(output: _Output, status: int | None, ok: bool | None, figures: tuple[bytes, ...]) -> Execution:
     text = output.text()
     if output.timed_out or status in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
         note = "the code ran past its time limit and was stopped"
@@ -231,25 +258,35 @@ def _execution(output: _Output, status: int | None, raw_report: bytes) -> Execut
     if output.flooded:
         return Execution(FAILED, f"{text}\n[the code wrote more than {output.limits.output_cap_bytes} bytes of "
                                  "output and was stopped]")
-    if "ok" not in report:  # it ended without reporting: killed from inside, or out of memory before reporting
+    if ok is None:  # it ended without reporting: killed from inside, or out of memory before reporting
         return Execution(FAILED, f"{text}\n[the code's process ended abruptly (status {status})]".lstrip("\n"))
-    figures: list[bytes] = []
-    for item in report.get("figures") or []:  # type: ignore[attr-defined]
-        if isinstance(item, str) and len(figures) < MAX_FIGURES:
-            with contextlib.suppress(binascii.Error, ValueError):
-                figures.append(base64.b64decode(item, validate=True))
-    return Execution(OK if report["ok"] is True else FAILED, text, tuple(figures))
+    return Execution(OK if ok else FAILED, text, figures)
 
 
-def _read_all(fd: int, limit: int) -> bytes:
+def _read_report(fd: int) -> tuple[bool | None, tuple[bytes, ...]]:
+    """The runner's report: (whether the code ran to its end, figures); (None, ()) when there is none. Read,
+    parsed and decoded in a reader thread: it may be megabytes of base64."""
     chunks = []
     size = 0
     with os.fdopen(fd, "rb") as pipe:
         while chunk := pipe.read(65536):
             size += len(chunk)
-            if size <= limit:
+            if size <= MAX_REPORT_BYTES:
                 chunks.append(chunk)
-    return b"".join(chunks) if size <= limit else b""
+    if size > MAX_REPORT_BYTES:
+        return None, ()
+    try:
+        report = json.loads(b"".join(chunks))
+    except ValueError:
+        return None, ()
+    if not isinstance(report, dict) or not isinstance(report.get("ok"), bool):
+        return None, ()
+    figures: list[bytes] = []
+    for item in report.get("figures") or []:
+        if isinstance(item, str) and len(figures) < MAX_FIGURES:
+            with contextlib.suppress(binascii.Error, ValueError):
+                figures.append(base64.b64decode(item, validate=True))
+    return report["ok"], tuple(figures)
 
 
 def _kill(process: asyncio.subprocess.Process) -> None:

@@ -69,11 +69,13 @@ class FunctionResponse(WireModel):
 
 
 class ExecutableCode(WireModel):
+    id: str | None = None
     language: enum_field(LANGUAGES) | None = None  # type: ignore[valid-type]
     code: str | None = None
 
 
 class CodeExecutionResult(WireModel):
+    id: str | None = None
     outcome: enum_field(OUTCOMES) | None = None  # type: ignore[valid-type]
     output: str | None = None
 

@@ -102,6 +102,8 @@ def _messages_of(content: Content, role: str, where: str) -> list[Message]:
             texts.append(code_block(part.executable_code.code or ""))
         elif part.code_execution_result is not None:
             texts.append(output_block(part.code_execution_result.output or ""))
+        elif part.inline_data is not None and role == "model":
+            continue  # a figure that code made, sent back with the chat: a text model cannot look at it
         elif part.inline_data is not None or part.file_data is not None:
             raise invalid_argument(f"{field}: this model accepts text only; images, audio, video and files "
                                    "are not supported.", field)

@@ -23,7 +23,7 @@ from typing import Any
 
 from gemserve.engine.types import EngineBusy, EngineError, Event, FinishEvent, GenerationRequest, TokenEvent
 from gemserve.errors import RETRY_AFTER_SECONDS, ApiError
-from gemserve.sandbox.bwrap import Execution
+from gemserve.sandbox.bwrap import Execution, SandboxUnavailable
 from gemserve.schema.content import Blob, CodeExecutionResult, Content, ExecutableCode, FunctionCall, Part
 from gemserve.schema.responses import (
     Candidate,
@@ -61,6 +61,8 @@ class _Candidate:
     prompt: tuple[int, ...] = ()
     written: list[int] = field(default_factory=list)
     to_run: str | None = None
+    base: GenerationRequest | None = None  # what continuations are made from: the request, or its retry
+    rules: str | None = None  # the grammar continuations are constrained by
     ran: list[str] = field(default_factory=list)  # the code of the blocks run so far
     cut: bool = False  # the candidate ends at the block it wrote last (see _prose_and_code)
     tool_tokens: int = 0  # tokens of run results put into the prompt
@@ -194,6 +196,8 @@ class Generation:
                         tasks.append(current[index])
                         cand.retry = None
                         live += 1
+                    if cand.to_run is not None and cand.finish is not None:
+                        cand.to_run = None  # a stop sequence ended the candidate with the block: nothing runs
                     if cand.to_run is not None:
                         # The model closed a code block: its generation stops there, the code runs, and the
                         # model goes on after the output (from the cache of what it wrote, kept by the engine).
@@ -275,6 +279,7 @@ class Generation:
         cand.attempt += 1
         cand.repeated = cand.malformed = False
         cand.text, cand.calls = TextStream(self.plan.stop_sequences), None
+        cand.base, cand.rules = cand.retry, self.plan.retry_rules
         cand.code = CodeReader() if cand.code is not None else None
         cand.prompt, cand.written = retry.prompt, []
         cand.chosen, cand.top, cand.logprob_sum = [], [], 0.0
@@ -333,7 +338,10 @@ class Generation:
     async def _run(self, cand: _Candidate, code: str) -> Ran:
         """Runs the code; the continuation's prompt is the attempt's own tokens plus the output block."""
         assert self.plan.sandbox is not None
-        execution = await self.plan.sandbox.run(code)
+        try:
+            execution = await self.plan.sandbox.run(code)
+        except SandboxUnavailable as exc:
+            raise ApiError("UNAVAILABLE", f"The code the model wrote could not be run: {exc}") from None
         cand.ran.append(code)
         engine = self.plan.model.engine
         written = b"".join(engine.token_bytes(t) for t in cand.written).decode("utf-8", errors="replace")
@@ -341,17 +349,21 @@ class Generation:
         fed = await asyncio.to_thread(engine.tokenize, block, add_bos=False, parse_special=False)
         prompt = (*cand.prompt, *cand.written, *fed)
         cand.tool_tokens += len(fed)
-        request = self.plan.candidates[cand.index]
-        left = min(request.max_new_tokens - cand.tokens, self.plan.model.input_token_limit - len(prompt))
+        request = cand.base or self.plan.candidates[cand.index]
+        budget = self.plan.candidates[cand.index].max_new_tokens  # the whole answer's, over all attempts
+        left = min(budget - cand.tokens, self.plan.model.input_token_limit - len(prompt))
         if left <= 0:
             return Ran(execution, None)
         constraint = None
-        if self.plan.rules is not None:
-            constraint = await asyncio.to_thread(engine.compile_grammar, self.plan.rules)
+        rules = cand.rules if cand.base is not None else self.plan.rules
+        if rules is not None:
+            constraint = await asyncio.to_thread(engine.compile_grammar, rules)
         cand.prompt, cand.written = prompt, []
         if cand.code is not None:
             cand.code.reopen()
         cand.text = TextStream(self.plan.stop_sequences)
+        if cand.calls is not None:  # the grammar starts afresh, and may allow a call written as bare JSON again
+            cand.calls = CallReader(self.plan.bare_calls)
         return Ran(execution, replace(request, prompt=prompt, max_new_tokens=left, constraint=constraint))
 
     def _ran(self, cand: _Candidate, ran: Ran) -> Delta:

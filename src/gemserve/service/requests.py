@@ -78,6 +78,7 @@ class GenerationPlan:
     cached_tokens: int = 0  # prompt tokens that come from the cachedContent the request names
     sandbox: Sandbox | None = None  # set when the model may run code (the codeExecution tool)
     rules: str | None = None  # the grammar the candidates' constraints were compiled from
+    retry_rules: str | None = None  # and the retries' (calls ruled out)
 
 
 def check_unsupported(request: GenerateContentRequest) -> None:
@@ -252,6 +253,7 @@ async def plan_generation(target: Target, request: GenerateContentRequest, cache
     # Mode ANY must call: a repeated call is an answer there, and no second attempt could do better.
     answered = answered_calls(request) if reads_calls and tools is not None and tools.mode != "ANY" else frozenset()
     retries: tuple[GenerationRequest, ...] = ()
+    text_only: str | None = None
     if answered and tools is not None:
         # The model answers from the results, told so at the end of the conversation: the prompt begins as the
         # first attempt's did, so the engine reuses that attempt's cache.
@@ -263,7 +265,7 @@ async def plan_generation(target: Target, request: GenerateContentRequest, cache
     bare_calls = reads_calls and (answer.free or (tools is not None and tools.mode == "ANY"))
     return GenerationPlan(model, target.version, tuple(prompt), candidates, stops, logprobs, reads_calls,
                           bare_calls, answered, retries, cached_tokens,
-                          sandbox if built.code_execution else None, rules)
+                          sandbox if built.code_execution else None, rules, text_only)
 
 
 async def _usable(sandbox: Sandbox | None) -> Sandbox:
