@@ -131,3 +131,19 @@ def test_vercel_ai_sdk(node: str, server: Server) -> None:
     assert out["tool"]["cities"] and out["tool"]["steps"] >= 2 and out["tool"]["text"]
     assert isinstance(out["object"]["name"], str) and isinstance(out["object"]["age"], int)
     assert out["stream"]["parts"] > 1 and out["stream"]["text"] and out["stream"]["finishReason"] in ("stop", "length")
+
+
+def test_google_genai_js_code_execution(node: str, server: Server) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    env.update(GEMSERVE_URL=server.url, GEMSERVE_API_KEY="anything")
+    result = subprocess.run([node, str(JS_DIR / "genai_code_execution.mjs")], cwd=JS_DIR, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"genai_code_execution.mjs failed:\n{result.stderr}\n{result.stdout}"
+    out = json.loads(result.stdout)
+    kinds = out["kinds"]
+    assert "executableCode" in kinds and kinds[kinds.index("executableCode") + 1] == "codeExecutionResult", kinds
+    code = next(p["executableCode"] for p in out["parts"] if "executableCode" in p)
+    assert code["language"] == "PYTHON" and out["executableCode"] == code["code"]  # the client's accessor
+    result_part = next(p["codeExecutionResult"] for p in out["parts"] if "codeExecutionResult" in p)
+    assert result_part["outcome"] in ("OUTCOME_OK", "OUTCOME_FAILED", "OUTCOME_DEADLINE_EXCEEDED")
+    assert out["finishReason"] in ("STOP", "MAX_TOKENS")
