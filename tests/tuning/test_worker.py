@@ -167,6 +167,18 @@ def test_oldest_unfinished_job_first(tiny_gemma: Path, tmp_path: Path) -> None:
     assert [p.name for p in pending_jobs(tmp_path)] == ["c", "b", "a"]
 
 
+def test_keys_take_turns_and_a_running_job_resumes_first(tiny_gemma: Path, tmp_path: Path) -> None:
+    # Key a queued three jobs before key b's one: b's waits for one of a's, not for all three.
+    for job_id, owner, created in [("a1", "a", "2025-01-01T00:00:00Z"), ("a2", "a", "2025-01-02T00:00:00Z"),
+                                   ("a3", "a", "2025-01-03T00:00:00Z"), ("b1", "b", "2025-01-04T00:00:00Z"),
+                                   ("c1", "c", "2025-01-05T00:00:00Z")]:
+        jobs.write_job(tmp_path, {**tiny.job_document(job_id, tiny_gemma, SECRET, created=created), "owner": owner})
+    assert [p.name for p in pending_jobs(tmp_path)] == ["a1", "b1", "c1", "a2", "a3"]
+    jobs.write_progress(jobs.job_dir(tmp_path, "a3"), {**jobs.default_progress(), "state": "RUNNING"})
+    # The running job is a's turn: the other keys come before a's next one.
+    assert [p.name for p in pending_jobs(tmp_path)] == ["a3", "b1", "c1", "a1", "a2"]
+
+
 def test_serve_runs_queued_jobs_one_at_a_time_until_stopped(tiny_gemma: Path, tmp_path: Path) -> None:
     first = jobs.write_job(tmp_path, tiny.job_document("first", tiny_gemma, SECRET, epochs=1))
     bad = tmp_path / "tuning" / "jobs" / "bad"

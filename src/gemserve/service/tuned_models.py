@@ -43,6 +43,9 @@ MAX_EPOCHS = 1000
 LARGE_DATASET = 500  # from this many examples on, the larger batch and smaller learning rate are the defaults
 DEFAULT_PAGE_SIZE = 10
 MAX_PAGE_SIZE = 1000
+# Per API key, as Google's quotas are per project. Each model is a tuning job too: this also bounds what one key
+# can queue (and the worker takes the keys' jobs in turn: tuning/worker.py).
+MAX_TUNED_MODELS_PER_KEY = 100
 MUTABLE_FIELDS = {"displayName", "description", "temperature", "topP", "topK", "readerProjectNumbers"}
 # gRPC codes used in Operation.error, as google.longrunning reports them.
 GRPC_CANCELLED = 1
@@ -90,6 +93,7 @@ class TunedModels:
             raise invalid_argument(f"tuned_model_id: {model_id!r} must match [a-z]([a-z0-9-]{{0,38}}[a-z0-9])?: up "
                                    "to 40 lowercase letters, digits and hyphens, starting with a letter and not "
                                    "ending with a hyphen.", "tuned_model_id")
+        self._check_quota(caller)
         created = now()
         record = TunedModelRecord(
             id=model_id, owner=caller.owner, base_model=base_model, create_time=created, update_time=created,
@@ -110,7 +114,7 @@ class TunedModels:
                 job_dir.mkdir(parents=True, exist_ok=True)
                 source_adapter = Path(shutil.copytree(source_adapter, job_dir / "source_adapter"))
             jobs.write_job(self._data_dir, {
-                "job_id": record.job_id, "created": created,
+                "job_id": record.job_id, "created": created, "owner": caller.owner,
                 "base_model": {"id": spec.id, "path": str(base_path)},
                 "source_adapter": str(source_adapter) if source_adapter else None,
                 "examples": examples,
@@ -127,6 +131,13 @@ class TunedModels:
             self._store.delete(model_id)
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
+
+    def _check_quota(self, caller: Caller) -> None:
+        """One key may not fill the disk with models, nor the tuning worker's queue with jobs (429, as Google
+        answers a quota that is used up)."""
+        if sum(r.owner == caller.owner for r in self._store.all()) >= MAX_TUNED_MODELS_PER_KEY:
+            raise ApiError("RESOURCE_EXHAUSTED", f"Quota exceeded: an API key may keep at most "
+                           f"{MAX_TUNED_MODELS_PER_KEY} tuned models. Delete some to create more.")
 
     def _source(self, caller: Caller, body: TunedModelIn) -> tuple[str, str | None, Path, Path | None]:
         """(base model name, source tuned model name, base weights, source adapter) of a create request."""

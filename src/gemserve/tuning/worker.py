@@ -35,21 +35,31 @@ POLL_SECONDS = 1.0
 
 
 def pending_jobs(data_dir: Path) -> list[Path]:
-    """Directories of jobs not yet finished, oldest first (by `created`, then id)."""
+    """Directories of jobs not yet finished, in the order they are to run: a job that was running first (it
+    resumes), then the owners' jobs in turn (each owner's oldest, then each one's second oldest, ...), so that one
+    key's many jobs do not keep another key's waiting; within a turn, oldest first (by `created`, then id)."""
     root = jobs.jobs_root(data_dir)
     if not root.is_dir():
         return []
-    found: list[tuple[str, str, Path]] = []
+    found: list[tuple[bool, str, str, str, Path]] = []
     for directory in root.iterdir():
         job_file = directory / jobs.JOB_FILE
-        if not job_file.is_file() or jobs.read_progress(directory)["state"] in jobs.FINISHED_STATES:
+        state = jobs.read_progress(directory)["state"]
+        if not job_file.is_file() or state in jobs.FINISHED_STATES:
             continue
         try:
-            created = str(json.loads(job_file.read_text()).get("created", ""))
+            raw = json.loads(job_file.read_text())
+            created, owner = str(raw.get("created", "")), str(raw.get("owner", ""))
         except (OSError, ValueError, AttributeError):
-            created = ""  # unreadable: taken first, and failed at once with the reason
-        found.append((created, directory.name, directory))
-    return [directory for _, _, directory in sorted(found)]
+            created, owner = "", ""  # unreadable: taken first, and failed at once with the reason
+        found.append((state != jobs.RUNNING, created, directory.name, owner, directory))
+    turns: dict[str, int] = {}
+    ordered = []
+    for not_running, created, name, owner, directory in sorted(found):
+        turn = turns.get(owner, 0)
+        turns[owner] = turn + 1
+        ordered.append((not_running, turn, created, name, directory))
+    return [directory for *_, directory in sorted(ordered)]
 
 
 @contextmanager
