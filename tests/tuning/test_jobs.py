@@ -91,7 +91,3 @@ def test_cancel_and_adapter_paths(tmp_path: Path) -> None:
     assert jobs.adapter_paths(tmp_path) == (tmp_path / "adapter", None)
     (tmp_path / "adapter" / "adapter.gguf").write_bytes(b"GGUF")
     assert jobs.adapter_paths(tmp_path) == (tmp_path / "adapter", tmp_path / "adapter" / "adapter.gguf")
-
-
-def test_timestamps_are_rfc3339_utc() -> None:
-    assert jobs.utc_now().endswith("Z") and "T" in jobs.utc_now()

@@ -19,6 +19,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from gemserve.models.catalog import DEFAULT_MODEL_ID
+from gemserve.timestamps import utc_now
 from gemserve.tuning import jobs
 from gemserve.tuning.base_weights import prepare_base
 from gemserve.tuning.dataset import ExampleEncoder, text_tokenizer
@@ -74,7 +75,7 @@ def test_tuned_gemma_beats_the_base_on_held_out_numerals(data_dir: Path, default
     torch.set_num_threads(os.cpu_count() or 1)
     train, held_out = split()
     job = {
-        "job_id": "roman", "created": jobs.utc_now(),
+        "job_id": "roman", "created": utc_now(),
         "base_model": {"id": DEFAULT_MODEL_ID, "path": str(default_gguf)}, "source_adapter": None,
         "examples": train, "hyperparameters": {"epoch_count": 6, "batch_size": 4, "learning_rate": 1e-3},
         "lora": {"rank": 8, "alpha": 16}, "seed": 0,

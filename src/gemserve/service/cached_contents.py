@@ -32,6 +32,7 @@ from gemserve.schema.wire import OneOrMany, WireModel, parse_model, snake
 from gemserve.service import paging
 from gemserve.service.requests import request_prompt
 from gemserve.store.cached_contents import CachedContentRecord, CachedContentStore
+from gemserve.timestamps import parse_rfc3339, rfc3339
 
 log = logging.getLogger("gemserve.caching")
 
@@ -58,10 +59,6 @@ class CachedContentIn(WireModel):
     usage_metadata: dict[str, Any] | None = None
 
 
-def _timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
 def _expiry(body: CachedContentIn, now: datetime, default: timedelta | None) -> datetime | None:
     """The expiry a body asks for (`ttl` or `expireTime`, not both), or `now + default`."""
     if body.ttl is not None and body.expire_time is not None:
@@ -76,12 +73,10 @@ def _expiry(body: CachedContentIn, now: datetime, default: timedelta | None) -> 
         return now + ttl
     if body.expire_time is not None:
         try:
-            moment = datetime.fromisoformat(body.expire_time.replace("Z", "+00:00"))
+            moment = parse_rfc3339(body.expire_time)
         except ValueError:
             raise invalid_argument(f"expire_time: {body.expire_time!r} is not an RFC 3339 timestamp.",
                                    "expire_time") from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
         if not now < moment <= now + MAX_TTL:
             raise invalid_argument("expire_time: must be in the future, and within a year.", "expire_time")
         return moment
@@ -89,7 +84,7 @@ def _expiry(body: CachedContentIn, now: datetime, default: timedelta | None) -> 
 
 
 def _expired(record: CachedContentRecord, now: datetime) -> bool:
-    return datetime.fromisoformat(record.expire_time.replace("Z", "+00:00")) <= now
+    return parse_rfc3339(record.expire_time) <= now
 
 
 class CachedContents:
@@ -127,8 +122,8 @@ class CachedContents:
                            "--cache-tokens).")
         record = CachedContentRecord(
             id=secrets.token_hex(8), owner=caller.owner, model=model.spec.id, content=content,
-            token_count=len(prefix), create_time=_timestamp(now), update_time=_timestamp(now),
-            expire_time=_timestamp(expires), display_name=display_name)
+            token_count=len(prefix), create_time=rfc3339(now), update_time=rfc3339(now),
+            expire_time=rfc3339(expires), display_name=display_name)
         await asyncio.to_thread(self._store.insert, record)
         try:
             await asyncio.to_thread(self._states.mkdir, parents=True, exist_ok=True)
@@ -171,7 +166,7 @@ class CachedContents:
                           now, None)
         if expires is None:
             raise invalid_argument("ttl: a new ttl or expire_time is required.", "ttl")
-        record.expire_time, record.update_time = _timestamp(expires), _timestamp(now)
+        record.expire_time, record.update_time = rfc3339(expires), rfc3339(now)
         await asyncio.to_thread(self._store.set_expiry, record.id, record.expire_time, record.update_time)
         return self.resource(record)
 

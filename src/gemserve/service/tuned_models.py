@@ -20,7 +20,6 @@ import re
 import secrets
 import shutil
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from gemserve.identity import Caller
 from gemserve.models.catalog import Catalog, model_path
 from gemserve.schema.tuning import Hyperparameters, TunedModelIn
 from gemserve.store.tuned_models import TunedModelRecord, TunedModelStore
+from gemserve.timestamps import utc_now
 from gemserve.tuning import jobs
 from gemserve.tuning.jobs import MAX_BATCH_SIZE
 
@@ -50,10 +50,6 @@ MUTABLE_FIELDS = {"displayName", "description", "temperature", "topP", "topK", "
 # gRPC codes used in Operation.error, as google.longrunning reports them.
 GRPC_CANCELLED = 1
 GRPC_INTERNAL = 13
-
-
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True)
@@ -94,7 +90,7 @@ class TunedModels:
                                    "to 40 lowercase letters, digits and hyphens, starting with a letter and not "
                                    "ending with a hyphen.", "tuned_model_id")
         self._check_quota(caller)
-        created = now()
+        created = utc_now()
         record = TunedModelRecord(
             id=model_id, owner=caller.owner, base_model=base_model, create_time=created, update_time=created,
             hyperparameters=hyper, operation_id=secrets.token_hex(6), example_count=len(examples),
@@ -254,7 +250,7 @@ class TunedModels:
             record.top_k = parsed.top_k
         if "readerProjectNumbers" in fields:
             record.reader_project_numbers = list(parsed.reader_project_numbers or [])
-        record.update_time = now()
+        record.update_time = utc_now()
         self._store.update(record)
         return self.resource(record)
 

@@ -22,7 +22,6 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +45,6 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 class JobError(ValueError):
     """job.json asks for something the worker cannot do; the job ends FAILED with this message."""
-
-
-def utc_now() -> str:
-    """RFC 3339 in UTC with a 'Z', as Google's APIs write timestamps."""
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def jobs_root(data_dir: Path) -> Path:

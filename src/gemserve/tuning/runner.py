@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gemserve.timestamps import utc_now
 from gemserve.tuning import jobs
 from gemserve.tuning.checkpoint import load_checkpoint, save_checkpoint
 from gemserve.tuning.jobs import CANCELLED, FAILED, FINISHED_STATES, RUNNING, SUCCEEDED, Job, JobError
@@ -63,7 +64,7 @@ def run_job(data_dir: Path, job_dir: Path, options: RunOptions | None = None) ->
 
 
 def _finish(job_dir: Path, progress: dict[str, Any], state: str, error: str | None = None) -> None:
-    progress.update(state=state, complete_time=jobs.utc_now(), error=error)
+    progress.update(state=state, complete_time=utc_now(), error=error)
     jobs.write_progress(job_dir, progress)
     (job_dir / jobs.CHECKPOINT_FILE).unlink(missing_ok=True)  # only a running job resumes
     shutil.rmtree(job_dir / f"{jobs.ADAPTER_DIR}.tmp", ignore_errors=True)
@@ -89,7 +90,7 @@ def _run(data_dir: Path, job_dir: Path, job: Job, progress: dict[str, Any], opti
     if attempts > MAX_ATTEMPTS:
         raise JobError(f"the tuning worker stopped {MAX_ATTEMPTS} times in a row while running this job without "
                        "getting further (killed, or out of memory?); it is not tried again")
-    progress.update(state=RUNNING, total_steps=job.total_steps, start_time=progress["start_time"] or jobs.utc_now(),
+    progress.update(state=RUNNING, total_steps=job.total_steps, start_time=progress["start_time"] or utc_now(),
                     attempts=attempts, attempt_step=reached)
     jobs.write_progress(job_dir, progress)
     log.info("tuning job started", extra={**extra, "base_model": job.base_model_id,

@@ -25,8 +25,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from peft.utils import get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from gemserve.timestamps import utc_now
 from gemserve.tuning.dataset import IGNORE, Encoded, collate
-from gemserve.tuning.jobs import utc_now
 
 
 @dataclass(frozen=True)
