@@ -11,6 +11,7 @@ import os
 import socket
 import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -273,3 +274,19 @@ def test_dev_is_read_only_and_dev_shm_bounded(sandbox: Sandbox) -> None:
     assert "File too large" in result.output or "No space left" in result.output
     result = run(sandbox, "from multiprocessing import Pool\nwith Pool(2) as pool:\n    print(pool.map(abs, [-1, 2]))")
     assert result == Execution(OK, "[1, 2]\n")
+
+
+def test_a_sandbox_python_under_tmp_is_not_hidden_by_the_private_tmp() -> None:
+    # A checkout under /tmp has its .venv-sandbox there: the sandbox's own /tmp must not cover it. (Not under
+    # pytest's tmp_path, which only its owner may enter: the sandbox's user could not reach it.)
+    with tempfile.TemporaryDirectory(dir="/tmp") as where:
+        os.chmod(where, 0o755)
+        venv = Path(where) / "venv"
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+
+        async def go() -> Execution:
+            box = Sandbox(venv / "bin" / "python", LIMITS)
+            box._mounts = await box._python_dirs()  # no numpy here, so not ready(): the mounts are what is tested
+            return await box._run("import sys\nprint(sys.prefix)")
+
+        assert asyncio.run(go()) == Execution(OK, f"{venv}\n")

@@ -161,6 +161,9 @@ class Sandbox:
                 args += ["--symlink", os.readlink(target), target]
             elif os.path.isdir(target):
                 args += ["--ro-bind", target, target]
+        # Every writable place is a tmpfs of bounded size; the rest is read-only, /dev's own tmpfs included.
+        # /tmp comes before the Python's mounts: that Python may live under /tmp, and is then mounted on top.
+        args += ["--size", str(limits.tmpfs_bytes), "--tmpfs", "/tmp"]
         if os.path.isdir("/etc/fonts"):  # matplotlib's text rendering reads the font configuration
             args += ["--ro-bind", "/etc/fonts", "/etc/fonts"]
         for path in self._mounts:
@@ -172,9 +175,7 @@ class Sandbox:
             args += ["--setenv", key, value]
         if filter_fd is not None:
             args += ["--seccomp", str(filter_fd)]
-        # Every writable place is a tmpfs of bounded size; the rest is read-only, /dev's own tmpfs included.
-        args += ["--size", str(limits.tmpfs_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp",
-                 "--proc", "/proc", "--dev", "/dev", "--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm",
+        args += ["--chdir", "/tmp", "--proc", "/proc", "--dev", "/dev", "--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm",
                  "--remount-ro", "/dev", "--remount-ro", "/",
                  str(self.python), "-I", "-u", "-c", self._runner,
                  json.dumps({"limits": rlimits, "report_fd": report_fd})]
