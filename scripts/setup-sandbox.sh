@@ -18,10 +18,21 @@ stamp=.venv-sandbox/.gemserve-setup
 want=$(cat scripts/sandbox-requirements.txt scripts/setup-sandbox.sh | sha256sum | cut -d" " -f1)
 [ "$(cat "$stamp" 2> /dev/null)" = "$want" ] && exit 0
 base=python3
-# Run as root, the sandbox drops to nobody, who must be able to read the interpreter: the system's, under /usr.
-if [ "$(id -u)" = 0 ] && [ -x /usr/bin/python3 ]; then base=/usr/bin/python3; fi
+target=.venv-sandbox
 rm -rf .venv-sandbox
-if "$base" -m venv --without-pip .venv-sandbox \
+if [ "$(id -u)" = 0 ]; then
+  # Run as root, the sandbox drops to nobody, who must be able to read the interpreter and the environment:
+  # the system's Python, under /usr, and an environment outside this checkout when nobody cannot enter it
+  # (a checkout under /root, say), with .venv-sandbox a link to it.
+  [ -x /usr/bin/python3 ] && base=/usr/bin/python3
+  if ! setpriv --reuid=65534 --regid=65534 --clear-groups test -r "$PWD/scripts/setup-sandbox.sh" 2> /dev/null; then
+    target=/opt/gemserve-sandbox/$(pwd | sha256sum | cut -c1-16)
+    rm -rf "$target"
+    mkdir -p "$(dirname "$target")" && chmod 755 "$(dirname "$target")"
+    ln -s "$target" .venv-sandbox
+  fi
+fi
+if "$base" -m venv --without-pip "$target" \
    && .venv/bin/python -m pip --python .venv-sandbox/bin/python install --quiet --progress-bar off \
         -r scripts/sandbox-requirements.txt; then
   echo "$want" > "$stamp"

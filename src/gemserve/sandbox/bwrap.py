@@ -175,11 +175,17 @@ class Sandbox:
             args += ["--setenv", key, value]
         if filter_fd is not None:
             args += ["--seccomp", str(filter_fd)]
-        args += ["--chdir", "/tmp", "--proc", "/proc", "--dev", "/dev", "--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm",
-                 "--remount-ro", "/dev", "--remount-ro", "/",
-                 str(self.python), "-I", "-u", "-c", self._runner,
+        args += ["--chdir", "/tmp", "--proc", "/proc", "--dev", "/dev",
+                 "--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev", "--remount-ro", "/",
+                 self._executable(), "-I", "-u", "-c", self._runner,
                  json.dumps({"limits": rlimits, "report_fd": report_fd})]
         return args
+
+    def _executable(self) -> str:
+        """The Python's path as mounted: its directory resolved (.venv-sandbox may be a link to the environment),
+        the file itself not (a venv's python is a link out of the venv, and must be started from inside it)."""
+        assert self.python is not None
+        return os.path.join(os.path.realpath(self.python.parent), self.python.name)
 
     async def _run(self, code: str) -> Execution:
         """Raises SandboxUnavailable when no sandbox could be started (out of processes or files, say)."""
