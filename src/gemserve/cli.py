@@ -93,6 +93,7 @@ def _serve(settings: Settings, catalog, log_level: str) -> None:  # type: ignore
     import uvicorn
 
     from gemserve.api.app import create_app
+    from gemserve.api.http import StatusH11Protocol
     from gemserve.engine.embedding import EmbeddingEngine
     from gemserve.engine.types import Engine
     from gemserve.models.registry import ModelRegistry
@@ -131,7 +132,8 @@ def _serve(settings: Settings, catalog, log_level: str) -> None:  # type: ignore
         raise SystemExit(f"gemserve: {exc}") from None
     # Connections beyond the limit are answered 503 at once rather than piling up; idle ones close after 30 s.
     uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_config=None,
-                timeout_graceful_shutdown=5, limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=30)
+                timeout_graceful_shutdown=5, limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=30,
+                http=StatusH11Protocol)
 
 
 if __name__ == "__main__":

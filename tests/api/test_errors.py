@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import httpx
@@ -195,3 +196,18 @@ def test_open_mode_serves_local_pages_and_addresses(server: Server) -> None:
 def test_bodies_must_be_json(server: Server, content_type: str) -> None:
     """A web page can send these cross-site without the browser asking the server first."""
     assert_status(send(server, "POST", GEN, GOOD, {"Content-Type": content_type}), 400, "send the request body as JSON")
+
+
+@pytest.mark.parametrize("raw", [b"GARBAGE\r\n\r\n", b"GET /v1beta/models HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"],
+                         ids=["request line", "header"])
+def test_requests_that_are_not_http_get_a_status_body(server: Server, raw: bytes) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(raw)
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head
+    error = json.loads(body)["error"]
+    assert error["code"] == 400 and error["status"] == "INVALID_ARGUMENT" and "Invalid HTTP request" in error["message"]
