@@ -120,11 +120,11 @@ class TunedModels:
             })
             return self.operation(record)
         except jobs.JobError as exc:
-            self._store.delete(model_id)  # no record without its job
+            self._store.delete(caller.owner, model_id)  # no record without its job
             shutil.rmtree(job_dir, ignore_errors=True)
             raise invalid_argument(f"The tuning job was refused: {exc}.") from exc
         except BaseException:
-            self._store.delete(model_id)
+            self._store.delete(caller.owner, model_id)
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
 
@@ -261,7 +261,7 @@ class TunedModels:
         job_dir = self._job_dir(record)
         adapter = self._adapter_of(record)
         jobs.request_cancel(job_dir)
-        self._store.delete(record.id)
+        self._store.delete(record.owner, record.id)
         self._deleted_jobs.add(record.job_id)
         self.sweep()
         return (record.base_model, adapter[1]) if adapter and adapter[1] else None
@@ -367,9 +367,12 @@ class TunedModels:
 
     def _visible(self, caller: Caller, name: str, field: str) -> TunedModelRecord:
         model_id = name.removeprefix("tunedModels/")
-        record = self._store.get(model_id)
-        if record is None or not (record.owner == caller.owner
-                                  or caller.project_number in record.reader_project_numbers):
+        # Ids are per owner: the caller's own model of that id, else one shared with it (the oldest, should two
+        # owners share models of the same id with it).
+        found = self._store.with_id(model_id)
+        record = next((r for r in found if r.owner == caller.owner), None) or next(
+            (r for r in found if caller.project_number in r.reader_project_numbers), None)
+        if record is None:
             raise ApiError("NOT_FOUND", f"Tuned model tunedModels/{model_id} does not exist.",
                            [{"@type": "type.googleapis.com/google.rpc.BadRequest",
                              "fieldViolations": [{"field": field, "description": "no such tuned model"}]}])

@@ -20,10 +20,10 @@ class DatabaseError(RuntimeError):
     """The database file cannot be opened or set up; the server cannot start with it."""
 
 
-def _create_tuned_models(db: sqlite3.Connection) -> None:
+def _tuned_models_table(db: sqlite3.Connection, key: str) -> None:
     db.execute(
-        """CREATE TABLE tuned_models (
-            id TEXT PRIMARY KEY,
+        f"""CREATE TABLE tuned_models (
+            id TEXT NOT NULL,
             owner TEXT NOT NULL,
             display_name TEXT NOT NULL DEFAULT '',
             description TEXT NOT NULL DEFAULT '',
@@ -37,10 +37,27 @@ def _create_tuned_models(db: sqlite3.Connection) -> None:
             hyperparameters TEXT NOT NULL,
             reader_project_numbers TEXT NOT NULL DEFAULT '[]',
             operation_id TEXT NOT NULL,
-            example_count INTEGER NOT NULL
+            example_count INTEGER NOT NULL,
+            PRIMARY KEY ({key})
         )"""
     )
+
+
+def _create_tuned_models(db: sqlite3.Connection) -> None:
+    _tuned_models_table(db, "id")
     db.execute("CREATE INDEX tuned_models_owner ON tuned_models (owner, create_time)")
+
+
+def _tuned_model_ids_per_owner(db: sqlite3.Connection) -> None:
+    """A tuned model's id is unique among its owner's models, not among everyone's: one namespace for all keys
+    told any key, by a 409, which ids other keys had taken."""
+    db.execute("ALTER TABLE tuned_models RENAME TO tuned_models_shared_ids")
+    db.execute("DROP INDEX tuned_models_owner")
+    _tuned_models_table(db, "owner, id")
+    db.execute("INSERT INTO tuned_models SELECT * FROM tuned_models_shared_ids")
+    db.execute("DROP TABLE tuned_models_shared_ids")
+    db.execute("CREATE INDEX tuned_models_owner ON tuned_models (owner, create_time)")
+    db.execute("CREATE INDEX tuned_models_id ON tuned_models (id)")
 
 
 def _create_cached_contents(db: sqlite3.Connection) -> None:
@@ -63,6 +80,7 @@ def _create_cached_contents(db: sqlite3.Connection) -> None:
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("0001_create_tuned_models", _create_tuned_models),
     ("0002_create_cached_contents", _create_cached_contents),
+    ("0003_tuned_model_ids_per_owner", _tuned_model_ids_per_owner),
 ]
 
 

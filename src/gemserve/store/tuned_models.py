@@ -60,7 +60,7 @@ class TunedModelStore:
         self._db = db
 
     def insert(self, record: TunedModelRecord) -> bool:
-        """False if the id is taken."""
+        """False if the owner has a model of that id already."""
         row = _to_row(record)
         columns = ", ".join(row)
         marks = ", ".join(f":{c}" for c in row)
@@ -68,10 +68,12 @@ class TunedModelStore:
             cursor = db.execute(f"INSERT OR IGNORE INTO tuned_models ({columns}) VALUES ({marks})", row)
             return cursor.rowcount == 1
 
-    def get(self, model_id: str) -> TunedModelRecord | None:
+    def with_id(self, model_id: str) -> list[TunedModelRecord]:
+        """The models of that id: one per owner at most."""
         with self._db.connect(write=False) as db:
-            row = db.execute("SELECT * FROM tuned_models WHERE id = ?", (model_id,)).fetchone()
-        return _from_row(row) if row else None
+            rows = db.execute("SELECT * FROM tuned_models WHERE id = ? ORDER BY create_time, owner",
+                              (model_id,)).fetchall()
+        return [_from_row(row) for row in rows]
 
     def all(self) -> list[TunedModelRecord]:
         with self._db.connect(write=False) as db:
@@ -80,10 +82,10 @@ class TunedModelStore:
 
     def update(self, record: TunedModelRecord) -> None:
         row = _to_row(record)
-        assignments = ", ".join(f"{c} = :{c}" for c in row if c != "id")
+        assignments = ", ".join(f"{c} = :{c}" for c in row if c not in ("id", "owner"))
         with self._db.connect() as db:
-            db.execute(f"UPDATE tuned_models SET {assignments} WHERE id = :id", row)
+            db.execute(f"UPDATE tuned_models SET {assignments} WHERE owner = :owner AND id = :id", row)
 
-    def delete(self, model_id: str) -> None:
+    def delete(self, owner: str, model_id: str) -> None:
         with self._db.connect() as db:
-            db.execute("DELETE FROM tuned_models WHERE id = ?", (model_id,))
+            db.execute("DELETE FROM tuned_models WHERE owner = ? AND id = ?", (owner, model_id))
