@@ -15,7 +15,7 @@ from gemserve.config import (
     config_file_from,
     parse_aliases,
 )
-from gemserve.identity import project_number
+from gemserve.identity import SECRET_FILE, Identities, read_secret
 from gemserve.logs import setup_logging
 from gemserve.models.catalog import CatalogError, ModelSpec, load_catalog
 from gemserve.sandbox.bwrap import default_python
@@ -48,11 +48,16 @@ def main(argv: list[str] | None = None) -> None:
 
     number = commands.add_parser("project-number", help="the project number of an API key, for readerProjectNumbers")
     number.add_argument("key")
+    number.add_argument("--data-dir", default="./data", help="the server's data directory (its secret is there)")
     cli_tuning.add_commands(commands)
 
     args = parser.parse_args(argv)
     if args.command == "project-number":
-        print(project_number(args.key))
+        secret = read_secret(Path(args.data_dir).expanduser())
+        if secret is None:
+            raise SystemExit(f"gemserve: {args.data_dir} has no {SECRET_FILE}: start the server once with this "
+                             "--data-dir (project numbers depend on its secret)")
+        print(Identities(secret).project_number(args.key))
         return
     if args.command in ("tune", "tuned-models"):
         cli_tuning.run(args)

@@ -1,11 +1,21 @@
-"""Who a request comes from, as every layer below HTTP sees it: an owner id and a project number, never a key."""
+"""Who a request comes from, as every layer below HTTP sees it: an owner id and a project number, never a key.
+
+Project numbers are what keys share tuned models by (`readerProjectNumbers`), so other keys see them: they are
+derived from the key with a secret of the server's (`<data-dir>/secret.key`, made at the first start), so that
+nobody can test guesses of a key against a number offline. Owner ids never leave the server.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 LOCAL_OWNER = "local"
+SECRET_FILE = "secret.key"
 
 
 @dataclass(frozen=True)
@@ -18,13 +28,46 @@ def owner_of(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def project_number(key: str) -> int:
-    """The project number of an API key: 12 digits derived from it (`gemserve project-number KEY` prints it)."""
-    return int(hashlib.sha256(b"project:" + key.encode()).hexdigest()[:15], 16) % 10**12
+def _twelve_digits(digest: str) -> int:
+    return int(digest[:15], 16) % 10**12
 
 
-def caller_for_key(key: str) -> Caller:
-    return Caller(owner_of(key), project_number(key))
+def unsalted_project_number(key: str) -> int:
+    """Project numbers as servers before the secret derived them (for moving records over to the new ones)."""
+    return _twelve_digits(hashlib.sha256(b"project:" + key.encode()).hexdigest())
+
+
+class Identities:
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def project_number(self, key: str) -> int:
+        """12 digits (`gemserve project-number KEY --data-dir D` prints them)."""
+        return _twelve_digits(hmac.new(self._secret, b"project:" + key.encode(), hashlib.sha256).hexdigest())
+
+    def caller_for_key(self, key: str) -> Caller:
+        return Caller(owner_of(key), self.project_number(key))
+
+
+def read_secret(data_dir: Path) -> bytes | None:
+    path = data_dir / SECRET_FILE
+    return path.read_bytes() if path.is_file() else None
+
+
+def create_secret(data_dir: Path) -> bytes:
+    """A new secret, written whole (owner-only) before it is used; the existing one if there is one."""
+    existing = read_secret(data_dir)
+    if existing is not None:
+        return existing
+    secret = secrets.token_bytes(32)
+    partial = data_dir / f".{SECRET_FILE}.{os.getpid()}"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(secret)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, data_dir / SECRET_FILE)
+    return secret
 
 
 OPEN_MODE_CALLER = Caller(LOCAL_OWNER, 0)

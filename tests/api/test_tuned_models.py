@@ -7,12 +7,19 @@ from typing import Any
 import httpx
 import pytest
 
-from gemserve.identity import project_number
+from gemserve import cli
+from gemserve.identity import Identities, read_secret
 from tests.conftest import API_KEY, OTHER_KEY, Server
 
 OWNER = {"x-goog-api-key": API_KEY}
 OTHER = {"x-goog-api-key": OTHER_KEY}
 EXAMPLES = [{"text_input": str(i), "output": str(i + 1)} for i in range(1, 9)]
+
+
+def project_number(server: Server, key: str) -> int:
+    secret = read_secret(server.data_dir)
+    assert secret is not None
+    return Identities(secret).project_number(key)
 
 
 def body(**extra: Any) -> dict[str, Any]:
@@ -114,7 +121,8 @@ def test_other_keys_cannot_see_a_model_until_shared_as_reader(registry_server: S
         assert response.status_code == 404, (method, path, response.text)
     assert name not in [m["name"] for m in call(registry_server, "GET", "tunedModels", OTHER).json().get(
         "tunedModels", [])]
-    shared = call(registry_server, "PATCH", name, json={"readerProjectNumbers": [project_number(OTHER_KEY)]},
+    reader = project_number(registry_server, OTHER_KEY)
+    shared = call(registry_server, "PATCH", name, json={"readerProjectNumbers": [reader]},
                   params={"updateMask": "readerProjectNumbers"})
     assert shared.status_code == 200, shared.text
     assert call(registry_server, "GET", name, OTHER).status_code == 200
@@ -174,3 +182,9 @@ def test_delete_and_cancel(registry_server: Server) -> None:
     assert call(registry_server, "POST", f"{op['name']}:cancel").json() == {}
     assert call(registry_server, "DELETE", name).json() == {}
     assert call(registry_server, "GET", name).status_code == 404
+
+
+def test_the_cli_prints_the_servers_project_number(registry_server: Server, capsys: pytest.CaptureFixture[str],
+                                                   ) -> None:
+    cli.main(["project-number", OTHER_KEY, "--data-dir", str(registry_server.data_dir)])
+    assert capsys.readouterr().out.strip() == str(project_number(registry_server, OTHER_KEY))

@@ -80,3 +80,12 @@ def test_a_key_may_keep_only_so_many_tuned_models(tmp_path: Path, monkeypatch: p
     service.create(bob, body, "b1")  # another key's quota is its own
     service.delete(alice, "tunedModels/a1")
     service.create(alice, body, "a3")  # room again
+
+
+def test_readers_listed_by_an_old_number_are_moved_to_the_new_one(tmp_path: Path) -> None:
+    service = service_in(tmp_path)
+    shared = TunedModelIn.model_validate({**BODY, "readerProjectNumbers": [111, 222]})
+    service.create(ALICE, shared, "old-share")
+    assert service.renumber_readers({111: 333}) == 1
+    assert service.get(ALICE, "tunedModels/old-share")["readerProjectNumbers"] == ["333", "222"]
+    assert service.renumber_readers({111: 333}) == 0  # at every start: nothing more to do

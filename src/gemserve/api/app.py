@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gemserve.api import cached_contents, models, tuned_models
 from gemserve.api.errors import install_error_handlers
 from gemserve.config import Settings
+from gemserve.identity import Identities, create_secret, unsalted_project_number
 from gemserve.models.registry import ModelRegistry
 from gemserve.sandbox.bwrap import Sandbox, SandboxUnavailable
 from gemserve.service.cached_contents import CachedContents
@@ -108,6 +109,14 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     app.state.tuned_models = TunedModels(TunedModelStore(database), registry.catalog, settings.data_dir)
     app.state.cached_contents = CachedContents(CachedContentStore(database), registry, settings.data_dir)
     app.state.sandbox = Sandbox(settings.sandbox_python)
+    app.state.identities = Identities(create_secret(settings.data_dir))
+    # Models shared before project numbers were salted list the old numbers of their readers: the keys this
+    # server knows get theirs moved over.
+    identities: Identities = app.state.identities
+    moved = app.state.tuned_models.renumber_readers(
+        {unsalted_project_number(k): identities.project_number(k) for k in settings.api_keys})
+    if moved:
+        log.info("readers renumbered", extra={"models": moved})
     install_error_handlers(app)
     app.include_router(models.router)
     app.include_router(tuned_models.router)

@@ -22,7 +22,7 @@ from fastapi import Depends, Request
 
 from gemserve.config import Settings
 from gemserve.errors import ERROR_INFO_TYPE, ApiError, invalid_argument
-from gemserve.identity import OPEN_MODE_CALLER, Caller, caller_for_key
+from gemserve.identity import OPEN_MODE_CALLER, Caller, Identities
 
 
 def settings_of(request: Request) -> Settings:
@@ -68,7 +68,8 @@ def caller(request: Request) -> Caller:
             [{"@type": ERROR_INFO_TYPE, "reason": "API_KEY_INVALID", "domain": "googleapis.com",
               "metadata": {"service": "generativelanguage.googleapis.com"}}],
         )
-    return caller_for_key(key)
+    identities: Identities = request.app.state.identities
+    return identities.caller_for_key(key)
 
 
 CallerDep = Annotated[Caller, Depends(caller)]

@@ -128,6 +128,18 @@ class TunedModels:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
 
+    def renumber_readers(self, numbers: dict[int, int]) -> int:
+        """Readers listed by an old project number get the new one (`numbers`: old -> new); how many models
+        changed. Idempotent: the server does it at every start for the keys it knows."""
+        changed = 0
+        for record in self._store.all():
+            renumbered = [numbers.get(n, n) for n in record.reader_project_numbers]
+            if renumbered != record.reader_project_numbers:
+                record.reader_project_numbers = renumbered
+                self._store.update(record)
+                changed += 1
+        return changed
+
     def _check_quota(self, caller: Caller) -> None:
         """One key may not fill the disk with models, nor the tuning worker's queue with jobs (429, as Google
         answers a quota that is used up)."""
