@@ -259,3 +259,36 @@ def test_a_pinned_prefix_is_shared_saved_and_read_back(default_gguf: Path, tmp_p
         assert asyncio.run(after_restart()) == len(prefix)
     finally:
         again.close()
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(default_gguf: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    eng = LlamaCppEngine(default_gguf, context_size=1024, max_sequences=2, threads=2)
+    try:
+        expected, _ = asyncio.run(run(eng, request(eng, "The history of Rome", 5)))
+        real_step = eng._step
+        failures = iter([True])
+
+        def failing_step() -> None:
+            if next(failures, False):
+                raise RuntimeError("llama_decode returned -3")
+            real_step()
+
+        monkeypatch.setattr(eng, "_step", failing_step)
+        with pytest.raises(EngineError, match="stopped while serving"):
+            asyncio.run(run(eng, request(eng, "A request in the failed step", 5)))
+        # Afresh: an empty cache, the same answer as before.
+        again, reason = asyncio.run(run(eng, request(eng, "The history of Rome", 5)))
+        assert reason == "MAX_TOKENS" and [t.token for t in again] == [t.token for t in expected]
+
+        def always_failing() -> None:
+            raise RuntimeError("the backend is gone")
+
+        monkeypatch.setattr(eng, "_step", always_failing)
+        for _ in range(4):  # three more failures within the window are restarted; the fourth stops it
+            with pytest.raises(EngineError):
+                asyncio.run(run(eng, request(eng, "x", 2)))
+        with pytest.raises(EngineError, match="the engine has stopped"):
+            asyncio.run(run(eng, request(eng, "x", 2)))
+    finally:
+        eng.close()

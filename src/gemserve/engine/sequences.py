@@ -153,13 +153,15 @@ class Inbox(Generic[S]):
             self._closed = True
             self._cond.notify()
 
-    def fail(self, exc: BaseException, running: list[S], outbox: Outbox) -> None:
-        """The engine thread died: what it produced is delivered, then every sequence it had or would have gets
-        an error, later ones too."""
+    def fail(self, exc: BaseException, running: list[S], outbox: Outbox, for_good: bool = True) -> None:
+        """The engine thread failed: what it produced is delivered, then the sequences it had get an error; for
+        good, every sequence it would have had too, later ones included."""
         with self._cond:
-            self._failure = exc
-            waiting = list(running) + list(self._incoming)
-            self._incoming.clear()
+            waiting = list(running)
+            if for_good:
+                self._failure = exc
+                waiting += self._incoming
+                self._incoming.clear()
         for seq in waiting:
             outbox.put(seq, EngineError("the engine stopped while serving this request"))
         outbox.flush()

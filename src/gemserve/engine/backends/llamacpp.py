@@ -35,6 +35,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ log = logging.getLogger("gemserve.engine")
 MIN_REUSED_PREFIX = 8  # shorter common prefixes are not worth a cache slot
 KEPT_TOKENS = 512  # kept caches beyond the most recent one, in tokens: see the module docstring
 PROMPT_TOKENS_BESIDE_DECODING = 128  # prompt tokens per step while other sequences decode
+MAX_RESTARTS = 3  # failed steps the engine starts afresh after, within RESTART_WINDOW; then it stops for good
+RESTART_WINDOW = 60.0
 
 
 @dataclass(eq=False)
@@ -94,6 +97,7 @@ class LlamaCppEngine:
         self._outbox = Outbox()
         self._running: list[_Sequence] = []  # in the order they were admitted
         self._waiting: deque[_Sequence] = deque()  # set aside by _make_room until the cache has room
+        self._admitting: list[_Sequence] = []  # taken from the inbox, not running yet
         self._forgotten: set[str] = set()  # adapters to unload, filled from other threads
         self._forgotten_lock = threading.Lock()
         # key -> (prefix, adapter, file to save its state to / load it from, scope); written by other threads
@@ -181,28 +185,69 @@ class LlamaCppEngine:
     # ---- the engine thread --------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """Runs steps until closed. A step that fails fails the requests it had; the engine starts afresh (an
+        empty cache) and serves the rest, unless it failed MAX_RESTARTS times within RESTART_WINDOW seconds."""
+        failures: deque[float] = deque()
+        while True:
+            try:
+                self._serve()
+                return
+            except Exception as exc:
+                log.exception("engine step failed")
+                self._inbox.fail(exc, self._held(), self._outbox, for_good=False)
+                failures.append(time.monotonic())
+                while failures and failures[0] < time.monotonic() - RESTART_WINDOW:
+                    failures.popleft()
+                if len(failures) > MAX_RESTARTS or not self._start_afresh():
+                    log.error("engine stopped: it failed %d times within %d s", len(failures), RESTART_WINDOW)
+                    self._inbox.fail(exc, [], self._outbox)
+                    return
+                log.warning("engine restarted with an empty cache")
+            except BaseException as exc:  # the thread must never die silently: fail every waiting request
+                log.exception("engine thread failed")
+                self._inbox.fail(exc, self._held(), self._outbox)
+                return
+
+    def _start_afresh(self) -> bool:
+        """Forget every cache (the failed step may have left any of them half written); False if even that fails."""
         try:
-            while True:
-                # Set-aside sequences go first, each once the cache has room for it; new ones only after them.
-                self._waiting = deque(s for s in self._waiting if not s.cancelled)
-                while self._waiting and len(self._running) < self._max_running and self._fits(self._waiting[0]):
-                    self._admit(self._waiting.popleft())
-                room = 0 if self._waiting else self._max_running - len(self._running)
-                admitted = self._inbox.take(room, busy=bool(self._running or self._waiting))
-                if admitted is None:
-                    break
-                # Cancelled sequences leave first, so that a new one can start from the cache they leave.
-                for seq in [s for s in self._running if s.cancelled]:
-                    self._finish(seq)
-                for seq in admitted:
-                    self._admit(seq)
-                self._step()
-                self._outbox.flush()
-        except BaseException as exc:  # the thread must never die silently: fail every waiting request
-            log.exception("engine thread failed")
-            self._inbox.fail(exc, self._running + list(self._waiting), self._outbox)
-            self._running.clear()
-            self._waiting.clear()
+            for seq_id in range(2 * self._max_running):
+                self._llm.forget(seq_id, 0)
+        except Exception:
+            log.exception("the engine's cache could not be cleared")
+            return False
+        self._free_ids = list(range(2 * self._max_running - 1, -1, -1))
+        self._kept.clear()
+        self._pinned.clear()  # computed again (or loaded from their saved state) when next used
+        return True
+
+    def _serve(self) -> None:
+        while True:
+            # Set-aside sequences go first, each once the cache has room for it; new ones only after them.
+            self._waiting = deque(s for s in self._waiting if not s.cancelled)
+            while self._waiting and len(self._running) < self._max_running and self._fits(self._waiting[0]):
+                self._admit(self._waiting.popleft())
+            room = 0 if self._waiting else self._max_running - len(self._running)
+            admitted = self._inbox.take(room, busy=bool(self._running or self._waiting))
+            if admitted is None:
+                break
+            self._admitting = admitted  # until they are running: a failure on the way fails them too
+            # Cancelled sequences leave first, so that a new one can start from the cache they leave.
+            for seq in [s for s in self._running if s.cancelled]:
+                self._finish(seq)
+            for seq in admitted:
+                self._admit(seq)
+            self._admitting = []
+            self._step()
+            self._outbox.flush()
+
+    def _held(self) -> list[_Sequence]:
+        """Every sequence the engine thread holds: running, set aside, or on its way in."""
+        held = {id(s): s for s in [*self._running, *self._waiting, *self._admitting]}
+        self._running.clear()
+        self._waiting.clear()
+        self._admitting = []
+        return list(held.values())
 
     def _admit(self, seq: _Sequence) -> None:
         """Give `seq` a sequence id, starting from the kept cache that shares the longest prefix with it."""
