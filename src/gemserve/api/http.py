@@ -1,12 +1,17 @@
-"""uvicorn's HTTP/1.1 protocol, answering the requests it rejects itself as the API answers everything else.
+"""uvicorn's HTTP/1.1 protocol with what a server facing the open network needs beyond it.
 
-A request line or header block that h11 cannot parse never reaches the application: uvicorn answers it with a
-plain-text 400. Clients of the Gemini API expect a `google.rpc.Status` JSON body on every error, so this
-protocol sends one, with the same status and connection handling.
+- A request line or header block that h11 cannot parse never reaches the application: uvicorn answers it with a
+  plain-text 400. Clients of the Gemini API expect a `google.rpc.Status` JSON body on every error, so this
+  protocol sends one.
+- uvicorn waits for a request's headers as long as bytes keep coming, so a client sending one byte every few
+  seconds holds a connection for ever. Here the headers must be complete within HEADER_SECONDS of the connection
+  (or of the previous response): after that the client gets a 408 and the connection is closed. Bodies have
+  their own timeout per chunk (`api/streaming.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import h11
@@ -14,14 +19,62 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gemserve.errors import ApiError
 
+HEADER_SECONDS = 30.0
+
+
+def _status_response(code: int, reason: bytes, error: ApiError) -> list[h11.Event]:
+    data = json.dumps(error.to_json()).encode()
+    headers = [(b"content-type", b"application/json; charset=UTF-8"), (b"content-length", str(len(data)).encode()),
+               (b"connection", b"close")]
+    return [h11.Response(status_code=code, headers=headers, reason=reason), h11.Data(data=data), h11.EndOfMessage()]
+
 
 class StatusH11Protocol(H11Protocol):
+    _header_deadline: asyncio.TimerHandle | None = None
+    _awaited_after: object = None  # the cycle before the request whose headers are awaited
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is not self._awaited_after:  # a request's headers arrived whole
+            self._stop_awaiting()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_awaiting()
+        super().connection_lost(exc)
+
     def send_400_response(self, msg: str) -> None:
-        body = json.dumps(ApiError("INVALID_ARGUMENT", f"{msg} The request is not valid HTTP/1.1.").to_json())
-        data = body.encode()
-        headers = [(b"content-type", b"application/json; charset=UTF-8"),
-                   (b"content-length", str(len(data)).encode()), (b"connection", b"close")]
-        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=data),
-                      h11.EndOfMessage()):
-            self.transport.write(self.conn.send(event))
+        error = ApiError("INVALID_ARGUMENT", f"{msg} The request is not valid HTTP/1.1.")
+        for event in _status_response(400, b"Bad Request", error):
+            if out := self.conn.send(event):
+                self.transport.write(out)
+        self.transport.close()
+
+    def _await_headers(self) -> None:
+        self._stop_awaiting()
+        self._awaited_after = self.cycle
+        self._header_deadline = self.loop.call_later(HEADER_SECONDS, self._headers_too_slow)
+
+    def _stop_awaiting(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if self.transport.is_closing():
+            return
+        # Written by hand: h11 sends no response before it has read a request.
+        data = json.dumps({"error": {"code": 408, "status": "DEADLINE_EXCEEDED", "message": "The request's headers "
+                                     f"did not arrive within {HEADER_SECONDS:g} seconds."}}).encode()
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json; charset=UTF-8\r\n"
+                             b"content-length: " + str(len(data)).encode() + b"\r\nconnection: close\r\n\r\n" + data)
         self.transport.close()

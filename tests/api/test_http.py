@@ -1,0 +1,80 @@
+"""gemserve's HTTP protocol on a real uvicorn server (a trivial app, in process): errors uvicorn answers itself
+come as google.rpc.Status JSON, and slow senders of headers are cut off."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from gemserve.api import http
+
+
+async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture
+def port(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    monkeypatch.setattr(http, "HEADER_SECONDS", 1.0)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(hello, host="127.0.0.1", port=free, http=http.StatusH11Protocol,
+                                           log_config=None, lifespan="off", timeout_keep_alive=30))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield free
+    server.should_exit = True
+    thread.join(10)
+
+
+def exchange(port: int, chunks: list[bytes], pause: float = 0.0) -> tuple[bytes, float]:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        try:
+            for chunk in chunks:
+                conn.sendall(chunk)
+                time.sleep(pause)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server hung up first
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    return reply, time.monotonic() - started
+
+
+def test_garbage_gets_a_json_400(port: int) -> None:
+    reply, _ = exchange(port, [b"NOT HTTP AT ALL\r\n\r\n"])
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and json.loads(body)["error"]["status"] == "INVALID_ARGUMENT"
+
+
+def test_headers_sent_a_byte_at_a_time_are_cut_off(port: int) -> None:
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+    reply, took = exchange(port, [request[i:i + 1] for i in range(len(request))], pause=0.05)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert json.loads(body)["error"] == {"code": 408, "status": "DEADLINE_EXCEEDED",
+                                         "message": "The request's headers did not arrive within 1 seconds."}
+    assert took < 5  # cut at the deadline, not when the client finished
+
+
+def test_requests_in_time_and_keep_alive_are_served(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        for _ in range(3):  # the deadline starts again for each request on the connection
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = conn.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ok")
+            time.sleep(0.6)
