@@ -89,3 +89,15 @@ def test_readers_listed_by_an_old_number_are_moved_to_the_new_one(tmp_path: Path
     assert service.renumber_readers({111: 333}) == 1
     assert service.get(ALICE, "tunedModels/old-share")["readerProjectNumbers"] == ["333", "222"]
     assert service.renumber_readers({111: 333}) == 0  # at every start: nothing more to do
+
+
+def test_a_tuned_model_generates_with_its_own_defaults_else_its_bases() -> None:
+    from gemserve.service.requests import tuned_target
+    from gemserve.service.tuned_models import Usable
+    from tests.service.scripted import ScriptedEngine, served
+
+    base = served(ScriptedEngine())  # temperature 0.0, top_p 1.0, top_k 1
+    tuned = Usable("tunedModels/t", "models/scripted", Path("/adapters/t.gguf"), 0.7, None, 40)
+    target = tuned_target(base, tuned, "key-alice")
+    assert (target.defaults.temperature, target.defaults.top_p, target.defaults.top_k) == (0.7, 1.0, 40)
+    assert (target.version, target.adapter, target.scope) == ("tunedModels/t", "/adapters/t.gguf", "key-alice")

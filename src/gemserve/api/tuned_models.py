@@ -16,7 +16,7 @@ from gemserve.errors import ApiError, url_not_found
 from gemserve.schema.content import GenerateContentRequest
 from gemserve.schema.tuning import TunedModelIn
 from gemserve.schema.wire import camelize, parse_model
-from gemserve.service.requests import Defaults, Target
+from gemserve.service.requests import tuned_target
 from gemserve.service.tuned_models import TunedModels
 
 router = APIRouter()
@@ -79,11 +79,7 @@ async def call_tuned_model(version: str, name_and_method: str, request: Request,
     body = await read_json(request)
     tuned = await asyncio.to_thread(tuned_models_of(request).usable, caller, name)
     model = registry_of(request).get(tuned.base_model, method, version)
-    spec = model.spec
-    defaults = Defaults(spec.temperature if tuned.temperature is None else tuned.temperature,
-                        spec.top_p if tuned.top_p is None else tuned.top_p,
-                        spec.top_k if tuned.top_k is None else tuned.top_k, spec.repetition_penalty)
-    target = Target(model, tuned.name, defaults, str(tuned.adapter), scope=caller.owner)
+    target = tuned_target(model, tuned, caller.owner)
     parsed = await asyncio.to_thread(parse_model, GenerateContentRequest, body, "GenerateContentRequest")
     return await generate_response(request, method, target, parsed)
 

@@ -25,6 +25,7 @@ from gemserve.service import code_execution
 from gemserve.service.constraints import FREE_TEXT, Answer, answer_format, answer_hint, grammar
 from gemserve.service.conversation import conversation
 from gemserve.service.tools import ToolPlan, answered_calls, tool_plan
+from gemserve.service.tuned_models import Usable
 
 MAX_STOP_SEQUENCES = 5
 RETRY_HINT = "Answer the user's question in plain words, using the results above."
@@ -61,6 +62,15 @@ class Target:
 def base_target(model: ServedModel) -> Target:
     spec = model.spec
     return Target(model, spec.id, Defaults(spec.temperature, spec.top_p, spec.top_k, spec.repetition_penalty))
+
+
+def tuned_target(model: ServedModel, tuned: Usable, scope: str) -> Target:
+    """A tuned model on its base `model`: its own sampling defaults, the base model's where it set none."""
+    spec = model.spec
+    defaults = Defaults(spec.temperature if tuned.temperature is None else tuned.temperature,
+                        spec.top_p if tuned.top_p is None else tuned.top_p,
+                        spec.top_k if tuned.top_k is None else tuned.top_k, spec.repetition_penalty)
+    return Target(model, tuned.name, defaults, str(tuned.adapter), scope=scope)
 
 
 @dataclass(frozen=True)
