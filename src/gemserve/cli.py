@@ -99,6 +99,7 @@ def _serve(settings: Settings, catalog, log_level: str) -> None:  # type: ignore
 
     from gemserve.api.app import create_app
     from gemserve.api.http import StatusH11Protocol
+    from gemserve.engine.backends import EngineOptions, load_engine
     from gemserve.engine.embedding import EmbeddingEngine
     from gemserve.engine.types import Engine
     from gemserve.models.registry import ModelRegistry
@@ -108,19 +109,9 @@ def _serve(settings: Settings, catalog, log_level: str) -> None:  # type: ignore
     check_data_dir(settings.data_dir)
 
     def engine_factory(path: Path, spec: ModelSpec) -> Engine:
-        # A Hugging Face directory runs on transformers, a GGUF file on llama.cpp. Each backend is imported
-        # only when a model needs it: torch alone takes seconds to import.
-        context_size = spec.context_size or settings.context_size
-        if path.is_dir():
-            from gemserve.engine.backends.transformers import TransformersEngine
-
-            return TransformersEngine(path, context_size=context_size, max_sequences=settings.max_sequences,
-                                      threads=settings.threads)
-        from gemserve.engine.backends.llamacpp import LlamaCppEngine
-
-        return LlamaCppEngine(path, context_size=context_size, max_sequences=settings.max_sequences,
-                              pin_budget=settings.cache_tokens,
-                              threads=settings.threads)
+        return load_engine(path, EngineOptions(context_size=spec.context_size or settings.context_size,
+                                               max_sequences=settings.max_sequences, threads=settings.threads,
+                                               pin_budget=settings.cache_tokens))
 
     def embedder_factory(path: Path, spec: ModelSpec) -> EmbeddingEngine:
         return EmbeddingEngine(path, threads=settings.threads)
