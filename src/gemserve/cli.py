@@ -126,6 +126,9 @@ def _serve(settings: Settings, catalog, log_level: str) -> None:  # type: ignore
     except DatabaseError as exc:
         registry.close()
         raise SystemExit(f"gemserve: {exc}") from None
+    except OSError as exc:  # the server's secret could not be written (a full disk, say)
+        registry.close()
+        raise SystemExit(f"gemserve: cannot set up the data directory {settings.data_dir}: {exc}") from None
     # Connections beyond the limit are answered 503 at once rather than piling up; idle ones close after 30 s.
     uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_config=None,
                 timeout_graceful_shutdown=5, limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=30,

@@ -7,6 +7,7 @@ nobody can test guesses of a key against a number offline. Owner ids never leave
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -55,18 +56,24 @@ def read_secret(data_dir: Path) -> bytes | None:
 
 
 def create_secret(data_dir: Path) -> bytes:
-    """A new secret, written whole (owner-only) before it is used; the existing one if there is one."""
+    """The data dir's secret, made if there is none: written whole (owner-only), then linked into place, which
+    fails if another process got there first; that one's secret is then everyone's."""
     existing = read_secret(data_dir)
     if existing is not None:
         return existing
-    secret = secrets.token_bytes(32)
-    partial = data_dir / f".{SECRET_FILE}.{os.getpid()}"
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(secret)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(partial, data_dir / SECRET_FILE)
+    partial = data_dir / f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_bytes(32))
+            out.flush()
+            os.fsync(out.fileno())
+        with contextlib.suppress(FileExistsError):  # another process's is in place: it is read below
+            os.link(partial, data_dir / SECRET_FILE)
+    finally:
+        partial.unlink()
+    secret = read_secret(data_dir)
+    assert secret is not None
     return secret
 
 

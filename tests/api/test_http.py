@@ -3,6 +3,7 @@ come as google.rpc.Status JSON, and slow senders of headers are cut off."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -17,10 +18,16 @@ from gemserve.api import http
 
 
 async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """"ok"; on /slow, "ok" in pieces over 1.5 s (longer than the test's header deadline)."""
     if scope["type"] != "http":
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-    await send({"type": "http.response.body", "body": b"ok"})
+    if scope["path"] == "/slow":
+        await send({"type": "http.response.body", "body": b"o", "more_body": True})
+        await asyncio.sleep(1.5)
+        await send({"type": "http.response.body", "body": b"k"})
+    else:
+        await send({"type": "http.response.body", "body": b"ok"})
 
 
 @pytest.fixture
@@ -71,10 +78,26 @@ def test_headers_sent_a_byte_at_a_time_are_cut_off(port: int) -> None:
     assert took < 5  # cut at the deadline, not when the client finished
 
 
+def read_responses(conn: socket.socket, count: int) -> bytes:
+    """Until `count` responses of two body bytes each have arrived."""
+    reply = b""
+    while reply.count(b"HTTP/1.1 ") < count or not reply.endswith(b"ok"):
+        chunk = conn.recv(65536)
+        assert chunk, f"connection closed after {reply!r}"
+        reply += chunk
+    return reply
+
+
 def test_requests_in_time_and_keep_alive_are_served(port: int) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         for _ in range(3):  # the deadline starts again for each request on the connection
             conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            reply = conn.recv(65536)
-            assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ok")
+            assert read_responses(conn, 1).startswith(b"HTTP/1.1 200")
             time.sleep(0.6)
+
+
+def test_a_pipelined_request_is_not_cut_by_the_deadline(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\nGET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = read_responses(conn, 2)
+    assert reply.count(b"HTTP/1.1 200") == 2 and b"408" not in reply

@@ -101,3 +101,17 @@ def test_a_tuned_model_generates_with_its_own_defaults_else_its_bases() -> None:
     target = tuned_target(base, tuned, "key-alice")
     assert (target.defaults.temperature, target.defaults.top_p, target.defaults.top_k) == (0.7, 1.0, 40)
     assert (target.version, target.adapter, target.scope) == ("tunedModels/t", "/adapters/t.gguf", "key-alice")
+
+
+def test_an_id_shared_by_two_other_keys_is_ambiguous_not_guessed(tmp_path: Path) -> None:
+    service = service_in(tmp_path)
+    shared = TunedModelIn.model_validate({**BODY, "readerProjectNumbers": [ALICE.project_number]})
+    service.create(BOB, shared, "translator")
+    assert service.get(ALICE, "tunedModels/translator")
+    service.create(CAROL, shared, "translator")  # another key shares a model of the same id with Alice
+    with pytest.raises(ApiError) as caught:
+        service.get(ALICE, "tunedModels/translator")
+    assert caught.value.status == "FAILED_PRECONDITION"
+    assert "shared with you by different owners" in caught.value.message
+    service.create(ALICE, TunedModelIn.model_validate(BODY), "translator")  # her own always wins
+    assert service.get(ALICE, "tunedModels/translator")["name"] == "tunedModels/translator"

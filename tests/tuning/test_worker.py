@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 from gemserve.tuning import jobs
 from gemserve.tuning.checkpoint import load_checkpoint
 from gemserve.tuning.runner import run_job
-from gemserve.tuning.worker import pending_jobs, serve
+from gemserve.tuning.worker import job_owner, pending_jobs, serve
 from tests.tuning import tiny
 
 SECRET = [{"text_input": f"secret-input-{i}", "output": f"secret-output-{i}"} for i in range(6)]
@@ -177,6 +178,21 @@ def test_keys_take_turns_and_a_running_job_resumes_first(tiny_gemma: Path, tmp_p
     jobs.write_progress(jobs.job_dir(tmp_path, "a3"), {**jobs.default_progress(), "state": "RUNNING"})
     # The running job is a's turn: the other keys come before a's next one.
     assert [p.name for p in pending_jobs(tmp_path)] == ["a3", "b1", "c1", "a1", "a2"]
+
+
+def test_the_worker_serves_keys_in_turn_over_many_jobs(tiny_gemma: Path, tmp_path: Path) -> None:
+    # As serve() does: take the first, count it for its owner, finish it, ask again.
+    for i in range(4):
+        jobs.write_job(tmp_path, {**tiny.job_document(f"a{i}", tiny_gemma, SECRET, created=f"2025-01-0{i + 1}"),
+                                  "owner": "a"})
+    jobs.write_job(tmp_path, {**tiny.job_document("b0", tiny_gemma, SECRET, created="2025-02-01"), "owner": "b"})
+    served: Counter[str] = Counter()
+    order = []
+    while waiting := pending_jobs(tmp_path, served):
+        served[job_owner(waiting[0])] += 1
+        order.append(waiting[0].name)
+        jobs.write_progress(waiting[0], {**jobs.default_progress(), "state": "SUCCEEDED"})
+    assert order == ["a0", "b0", "a1", "a2", "a3"]
 
 
 def test_serve_runs_queued_jobs_one_at_a_time_until_stopped(tiny_gemma: Path, tmp_path: Path) -> None:

@@ -44,7 +44,9 @@ class StatusH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
+        # A pipelined request already read is under way now (uvicorn starts it here): its completion starts the
+        # deadline for the one after it.
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
             self._await_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -379,11 +379,16 @@ class TunedModels:
 
     def _visible(self, caller: Caller, name: str, field: str) -> TunedModelRecord:
         model_id = name.removeprefix("tunedModels/")
-        # Ids are per owner: the caller's own model of that id, else one shared with it (the oldest, should two
-        # owners share models of the same id with it).
+        # Ids are per owner: the caller's own model of that id, else the one shared with it. Two owners sharing
+        # models of one id with the caller make the name ambiguous: neither is picked, or one owner could put a
+        # model of its own in place of the other's by timing.
         found = self._store.with_id(model_id)
-        record = next((r for r in found if r.owner == caller.owner), None) or next(
-            (r for r in found if caller.project_number in r.reader_project_numbers), None)
+        record = next((r for r in found if r.owner == caller.owner), None)
+        shared = [r for r in found if caller.project_number in r.reader_project_numbers]
+        if record is None and len(shared) > 1:
+            raise ApiError("FAILED_PRECONDITION", f"tunedModels/{model_id} names {len(shared)} tuned models shared "
+                           "with you by different owners; ask them to give theirs other ids.")
+        record = record or (shared[0] if shared else None)
         if record is None:
             raise ApiError("NOT_FOUND", f"Tuned model tunedModels/{model_id} does not exist.",
                            [{"@type": "type.googleapis.com/google.rpc.BadRequest",

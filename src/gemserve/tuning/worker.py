@@ -21,7 +21,8 @@ import os
 import signal
 import threading
 import warnings
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -34,10 +35,11 @@ log = logging.getLogger("gemserve.tuning")
 POLL_SECONDS = 1.0
 
 
-def pending_jobs(data_dir: Path) -> list[Path]:
+def pending_jobs(data_dir: Path, served: Mapping[str, int] | None = None) -> list[Path]:
     """Directories of jobs not yet finished, in the order they are to run: a job that was running first (it
-    resumes), then the owners' jobs in turn (each owner's oldest, then each one's second oldest, ...), so that one
-    key's many jobs do not keep another key's waiting; within a turn, oldest first (by `created`, then id)."""
+    resumes), then the owners' jobs in turn, so that one key's many jobs do not keep another key's waiting. An
+    owner's turn counts the jobs it has had (`served`, by owner) and its jobs waiting before; within a turn,
+    oldest first (by `created`, then id)."""
     root = jobs.jobs_root(data_dir)
     if not root.is_dir():
         return []
@@ -53,13 +55,20 @@ def pending_jobs(data_dir: Path) -> list[Path]:
         except (OSError, ValueError, AttributeError):
             created, owner = "", ""  # unreadable: taken first, and failed at once with the reason
         found.append((state != jobs.RUNNING, created, directory.name, owner, directory))
-    turns: dict[str, int] = {}
+    turns: dict[str, int] = dict(served or {})
     ordered = []
     for not_running, created, name, owner, directory in sorted(found):
         turn = turns.get(owner, 0)
         turns[owner] = turn + 1
         ordered.append((not_running, turn, created, name, directory))
     return [directory for *_, directory in sorted(ordered)]
+
+
+def job_owner(directory: Path) -> str:
+    try:
+        return str(json.loads((directory / jobs.JOB_FILE).read_text()).get("owner", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 @contextmanager
@@ -95,13 +104,15 @@ def serve(data_dir: Path, stop: threading.Event, *, once: bool = False, checkpoi
         if not locked:
             return
         log.info("tuning worker ready", extra={"data_dir": str(data_dir), "pid": os.getpid()})
+        served: Counter[str] = Counter()  # jobs run per owner: the turns of pending_jobs
         while not stop.is_set():
-            waiting = pending_jobs(data_dir)
+            waiting = pending_jobs(data_dir, served)
             if not waiting:
                 if once:
                     break
                 stop.wait(POLL_SECONDS)
                 continue
+            served[job_owner(waiting[0])] += 1
             state = run_job(data_dir, waiting[0], options)
             log.info("tuning job left", extra={"job_id": waiting[0].name, "state": state})
     log.info("tuning worker stopped")

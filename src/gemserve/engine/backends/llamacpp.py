@@ -226,7 +226,9 @@ class LlamaCppEngine:
             # Set-aside sequences go first, each once the cache has room for it; new ones only after them.
             self._waiting = deque(s for s in self._waiting if not s.cancelled)
             while self._waiting and len(self._running) < self._max_running and self._fits(self._waiting[0]):
-                self._admit(self._waiting.popleft())
+                self._admitting = [self._waiting.popleft()]  # held until running: a failure fails it too
+                self._admit(self._admitting[0])
+                self._admitting = []
             room = 0 if self._waiting else self._max_running - len(self._running)
             admitted = self._inbox.take(room, busy=bool(self._running or self._waiting))
             if admitted is None:
