@@ -229,12 +229,13 @@ def test_figures_come_back_as_png(sandbox: Sandbox) -> None:
 def test_concurrent_runs_do_not_share_files(sandbox: Sandbox) -> None:
     async def go() -> list[Execution]:
         box = Sandbox(sandbox.python, sandbox.limits, concurrency=4)
-        code = ("import os, time\nopen('/tmp/mine', 'w').write(str({n}))\ntime.sleep(0.5)\n"
-                "print(open('/tmp/mine').read(), sorted(os.listdir('/tmp')))")
+        code = ("import os, time\nopen(f'/tmp/mine-{n}', 'w').write(str({n}))\ntime.sleep(0.5)\n"
+                "print(open('/tmp/mine-{n}').read(), sorted(p for p in os.listdir('/tmp') if p.startswith('mine')))")
         return await asyncio.gather(*(box.run(code.format(n=n)) for n in range(4)))
 
+    # Each run sees its own file alone. (A checkout under /tmp also shows there: the sandbox Python's mount.)
     results = asyncio.run(go())
-    assert [r.output for r in results] == [f"{n} ['mine']\n" for n in range(4)]
+    assert [r.output for r in results] == [f"{n} ['mine-{n}']\n" for n in range(4)]
 
 
 def test_a_cancelled_run_leaves_no_process(sandbox: Sandbox) -> None:
