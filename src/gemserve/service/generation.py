@@ -62,7 +62,7 @@ class _Candidate:
     written: list[int] = field(default_factory=list)
     to_run: str | None = None
     base: GenerationRequest | None = None  # what continuations are made from: the request, or its retry
-    rules: str | None = None  # the grammar continuations are constrained by
+    rules: str | None = None  # the grammar base's constraint was compiled from
     ran: list[str] = field(default_factory=list)  # the code of the blocks run so far
     cut: bool = False  # the candidate ends at the block it wrote last (see _prose_and_code)
     tool_tokens: int = 0  # tokens of run results put into the prompt
@@ -112,7 +112,8 @@ class Generation:
         self.reused_tokens = 0  # prompt tokens the engine took from a kept cache (implicit caching)
         self.candidates = [
             _Candidate(i, TextStream(plan.stop_sequences), CallReader(plan.bare_calls) if plan.reads_calls else None,
-                       CodeReader() if plan.sandbox is not None else None, prompt=request.prompt)
+                       CodeReader() if plan.sandbox is not None else None, prompt=request.prompt, base=request,
+                       rules=plan.rules)
             for i, request in enumerate(plan.candidates)
         ]
 
@@ -349,15 +350,15 @@ class Generation:
         fed = await asyncio.to_thread(engine.tokenize, block, add_bos=False, parse_special=False)
         prompt = (*cand.prompt, *cand.written, *fed)
         cand.tool_tokens += len(fed)
-        request = cand.base or self.plan.candidates[cand.index]
+        request = cand.base
+        assert request is not None
         budget = self.plan.candidates[cand.index].max_new_tokens  # the whole answer's, over all attempts
         left = min(budget - cand.tokens, self.plan.model.input_token_limit - len(prompt))
         if left <= 0:
             return Ran(execution, None)
         constraint = None
-        rules = cand.rules if cand.base is not None else self.plan.rules
-        if rules is not None:
-            constraint = await asyncio.to_thread(engine.compile_grammar, rules)
+        if cand.rules is not None:
+            constraint = await asyncio.to_thread(engine.compile_grammar, cand.rules)
         cand.prompt, cand.written = prompt, []
         if cand.code is not None:
             cand.code.reopen()
