@@ -19,6 +19,7 @@ at most `MAX_ROUNDS` blocks per candidate; later blocks stay text. History rende
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gemserve.errors import invalid_argument
@@ -29,6 +30,8 @@ MAX_ROUNDS = 5
 OPENERS = ("```python\n", "```py\n", "```Python\n")
 OUTPUT_OPENER = "```output\n"
 CLOSER = "\n```"
+_ALL_OPENERS = (*OPENERS, OUTPUT_OPENER)
+_OPENER = re.compile("|".join(f"(?:^|(?<=\n)){re.escape(o)}" for o in _ALL_OPENERS))
 HINT = ("You can run Python code: write it in a ```python code block, and it runs as soon as the block ends "
         "(numpy, sympy, pandas and matplotlib are installed; there is no network). Its output is then shown to "
         "you in an ```output block. Use print() to show results, and use the output in your answer.")
@@ -125,23 +128,14 @@ class CodeReader:
 
 def _find_opener(text: str) -> tuple[int, str]:
     """The first fence at the start of a line that opens a python (or output) block, and which one."""
-    best = (-1, "")
-    for opener in (*OPENERS, OUTPUT_OPENER):
-        at = 0
-        while (at := text.find(opener, at)) >= 0:
-            if at == 0 or text[at - 1] == "\n":
-                if best[0] < 0 or at < best[0]:
-                    best = (at, opener)
-                break
-            at += 1
-    return best
+    found = _OPENER.search(text)
+    return (found.start(), found.group()) if found else (-1, "")
 
 
 def _partial_opener(text: str) -> int:
     """Length of the end of `text` that could still grow into an opening fence at a line start."""
-    openers = (*OPENERS, OUTPUT_OPENER)
-    for size in range(min(max(map(len, openers)) - 1, len(text)), 0, -1):
+    for size in range(min(max(map(len, _ALL_OPENERS)) - 1, len(text)), 0, -1):
         tail = text[-size:]
-        if any(opener.startswith(tail) for opener in openers) and (size == len(text) or text[-size - 1] == "\n"):
+        if any(opener.startswith(tail) for opener in _ALL_OPENERS) and (size == len(text) or text[-size - 1] == "\n"):
             return size
     return 0
