@@ -28,6 +28,10 @@ BOB = Caller("bob", 2)
 DOC = "The vault's password is PINEAPPLE. " * 20
 
 
+async def no_media(request: GenerateContentRequest) -> None:
+    """Cache contents here hold text only: nothing to render."""
+
+
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[CachedContents, ModelRegistry, ScriptedEngine]]:
     engine = ScriptedEngine("Answer.")
@@ -45,7 +49,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[CachedContents, ModelRegistry, Scrip
 def create(caches: CachedContents, caller: Caller = ALICE, **fields: Any) -> dict[str, Any]:
     body = {"model": "models/scripted", "contents": [{"role": "user", "parts": [{"text": DOC}]}],
             "systemInstruction": {"parts": [{"text": "Answer from the document."}]}, **fields}
-    return asyncio.run(caches.create(caller, body))
+    return asyncio.run(caches.create(caller, body, no_media))
 
 
 def test_create_pins_the_prefix_every_request_naming_the_cache_begins_with(
@@ -147,7 +151,7 @@ def test_bad_creates_are_client_errors(setup: tuple[CachedContents, ModelRegistr
     caches, _, _ = setup
     body = {"model": "models/scripted", "contents": [{"role": "user", "parts": [{"text": DOC}]}], **fields}
     with pytest.raises(ApiError, match=words) as caught:
-        asyncio.run(caches.create(ALICE, {k: v for k, v in body.items() if v is not None}))
+        asyncio.run(caches.create(ALICE, {k: v for k, v in body.items() if v is not None}, no_media))
     assert 400 <= caught.value.code < 500
 
 

@@ -11,17 +11,20 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gemserve.api import cached_contents, models, tuned_models
+from gemserve.api import cached_contents, files, models, tuned_models
 from gemserve.api.errors import install_error_handlers
 from gemserve.config import Settings
 from gemserve.identity import Identities, create_secret, unsalted_project_number
+from gemserve.media.processor import MediaProcessor
 from gemserve.models.registry import ModelRegistry
 from gemserve.sandbox.bwrap import Sandbox, SandboxUnavailable
 from gemserve.service.cached_contents import CachedContents
+from gemserve.service.files import Files
 from gemserve.service.tuned_models import TunedModels
 from gemserve.service.tuning_worker import WorkerSupervisor
 from gemserve.store.cached_contents import CachedContentStore
 from gemserve.store.db import Database
+from gemserve.store.files import FileStore
 from gemserve.store.tuned_models import TunedModelStore
 
 log = logging.getLogger("gemserve.http")
@@ -58,14 +61,15 @@ class RequestLog:
 SWEEP_SECONDS = 60.0
 
 
-async def _sweep_every(seconds: float, tuned_models: TunedModels, caches: CachedContents) -> None:
+async def _sweep_every(seconds: float, tuned_models: TunedModels, caches: CachedContents, files: Files) -> None:
     """Job directories of deleted models go once their job has stopped, not only at the next start; expired
-    caches go with their computed state."""
+    caches go with their computed state, expired files and uploads with their bytes."""
     while True:
         await asyncio.sleep(seconds)
         try:
             await asyncio.to_thread(tuned_models.sweep_deleted)
             await caches.sweep()
+            await files.sweep()
         except Exception:
             log.exception("sweeping failed")
 
@@ -89,7 +93,10 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
         supervisor = WorkerSupervisor(settings.data_dir)
         if settings.tuning_worker:
             supervisor.start()
-        sweeper = asyncio.create_task(_sweep_every(SWEEP_SECONDS, app.state.tuned_models, app.state.cached_contents))
+        await app.state.files.sweep()
+        await app.state.files.resume()
+        sweeper = asyncio.create_task(_sweep_every(SWEEP_SECONDS, app.state.tuned_models, app.state.cached_contents,
+                                                   app.state.files))
         restoring = asyncio.create_task(app.state.cached_contents.restore())
         checking = asyncio.create_task(_check_sandbox(app.state.sandbox))
         served = registry.everything()
@@ -99,6 +106,8 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
         sweeper.cancel()
         restoring.cancel()
         checking.cancel()
+        await app.state.files.close()
+        app.state.media.close()
         await supervisor.stop()
         registry.close()
 
@@ -109,6 +118,8 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     app.state.tuned_models = TunedModels(TunedModelStore(database), registry.catalog, settings.data_dir)
     app.state.cached_contents = CachedContents(CachedContentStore(database), registry, settings.data_dir)
     app.state.sandbox = Sandbox(settings.sandbox_python)
+    app.state.media = MediaProcessor(settings.data_dir)
+    app.state.files = Files(FileStore(database, settings.data_dir), app.state.media)
     app.state.identities = Identities(create_secret(settings.data_dir))
     # Models shared before project numbers were salted list the old numbers of their readers: the keys this
     # server knows get theirs moved over.
@@ -121,6 +132,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     app.include_router(models.router)
     app.include_router(tuned_models.router)
     app.include_router(cached_contents.router)
+    app.include_router(files.router)
 
     app.add_middleware(RequestLog)
 

@@ -7,9 +7,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from gemserve.api.deps import CallerDep
-from gemserve.api.models import check_version
+from gemserve.api.models import attach, check_version
 from gemserve.api.streaming import read_json
 from gemserve.errors import url_not_found
+from gemserve.schema.content import GenerateContentRequest
 from gemserve.service.cached_contents import CachedContents
 
 router = APIRouter()
@@ -23,7 +24,12 @@ def caches_of(request: Request) -> CachedContents:
 @router.post("/{version}/cachedContents")
 async def create_cached_content(version: str, request: Request, caller: CallerDep) -> dict[str, Any]:
     check_version(version)
-    return await caches_of(request).create(caller, await read_json(request))
+    body = await read_json(request)
+
+    async def attach_to(parsed: GenerateContentRequest) -> None:
+        await attach(request, caller, parsed)
+
+    return await caches_of(request).create(caller, body, attach_to)
 
 
 @router.get("/{version}/cachedContents")

@@ -33,7 +33,7 @@ def settings_of(request: Request) -> Settings:
 # Google's system parameters, and the parameters of gemserve's routes: any other is refused, as Google does.
 SYSTEM_PARAMETERS = frozenset({"key", "alt", "$alt", "$.xgafv", "prettyPrint", "fields", "quotaUser", "callback",
                                "access_token", "oauth_token", "upload_protocol", "uploadType"})
-ROUTE_PARAMETERS = frozenset({"pageSize", "pageToken", "tunedModelId", "updateMask", "filter"})
+ROUTE_PARAMETERS = frozenset({"pageSize", "pageToken", "tunedModelId", "updateMask", "filter", "upload_id"})
 ALT_VALUES = frozenset({"json", "sse"})
 
 

@@ -14,12 +14,14 @@ from fastapi.responses import JSONResponse, Response
 from gemserve.api.deps import CallerDep
 from gemserve.api.streaming import read_json, streaming_response, until_disconnect
 from gemserve.errors import invalid_argument, url_not_found
+from gemserve.identity import Caller
 from gemserve.models.registry import ModelRegistry, ServedEmbedder, ServedModel
 from gemserve.schema.content import CountTokensRequest, GenerateContentRequest
 from gemserve.schema.responses import CountTokensResponse, ModalityTokenCount
 from gemserve.schema.wire import parse_model
 from gemserve.service import embeddings, generation
 from gemserve.service.cached_contents import CachedContents
+from gemserve.service.media import attach_media
 from gemserve.service.paging import page_offset, page_token
 from gemserve.service.requests import Target, base_target, plan_generation, request_prompt
 
@@ -121,10 +123,12 @@ async def call_model(version: str, name_and_method: str, request: Request, calle
     if method == "countTokens":
         inner = await asyncio.to_thread(count_tokens_request, body)
         inner, cached_tokens = await caches.apply(caller, model, inner)
+        await attach(request, caller, inner)
         return JSONResponse(await asyncio.to_thread(count_tokens, model, inner, cached_tokens))
     parsed: GenerateContentRequest = await asyncio.to_thread(parse_model, GenerateContentRequest, body,
                                                              "GenerateContentRequest")
     parsed, cached_tokens = await caches.apply(caller, model, parsed)
+    await attach(request, caller, parsed)
     target = replace(base_target(model), scope=caller.owner)
     return await generate_response(request, method, target, parsed, cached_tokens)
 
@@ -137,6 +141,12 @@ async def generate_response(request: Request, method: str, target: Target, parse
         sse = request.query_params.get("alt") == "sse"
         return streaming_response(generation.stream(plan), sse)
     return JSONResponse(await until_disconnect(request, generation.generate(plan)))
+
+
+async def attach(request: Request, caller: Caller, parsed: GenerateContentRequest) -> None:
+    """The renderings of the request's media parts (inline, or files of this server)."""
+    await attach_media(parsed, caller, request.app.state.files, request.app.state.media,
+                       request.headers.get("host", ""))
 
 
 def count_tokens_request(body: Any) -> GenerateContentRequest:
@@ -153,7 +163,8 @@ def count_tokens_request(body: Any) -> GenerateContentRequest:
 
 def count_tokens(model: ServedModel, inner: GenerateContentRequest, cached_tokens: int = 0) -> dict[str, Any]:
     """Tokens of the prompt exactly as generateContent would build it (chat format and cached content included)."""
-    total = len(request_prompt(model, inner).tokens)
-    details = [ModalityTokenCount(modality="TEXT", token_count=total)]
+    built = request_prompt(model, inner)
+    total = len(built.tokens)
+    details = [ModalityTokenCount(modality=m, token_count=n) for m, n in built.details]
     return CountTokensResponse(total_tokens=total, cached_content_token_count=cached_tokens or None,
                                prompt_tokens_details=details).to_wire()

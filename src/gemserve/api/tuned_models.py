@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from gemserve.api.deps import CallerDep
-from gemserve.api.models import check_version, generate_response, registry_of, split_call
+from gemserve.api.models import attach, check_version, generate_response, registry_of, split_call
 from gemserve.api.streaming import read_json
 from gemserve.errors import ApiError, url_not_found
 from gemserve.schema.content import GenerateContentRequest
@@ -81,6 +81,7 @@ async def call_tuned_model(version: str, name_and_method: str, request: Request,
     model = registry_of(request).get(tuned.base_model, method, version)
     target = tuned_target(model, tuned, caller.owner)
     parsed = await asyncio.to_thread(parse_model, GenerateContentRequest, body, "GenerateContentRequest")
+    await attach(request, caller, parsed)
     return await generate_response(request, method, target, parsed)
 
 

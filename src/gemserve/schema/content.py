@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, PrivateAttr
 
 from gemserve.schema.wire import OneOrMany, WireModel, enum_by_name_or_number
 
@@ -97,6 +97,13 @@ class Part(WireModel):
     video_metadata: VideoMetadata | None = None
     thought: bool | None = None
     thought_signature: str | None = None
+    # What a model reads of an inlineData or fileData part (a media.rendering.Rendering), set by
+    # service/media.attach_media before the conversation is built; never on the wire.
+    _rendering: Any = PrivateAttr(default=None)
+
+    @property
+    def rendering(self) -> Any:
+        return self._rendering
 
 
 class Content(WireModel):

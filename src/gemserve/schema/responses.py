@@ -46,6 +46,7 @@ class UsageMetadata(WireModel):
     candidates_token_count: int
     tool_use_prompt_token_count: int | None = None  # code execution: the run results fed back to the model
     total_token_count: int
+    prompt_tokens_details: list[ModalityTokenCount] | None = None
 
 
 class GenerateContentResponse(WireModel):

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from gemserve.models.registry import ModelRegistry, ServedModel
 from gemserve.schema.content import Content, GenerateContentRequest, Tool, ToolConfig
 from gemserve.schema.wire import OneOrMany, WireModel, parse_model, snake
 from gemserve.service import paging
+from gemserve.service.media import renderings_of, restore_renderings
 from gemserve.service.requests import request_prompt
 from gemserve.store.cached_contents import CachedContentRecord, CachedContentStore
 from gemserve.timestamps import parse_rfc3339, rfc3339
@@ -41,6 +43,8 @@ MAX_TTL = timedelta(days=366)
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 MAX_DISPLAY_NAME = 128
+RENDERINGS = "mediaRenderings"  # kept beside the contents: [content index, part index, rendering]
+Attach = Callable[[GenerateContentRequest], Awaitable[None]]
 _DURATION = re.compile(r"(\d{1,12})(\.\d{1,9})?s")
 
 
@@ -98,7 +102,9 @@ class CachedContents:
 
     # ---- the resource -------------------------------------------------------------------------------------
 
-    async def create(self, caller: Caller, body: Any) -> dict[str, Any]:
+    async def create(self, caller: Caller, body: Any, attach: Attach) -> dict[str, Any]:
+        """`attach` sets the renderings of the contents' media parts; they are kept with the cache, so a file
+        that expires before the cache does not take the cache's meaning with it."""
         parsed: CachedContentIn = await asyncio.to_thread(parse_model, CachedContentIn, body, "CachedContent")
         if not parsed.model:
             raise invalid_argument("model: the model the cache is for is required.", "model")
@@ -114,6 +120,11 @@ class CachedContents:
         assert expires is not None
         content = parsed.model_dump(by_alias=True, exclude_none=True, mode="json",
                                     include={"contents", "system_instruction", "tools", "tool_config"})
+        if parsed.contents:
+            media = GenerateContentRequest(contents=parsed.contents)
+            await attach(media)
+            if renderings := renderings_of(media):
+                content[RENDERINGS] = renderings
         prefix = await asyncio.to_thread(self._prefix, model, content)
         budget = getattr(model.engine, "pin_budget", None)
         if budget is not None and len(prefix) > budget:
@@ -198,8 +209,7 @@ class CachedContents:
             raise invalid_argument("CachedContent can not be used with GenerateContent request setting "
                                    "system_instruction, tools or tool_config. Proposed fix: move those values to "
                                    "CachedContent from GenerateContent request.", "cached_content")
-        cached: GenerateContentRequest = await asyncio.to_thread(parse_model, GenerateContentRequest, record.content,
-                                                                 "CachedContent")
+        cached = await asyncio.to_thread(_parse_cached, record.content)
         merged = request.model_copy(update={
             "contents": [*cached.contents, *request.contents], "system_instruction": cached.system_instruction,
             "tools": cached.tools, "tool_config": cached.tool_config, "cached_content": None})
@@ -255,7 +265,7 @@ class CachedContents:
         prompts = []
         for probe in ("A", "B"):
             body = {**content, "contents": [*content.get("contents", []), {"role": "user", "parts": [{"text": probe}]}]}
-            request: GenerateContentRequest = parse_model(GenerateContentRequest, body, "CachedContent")
+            request = _parse_cached(body)
             prompts.append(request_prompt(model, request).tokens)
         n = 0
         while n < min(map(len, prompts)) and prompts[0][n] == prompts[1][n]:
@@ -274,6 +284,14 @@ class CachedContents:
             return await self._owned(caller, name)
         except ApiError:
             raise ApiError("PERMISSION_DENIED", "CachedContent not found (or permission denied)") from None
+
+
+def _parse_cached(content: dict[str, Any]) -> GenerateContentRequest:
+    """A cache's stored content as a request, its media parts' renderings set again."""
+    body = {k: v for k, v in content.items() if k != RENDERINGS}
+    request: GenerateContentRequest = parse_model(GenerateContentRequest, body, "CachedContent")
+    restore_renderings(request, content.get(RENDERINGS, []))
+    return request
 
 
 async def _compute(model: ServedModel, prefix: tuple[int, ...], scope: str) -> None:

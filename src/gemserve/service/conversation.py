@@ -10,7 +10,8 @@ list of typed Parts. Chat templates take messages in Hugging Face's shape: `syst
 - executableCode / codeExecutionResult -> ```python and ```output blocks in the text, as the model writes them
   when it runs code (`service/code_execution.py`).
 
-Media parts (inlineData, fileData) are refused with a 400 until media are supported.
+- inlineData / fileData -> the medium's rendering (`service/media.py`): a document's text by page, a transcript
+  with times, the text in an image and what it shows, set on the part before the conversation is built.
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ def _messages_of(content: Content, role: str, where: str) -> list[Message]:
         elif part.inline_data is not None and role == "model":
             continue  # a figure that code made, sent back with the chat: a text model cannot look at it
         elif part.inline_data is not None or part.file_data is not None:
-            raise invalid_argument(f"{field}: this model accepts text only; images, audio, video and files "
-                                   "are not supported.", field)
+            if part.rendering is None:
+                raise invalid_argument(f"{field}: media are not accepted here.", field)
+            texts.append(part.rendering.text)
         else:
             raise invalid_argument(f"{field}: a part must contain data (set text, function_call or "
                                    "function_response).", field)

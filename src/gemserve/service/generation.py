@@ -30,6 +30,7 @@ from gemserve.schema.responses import (
     GenerateContentResponse,
     LogprobsCandidate,
     LogprobsResult,
+    ModalityTokenCount,
     TopCandidates,
     UsageMetadata,
 )
@@ -386,9 +387,10 @@ class Generation:
         prompt, generated = self.prompt_token_count, self.candidates_token_count
         cached = max(self.plan.cached_tokens, self.reused_tokens)  # a named cache, or a recent prefix reused
         tool = self.tool_use_token_count
+        details = [ModalityTokenCount(modality=m, token_count=n) for m, n in self.plan.prompt_details]
         return UsageMetadata(prompt_token_count=prompt, cached_content_token_count=cached or None,
                              candidates_token_count=generated, tool_use_prompt_token_count=tool or None,
-                             total_token_count=prompt + generated + tool)
+                             total_token_count=prompt + generated + tool, prompt_tokens_details=details or None)
 
     def response(self, candidates: list[Candidate]) -> dict[str, Any]:
         return GenerateContentResponse(candidates=candidates, usage_metadata=self.usage(),

@@ -89,6 +89,7 @@ class GenerationPlan:
     sandbox: Sandbox | None = None  # set when the model may run code (the codeExecution tool)
     rules: str | None = None  # the grammar the candidates' constraints were compiled from
     retry_rules: str | None = None  # and the retries' (calls ruled out)
+    prompt_details: tuple[tuple[str, int], ...] = ()  # prompt tokens per modality (promptTokensDetails)
 
 
 def check_unsupported(request: GenerateContentRequest) -> None:
@@ -192,6 +193,7 @@ class Prompt:
     answer: Answer
     messages: list[Message]
     code_execution: bool = False
+    details: tuple[tuple[str, int], ...] = ()  # tokens per modality: media parts' renderings, and TEXT the rest
 
 
 def request_prompt(model: ServedModel, request: GenerateContentRequest) -> Prompt:
@@ -213,7 +215,20 @@ def _request_prompt(model: ServedModel, request: GenerateContentRequest) -> Prom
             messages[0] = Message("system", f"{messages[0].content}\n\n{hint}")
         else:
             messages.insert(0, Message("system", hint))
-    return Prompt(prompt_tokens(model, messages, tools), tools, answer, messages, code)
+    tokens = prompt_tokens(model, messages, tools)
+    return Prompt(tokens, tools, answer, messages, code, modality_counts(model, request, len(tokens)))
+
+
+def modality_counts(model: ServedModel, request: GenerateContentRequest, total: int) -> tuple[tuple[str, int], ...]:
+    """Prompt tokens per modality: each media part's rendering counted alone, the rest TEXT."""
+    counts: dict[str, int] = {}
+    for content in request.contents:
+        for part in content.parts:
+            if part.rendering is not None:
+                n = len(model.engine.tokenize(part.rendering.text, add_bos=False, parse_special=False))
+                counts[part.rendering.modality] = counts.get(part.rendering.modality, 0) + n
+    media = sum(counts.values())
+    return (("TEXT", max(0, total - media)), *sorted(counts.items()))
 
 
 async def plan_generation(target: Target, request: GenerateContentRequest, cached_tokens: int = 0,
@@ -275,7 +290,7 @@ async def plan_generation(target: Target, request: GenerateContentRequest, cache
     bare_calls = reads_calls and (answer.free or (tools is not None and tools.mode == "ANY"))
     return GenerationPlan(model, target.version, tuple(prompt), candidates, stops, logprobs, reads_calls,
                           bare_calls, answered, retries, cached_tokens,
-                          sandbox if built.code_execution else None, rules, text_only)
+                          sandbox if built.code_execution else None, rules, text_only, tuple(built.details))
 
 
 async def _usable(sandbox: Sandbox | None) -> Sandbox:

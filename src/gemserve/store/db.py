@@ -77,10 +77,45 @@ def _create_cached_contents(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX cached_contents_owner ON cached_contents (owner, create_time)")
 
 
+def _create_files(db: sqlite3.Connection) -> None:
+    """Uploaded files (a record exists only once its bytes are complete) and uploads still under way."""
+    db.execute(
+        """CREATE TABLE files (
+            id TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            display_name TEXT NOT NULL DEFAULT '',
+            mime_type TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            create_time TEXT NOT NULL,
+            update_time TEXT NOT NULL,
+            expire_time TEXT NOT NULL,
+            state TEXT NOT NULL,
+            error TEXT,
+            rendering TEXT,
+            PRIMARY KEY (owner, id)
+        )"""
+    )
+    db.execute("CREATE INDEX files_owner ON files (owner, create_time)")
+    db.execute(
+        """CREATE TABLE uploads (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            file_id TEXT NOT NULL,
+            display_name TEXT NOT NULL DEFAULT '',
+            mime_type TEXT NOT NULL,
+            size_bytes INTEGER,
+            received INTEGER NOT NULL DEFAULT 0,
+            expire_time TEXT NOT NULL
+        )"""
+    )
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("0001_create_tuned_models", _create_tuned_models),
     ("0002_create_cached_contents", _create_cached_contents),
     ("0003_tuned_model_ids_per_owner", _tuned_model_ids_per_owner),
+    ("0004_create_files", _create_files),
 ]
 
 

@@ -1,0 +1,256 @@
+"""Renderings: a medium as the text a text-only model reads (docs/media.md shows each form).
+
+- text files: their text;
+- PDF: the text of each page under a page marker; a page without text (a scan) is read by OCR;
+- images: the text in them (OCR) and what they show (an ImageNet classifier's best labels);
+- audio: a transcript (Whisper) with the time each segment starts;
+- video: the sound track's transcript, and frames sampled across it, each read as an image is, with its time.
+
+Every function runs on the media pool's thread (`processor.py`) and raises `MediaError` for bytes it cannot read.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from gemserve.media import kinds
+from gemserve.media.readers import Readers
+from gemserve.media.rendering import MediaError, Rendering
+
+MAX_PDF_PAGES = 1000
+MAX_OCR_PAGES = 100  # scanned pages read by OCR per document; later ones are marked unread
+MIN_PAGE_TEXT = 16  # characters: a page with less is taken for a scan
+MAX_FRAMES = 16
+MAX_IMAGE_PIXELS = 60_000_000
+MAX_TEXT_CHARS = 8_000_000
+
+
+def render_file(path: Path, mime_type: str, name: str, readers: Readers) -> Rendering:
+    with path.open("rb") as handle:
+        return _render(handle, mime_type, name, readers)
+
+
+def render_bytes(data: bytes, mime_type: str, name: str, readers: Readers) -> Rendering:
+    return _render(io.BytesIO(data), mime_type, name, readers)
+
+
+def _render(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> Rendering:
+    kind = kinds.kind_of(mime_type)
+    renderers: dict[str, Callable[[IO[bytes], str, str, Readers], Rendering]] = {
+        "text": text, "document": document, "image": image, "audio": audio, "video": video}
+    if kind is None:
+        raise MediaError(f"Unsupported MIME type: {mime_type}")
+    return renderers[kind](source, mime_type, name, readers)
+
+
+def clock(seconds: float) -> str:
+    """83.4 -> "1:23"; 3725 -> "1:02:05"."""
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+# ---- text --------------------------------------------------------------------------------------------------
+
+
+def text(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> Rendering:
+    data = source.read(MAX_TEXT_CHARS * 4 + 1)
+    try:
+        content = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MediaError(f"the file is declared {mime_type}, but it is not UTF-8 text (byte {exc.start}).") from None
+    if len(content) > MAX_TEXT_CHARS:
+        raise MediaError(f"the text has more than {MAX_TEXT_CHARS} characters.")
+    return Rendering("TEXT", f'[File "{name}" ({mime_type})]\n{content.rstrip()}\n[End of file]\n')
+
+
+# ---- documents ---------------------------------------------------------------------------------------------
+
+
+def document(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> Rendering:
+    import pypdfium2 as pdfium  # type: ignore[import-untyped]
+
+    try:
+        pdf = pdfium.PdfDocument(source.read())
+    except pdfium.PdfiumError as exc:
+        raise MediaError(f"the PDF cannot be read ({exc}).") from None
+    try:
+        count = len(pdf)
+        if count == 0:
+            raise MediaError("the PDF has no pages.")
+        if count > MAX_PDF_PAGES:
+            raise MediaError(f"the PDF has {count} pages; at most {MAX_PDF_PAGES} are read.")
+        lines = [f'[Document "{name}" (PDF, {count} page{"s" if count > 1 else ""})]']
+        scanned = 0
+        for number in range(count):
+            page = pdf[number]
+            try:
+                textpage = page.get_textpage()
+                try:
+                    content = textpage.get_text_range().replace("\r\n", "\n").replace("\r", "\n").strip()
+                finally:
+                    textpage.close()
+                note = ""
+                if len(content) < MIN_PAGE_TEXT:
+                    if scanned < MAX_OCR_PAGES:
+                        scanned += 1
+                        bitmap = page.render(scale=200 / 72)
+                        try:
+                            found = "\n".join(readers.ocr(bitmap.to_pil()))
+                        finally:
+                            bitmap.close()
+                        if len(found) > len(content):
+                            content, note = found, " (scanned; text read by OCR)"
+                    else:
+                        note = " (scanned; not read: too many scanned pages)"
+            finally:
+                page.close()
+            lines.append(f"[Page {number + 1}]{note}")
+            if content:
+                lines.append(content)
+        lines.append("[End of document]")
+        return Rendering("DOCUMENT", "\n".join(lines) + "\n", pages=count)
+    finally:
+        pdf.close()
+
+
+# ---- images ------------------------------------------------------------------------------------------------
+
+
+def open_image(source: IO[bytes]) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    _register_heif()
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        picture = Image.open(source)
+        picture.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise MediaError(f"the image cannot be read ({exc}).") from None
+    return picture.convert("RGB")
+
+
+def _register_heif() -> None:
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener()
+
+
+def describe(picture: Any, readers: Readers) -> list[str]:
+    """What a text-only model reads of a picture: its text, and what it shows."""
+    out = []
+    found = readers.ocr(picture)
+    if found:
+        out.append("Text in the image:\n" + "\n".join(found))
+    else:
+        out.append("Text in the image: none found.")
+    labels = readers.labels(picture)
+    if labels:
+        out.append("What the image shows (an image classifier's best guesses): "
+                   + ", ".join(f"{label} ({score:.0%})" for label, score in labels))
+    return out
+
+
+def image(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> Rendering:
+    picture = open_image(source)
+    width, height = picture.size
+    lines = [f'[Image "{name}" ({mime_type}, {width}x{height} pixels)]', *describe(picture, readers), "[End of image]"]
+    return Rendering("IMAGE", "\n".join(lines) + "\n")
+
+
+# ---- audio and video ---------------------------------------------------------------------------------------
+
+
+def _media_duration(source: IO[bytes]) -> tuple[float, bool, bool]:
+    """(seconds, has sound, has pictures), or MediaError for bytes no demuxer reads."""
+    import av
+
+    source.seek(0)
+    try:
+        with av.open(source, mode="r") as container:
+            has_audio = bool(container.streams.audio)
+            has_video = bool(container.streams.video)
+            duration = container.duration / 1_000_000 if container.duration else 0.0
+            if not duration:
+                for stream in (*container.streams.audio, *container.streams.video):
+                    if stream.duration and stream.time_base:
+                        duration = max(duration, float(stream.duration * stream.time_base))
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        raise MediaError(f"the media cannot be read ({exc}).") from None
+    return duration, has_audio, has_video
+
+
+def _transcript(source: IO[bytes], readers: Readers) -> list[str]:
+    source.seek(0)
+    try:
+        segments = readers.transcribe(source)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise MediaError(f"the sound cannot be decoded ({exc}).") from None
+    return [f"[{clock(start)}] {words.strip()}" for start, words in segments if words.strip()]
+
+
+def audio(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> Rendering:
+    duration, has_audio, _ = _media_duration(source)
+    if not has_audio:
+        raise MediaError("the file holds no sound.")
+    lines = [f'[Audio "{name}" ({clock(duration)} long); transcript, each line with the time it starts:]']
+    lines += _transcript(source, readers) or ["(no speech)"]
+    lines.append("[End of audio]")
+    return Rendering("AUDIO", "\n".join(lines) + "\n", duration=duration)
+
+
+def video(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> Rendering:
+    duration, has_audio, has_video = _media_duration(source)
+    if not has_video and not has_audio:
+        raise MediaError("the file holds neither pictures nor sound.")
+    lines = [f'[Video "{name}" ({clock(duration)} long)]']
+    if has_audio:
+        lines.append("Transcript of the sound, each line with the time it starts:")
+        lines += _transcript(source, readers) or ["(no speech)"]
+    else:
+        lines.append("The video has no sound.")
+    if has_video:
+        lines.append("Frames, each with its time:")
+        previous = None
+        for moment, picture in _frames(source, duration):
+            seen = describe(picture, readers)
+            if seen == previous:
+                continue  # a still scene: said once
+            previous = seen
+            lines.append(f"[{clock(moment)}] " + " ".join(seen))
+    lines.append("[End of video]")
+    return Rendering("VIDEO", "\n".join(lines) + "\n", duration=duration)
+
+
+def _frames(source: IO[bytes], duration: float) -> list[tuple[float, Any]]:
+    """Up to MAX_FRAMES pictures, evenly spread (one a second for short clips), with their times."""
+    import av
+
+    count = max(1, min(MAX_FRAMES, math.ceil(duration) if duration else 1))
+    wanted = [duration * (i + 0.5) / count for i in range(count)] if duration else [0.0]
+    source.seek(0)
+    found: list[tuple[float, Any]] = []
+    try:
+        with av.open(source, mode="r") as container:
+            stream = container.streams.video[0]
+            stream.codec_context.skip_frame = "DEFAULT"
+            index = 0
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                if frame.time + 1e-6 >= wanted[index]:
+                    found.append((float(frame.time), frame.to_image().convert("RGB")))
+                    index += 1
+                    if index == len(wanted):
+                        break
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        if not found:
+            raise MediaError(f"the video's pictures cannot be decoded ({exc}).") from None
+    return found
