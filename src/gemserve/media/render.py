@@ -25,6 +25,7 @@ MAX_PDF_PAGES = 1000
 MAX_OCR_PAGES = 100  # scanned pages read by OCR per document; later ones are marked unread
 MIN_PAGE_TEXT = 16  # characters: a page with less is taken for a scan
 MAX_FRAMES = 16
+SEEK_AFTER_SECONDS = 60
 MAX_IMAGE_PIXELS = 60_000_000
 MAX_TEXT_CHARS = 8_000_000
 
@@ -240,15 +241,12 @@ def _frames(source: IO[bytes], duration: float) -> list[tuple[float, Any]]:
     try:
         with av.open(source, mode="r") as container:
             stream = container.streams.video[0]
-            stream.codec_context.skip_frame = "DEFAULT"
-            index = 0
-            for frame in container.decode(stream):
-                if frame.time is None:
-                    continue
-                if frame.time + 1e-6 >= wanted[index]:
-                    found.append((float(frame.time), frame.to_image().convert("RGB")))
-                    index += 1
-                    if index == len(wanted):
+            for moment in wanted:
+                if duration > SEEK_AFTER_SECONDS:  # long videos: to the keyframe before, not through every frame
+                    container.seek(int(moment * 1_000_000))
+                for frame in container.decode(stream):
+                    if frame.time is not None and frame.time + 1e-6 >= moment:
+                        found.append((float(frame.time), frame.to_image().convert("RGB")))
                         break
     except (av.FFmpegError, ValueError, OSError) as exc:
         if not found:
