@@ -224,7 +224,7 @@ def modality_counts(model: ServedModel, request: GenerateContentRequest, total: 
     counts: dict[str, int] = {}
     for content in request.contents:
         for part in content.parts:
-            if part.rendering is not None:
+            if part.rendering is not None and part.rendering.modality != "TEXT":  # text files count as TEXT
                 n = len(model.engine.tokenize(part.rendering.text, add_bos=False, parse_special=False))
                 counts[part.rendering.modality] = counts.get(part.rendering.modality, 0) + n
     media = sum(counts.values())
