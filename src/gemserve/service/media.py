@@ -27,6 +27,7 @@ from gemserve.service.files import FILE_ID, Files
 
 _FILE_PATH = re.compile(r"/(?:v1beta|v1)/files/(?P<id>[^/?#]+)")
 MAX_MEDIA_PARTS = 100
+_URL_SAFE = str.maketrans("-_", "+/")
 
 
 async def attach_media(request: GenerateContentRequest, caller: Caller, files: Files, processor: MediaProcessor,
@@ -66,13 +67,10 @@ def _media_parts(request: GenerateContentRequest) -> Iterator[tuple[str, Part]]:
 
 async def _inline(blob: Blob, field: str, processor: MediaProcessor) -> Rendering:
     mime = _mime(blob.mime_type, field)
-    try:
-        data = base64.b64decode(blob.data or "", validate=True)
+    try:  # Google accepts the URL-safe alphabet too
+        data = base64.b64decode((blob.data or "").translate(_URL_SAFE), validate=True)
     except (binascii.Error, ValueError):
-        try:  # Google accepts the URL-safe alphabet too
-            data = base64.urlsafe_b64decode(blob.data or "")
-        except (binascii.Error, ValueError):
-            raise invalid_argument(f"{field}.data: Invalid value (bytes): not valid base64.", f"{field}.data") from None
+        raise invalid_argument(f"{field}.data: Invalid value (bytes): not valid base64.", f"{field}.data") from None
     if not data:
         raise invalid_argument(f"{field}.data: the inline data is empty.", f"{field}.data")
     problem = kinds.mismatch(mime, data[: kinds.SNIFF_BYTES])
