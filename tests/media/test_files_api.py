@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from gemserve.api import files as files_routes
 from gemserve.api.errors import install_error_handlers
 from gemserve.config import Settings
+from gemserve.errors import ApiError
 from gemserve.identity import Identities
 from gemserve.media.processor import MediaProcessor
 from gemserve.service.files import Files
@@ -264,3 +265,43 @@ def test_processing_left_pending_by_a_stop_is_done_at_the_next_start(tmp_path: P
 
     drive(tmp_path, stopped, readers)
     drive(tmp_path, restarted, readers)
+
+
+def test_hostile_uploads_get_400s_and_leave_nothing_behind(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, app: FastAPI) -> None:
+        start_headers = keyed(**{"X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start",
+                                 "X-Goog-Upload-Header-Content-Type": "text/plain", "Content-Type": "application/json"})
+        for body in (b'{"file": {"sizeBytes": ' + b"9" * 5000 + b"}}", b"[" * 20000, b"{'file': {1: 2}}",
+                     b"{1: 0, 'a': 0}"):
+            answer = await client.post("/upload/v1beta/files", content=body, headers=start_headers)
+            assert answer.status_code == 400, (body[:30], answer.text)
+        for _ in range(20):  # chunks for uploads that do not exist: no key needed, nothing kept
+            stray = await client.post("/upload/v1beta/files?upload_id=nope", content=b"x",
+                                      headers={"X-Goog-Upload-Command": "upload", "X-Goog-Upload-Offset": "0"})
+            assert stray.status_code == 404 and stray.headers["x-goog-upload-status"] == "final"
+        assert not app.state.files._locks
+        url = await start(client, 10, "text/plain")
+        odd = await client.post(url, content=b"x", headers={"X-Goog-Upload-Command": "upload",
+                                                            "X-Goog-Upload-Offset": b"\xb2"})  # "²" in latin-1
+        assert odd.status_code == 400 and odd.headers["x-goog-upload-status"] == "final"
+        assert (await chunk(client, url, b"x" * 11, 0, "upload")).status_code == 400
+        (partial,) = (tmp_path / "uploads").iterdir()
+        assert partial.stat().st_size == 0  # the refused chunk's bytes are gone at once
+        ranged = await client.put(url, content=b"x" * 4, headers={"Content-Range": "bytes 0-3/4"})
+        assert ranged.status_code == 400  # 4 bytes of a file that declared 10
+        raw = await client.post("/upload/v1beta/files?uploadType=media", content=b"\x00\x01",
+                                headers=keyed(**{"Content-Type": "text/plain"}))
+        assert raw.status_code == 400 and len(list((tmp_path / "uploads").iterdir())) == 1
+
+    drive(tmp_path, scenario)
+
+
+def test_a_type_no_model_reads_is_stored_and_refused_when_used(tmp_path: Path) -> None:
+    async def scenario(client: httpx.AsyncClient, app: FastAPI) -> None:
+        url = await start(client, 8, "application/zip")
+        file = (await chunk(client, url, b"PK\x03\x04data", 0, "upload, finalize")).json()["file"]
+        assert file["state"] == "ACTIVE"
+        with pytest.raises(ApiError, match="Unsupported MIME type: application/zip"):
+            await app.state.files.usable(app.state.identities.caller_for_key(KEY), file["name"][6:])
+
+    drive(tmp_path, scenario)

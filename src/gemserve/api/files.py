@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from email.parser import BytesParser
@@ -27,9 +28,11 @@ from gemserve.api.models import check_version
 from gemserve.api.streaming import read_json
 from gemserve.errors import ApiError, invalid_argument, url_not_found
 from gemserve.identity import Caller
-from gemserve.service.files import Files, UploadStatus
+from gemserve.service.files import CHUNK_TIMEOUT_SECONDS, Files, UploadStatus
 
 router = APIRouter()
+log = logging.getLogger("gemserve.files")
+_DIGITS = re.compile(r"[0-9]{1,19}")
 
 MAX_START_BODY_BYTES = 64 * 1024
 MAX_MULTIPART_BYTES = 64 * 1024 * 1024
@@ -53,11 +56,18 @@ async def upload(version: str, request: Request) -> Response:
         try:
             _check_chunk_request(request)
             return await _chunk(request, files, upload_id)
-        except ApiError as exc:  # without a status, the clients send the chunk again, three times
+        except Exception as exc:  # without a status, the clients send the chunk again, three times
+            if not isinstance(exc, ApiError):
+                log.exception("upload chunk failed")
+                exc = ApiError("INTERNAL", "An internal error has occurred.")
             response = error_response(exc)
             response.headers["X-Goog-Upload-Status"] = "final"
             return response
     who = caller(request)
+    settings = settings_of(request)
+    if settings.open_mode and request.headers.get("origin") == "null":
+        # Uploads take any body: a sandboxed page (Origin: null) could post one without the browser asking first.
+        raise ApiError("PERMISSION_DENIED", "Uploads from pages without an origin are refused in open local mode.")
     protocol = request.headers.get("x-goog-upload-protocol", "").strip().lower()
     content_type = request.headers.get("content-type", "").lower()
     if request.query_params.get("uploadType") == "resumable" and not protocol:
@@ -84,7 +94,11 @@ async def upload(version: str, request: Request) -> Response:
     if protocol in ("raw", "") and request.query_params.get("uploadType", "media") == "media":
         mime = request.headers.get("content-type") or request.headers.get("x-goog-upload-header-content-type")
         new_id = await files.start_upload(who, {}, request.headers.get("content-length"), mime)
-        status = await files.put(new_id, 0, request.stream(), True, base_url(request))
+        try:
+            status = await files.put(new_id, 0, request.stream(), True, base_url(request))
+        except BaseException:
+            await files.cancel_upload(new_id)
+            raise
         return JSONResponse({"file": status.file})
     raise invalid_argument(f"X-Goog-Upload-Protocol: {protocol!r} is not an upload protocol (resumable, multipart "
                            "or raw).", "X-Goog-Upload-Protocol")
@@ -103,12 +117,13 @@ async def put_upload(version: str, request: Request, upload_id: str) -> Response
         raise invalid_argument(f"Content-Range: {content_range!r} is not a byte range.", "Content-Range")
     if match is not None and match.group("first") is None:  # `bytes */total`: how much is stored?
         return _incomplete(await files.query(upload_id))
-    if match is None:  # an empty file's single PUT
+    if match is None:  # the single PUT of an empty file (refused: a file has bytes)
         status = await files.put(upload_id, None, _nothing(), True, base_url(request))
         return JSONResponse({"file": status.file})
     first, last, total = int(match.group("first")), int(match.group("last")), match.group("total")
     final = total != "*" and last + 1 == int(total)
-    status = await files.put(upload_id, first, request.stream(), final, base_url(request))
+    status = await files.put(upload_id, first, request.stream(), final, base_url(request),
+                             None if total == "*" else int(total))
     if status.file is None:
         return _incomplete(status.received)
     return JSONResponse({"file": status.file})
@@ -145,7 +160,7 @@ async def _chunk(request: Request, files: Files, upload_id: str) -> Response:
     raw_offset = request.headers.get("x-goog-upload-offset")
     offset: int | None = None
     if raw_offset is not None:
-        if not raw_offset.strip().isdigit():
+        if not _DIGITS.fullmatch(raw_offset.strip()):
             raise invalid_argument(f"X-Goog-Upload-Offset: {raw_offset!r} is not a byte offset.",
                                    "X-Goog-Upload-Offset")
         offset = int(raw_offset)
@@ -165,24 +180,37 @@ async def _nothing() -> AsyncIterator[bytes]:
 async def _start_body(request: Request) -> Any:
     """The start request's `{"file": {...}}`. Google reads it leniently, and its own curl example sends it with
     single quotes (`{'file': {'display_name': 'AUDIO'}}`): so does this, for small bodies that are literals."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_START_BODY_BYTES:
-            raise invalid_argument(f"The upload's metadata is larger than {MAX_START_BODY_BYTES} bytes.", "file")
+    body = await _read_body(request, MAX_START_BODY_BYTES, "The upload's metadata")
     if not body.strip():
         return {}
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # ValueError: bad JSON, bad UTF-8, an integer of thousands of digits
         pass
     try:
         value = ast.literal_eval(body.decode())
-    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         raise invalid_argument("The upload's metadata is not valid JSON.", "file") from None
     if not isinstance(value, dict):
         raise invalid_argument("The upload's metadata must be a JSON object.", "file")
     return value
+
+
+async def _read_body(request: Request, limit: int, what: str) -> bytes:
+    """A whole (small) body, refused past `limit` bytes or when it stops arriving."""
+    body = bytearray()
+    stream = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), CHUNK_TIMEOUT_SECONDS)
+        except StopAsyncIteration:
+            return bytes(body)
+        except TimeoutError:
+            raise ApiError("DEADLINE_EXCEEDED", f"The request body stopped arriving for {CHUNK_TIMEOUT_SECONDS} "
+                           "seconds; the request was dropped.") from None
+        body += chunk
+        if len(body) > limit:
+            raise invalid_argument(f"{what} may have at most {limit} bytes.", "file")
 
 
 async def _multipart(request: Request, files: Files, who: Caller) -> dict[str, Any]:
@@ -190,12 +218,8 @@ async def _multipart(request: Request, files: Files, who: Caller) -> dict[str, A
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/"):
         raise invalid_argument("Content-Type: a multipart upload is sent as multipart/related.", "Content-Type")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_MULTIPART_BYTES:
-            raise invalid_argument(f"A multipart upload may have at most {MAX_MULTIPART_BYTES} bytes; send larger "
-                                   "files with the resumable protocol.", "file")
+    body = await _read_body(request, MAX_MULTIPART_BYTES, "A multipart upload (send larger files with the "
+                                                           "resumable protocol)")
     message = await asyncio.to_thread(
         BytesParser(policy=HTTP).parsebytes, f"Content-Type: {content_type}\r\n\r\n".encode() + bytes(body))
     parts = list(message.iter_parts()) if message.is_multipart() else []
@@ -203,8 +227,9 @@ async def _multipart(request: Request, files: Files, who: Caller) -> dict[str, A
         raise invalid_argument("A multipart upload has two parts: the metadata (JSON), then the file's bytes.",
                                "file")
     try:
-        metadata = json.loads(parts[0].get_content() or "{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = parts[0].get_payload(decode=True)
+        metadata = json.loads(raw if isinstance(raw, bytes) and raw.strip() else b"{}")
+    except (ValueError, RecursionError):
         raise invalid_argument("The upload's metadata is not valid JSON.", "file") from None
     data = parts[1].get_payload(decode=True) or b""
     mime = parts[1].get_content_type() if parts[1].get("content-type") else None
@@ -213,7 +238,11 @@ async def _multipart(request: Request, files: Files, who: Caller) -> dict[str, A
     async def one_chunk() -> AsyncIterator[bytes]:
         yield bytes(data)
 
-    status = await files.put(new_id, 0, one_chunk(), True, base_url(request))
+    try:
+        status = await files.put(new_id, 0, one_chunk(), True, base_url(request))
+    except BaseException:
+        await files.cancel_upload(new_id)
+        raise
     return {"file": status.file}
 
 

@@ -1,6 +1,7 @@
 """The Files API: uploads (resumable, multipart or plain), get, list, delete, and processing into renderings.
 
-A file belongs to the key that uploaded it (others get 404, and ids are per key, so a taken id tells nothing).
+A file belongs to the key that uploaded it (others get 403, as for a missing file; ids are per key, so a taken
+id tells nothing).
 Its bytes are written to a partial file as they arrive; the file exists - has a record - only once they are
 complete, their size matches what was declared, and its type is checked against them (`media.kinds`). It is then
 PROCESSING until `media.render` has made what a model reads of it (text of a PDF's pages, a transcript with
@@ -23,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,6 +49,7 @@ MAX_PAGE_SIZE = 100
 MAX_DISPLAY_NAME = 512
 CHUNK_TIMEOUT_SECONDS = 30
 FINALIZE_WAIT_SECONDS = 60  # the last chunk's answer waits this long for processing (not for videos)
+ORPHAN_SECONDS = 3600  # bytes without a record go once they are this old
 USE_WAIT_SECONDS = 600  # a request naming a file still processing waits this long for it
 FILE_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?")
 
@@ -125,6 +128,9 @@ class Files:
     async def delete(self, caller: Caller, name: str) -> None:
         file_id = file_id_of(name)
         await self._owned(caller, file_id)
+        task = self._processing.pop((caller.owner, file_id), None)
+        if task is not None:
+            task.cancel()
         await asyncio.to_thread(self._remove, caller.owner, file_id)
         log.info("file deleted", extra={"file": file_id})
 
@@ -139,6 +145,8 @@ class Files:
         if record.state == "PROCESSING":
             raise ApiError("FAILED_PRECONDITION", f"The File {file_id} is not in an ACTIVE state and usage is not "
                            "allowed.")
+        if record.state == "ACTIVE" and record.rendering is None:
+            raise invalid_argument(f"Unsupported MIME type: {record.mime_type} (files/{file_id})", "file_data")
         if record.state == "FAILED" or record.rendering is None:
             reason = (record.error or {}).get("message", "its processing failed")
             raise ApiError("FAILED_PRECONDITION", f"The File {file_id} cannot be used: {reason}")
@@ -157,7 +165,7 @@ class Files:
         file_meta = _file_metadata(metadata)
         declared = None
         if size:
-            if not size.strip().isdigit():
+            if not re.fullmatch(r"[0-9]{1,19}", size.strip()):
                 raise invalid_argument(f"X-Goog-Upload-Header-Content-Length: {size!r} is not a byte count.",
                                        "X-Goog-Upload-Header-Content-Length")
             declared = int(size)
@@ -196,9 +204,10 @@ class Files:
         return (await self._upload(upload_id)).received
 
     async def put(self, upload_id: str, offset: int | None, body: AsyncIterator[bytes], finalize: bool,
-                  base_url: str) -> UploadStatus:
+                  base_url: str, total: int | None = None) -> UploadStatus:
         """Store a chunk at `offset` (it must be where the stored bytes end), and complete the upload when
         `finalize`. Bytes beyond what was declared, or a chunk that stops arriving, fail the chunk only."""
+        await self._upload(upload_id)  # an unknown id leaves nothing behind, not even a lock
         async with self._locks.setdefault(upload_id, asyncio.Lock()):
             upload = await self._upload(upload_id)
             if offset is not None and offset != upload.received:
@@ -208,6 +217,9 @@ class Files:
             received = await self._append(upload, body)
             if not finalize:
                 return UploadStatus(received)
+            if total is not None and received != total:
+                raise invalid_argument(f"The upload was finalized with {received} bytes, but its Content-Range says "
+                                       f"{total}.", "Content-Range")
             record = await self._complete(upload, received)
         self._locks.pop(upload_id, None)
         self._schedule(record)
@@ -229,6 +241,7 @@ class Files:
         path = self._store.partial(upload.id)
         received = upload.received
         handle = await asyncio.to_thread(_open_at, path, received)
+        stored = received
         try:
             pending: list[bytes] = []
             size = 0
@@ -239,7 +252,8 @@ class Files:
                     break
                 except TimeoutError:
                     raise ApiError("DEADLINE_EXCEEDED", f"The upload's bytes stopped arriving for "
-                                   f"{CHUNK_TIMEOUT_SECONDS} seconds; what came before was kept.") from None
+                                   f"{CHUNK_TIMEOUT_SECONDS} seconds; the chunk was dropped (send it again from "
+                                   "the offset that query reports).") from None
                 if received + size + len(chunk) > limit:
                     raise invalid_argument(f"The upload is larger than the {limit} bytes it declared (or the limit of "
                                            f"{MAX_FILE_BYTES} bytes a file).", "X-Goog-Upload-Header-Content-Length")
@@ -254,8 +268,11 @@ class Files:
                 await asyncio.to_thread(handle.write, b"".join(pending))
                 received += size
             await asyncio.to_thread(_sync, handle)
+        except BaseException:  # a chunk cut off counts for nothing: its bytes go at once, not in 48 hours
+            await asyncio.shield(asyncio.to_thread(handle.truncate, stored))
+            raise
         finally:
-            await asyncio.to_thread(handle.close)
+            await asyncio.shield(asyncio.to_thread(handle.close))
         # Only bytes of a chunk that arrived whole count: a chunk cut off is sent again from the same offset.
         await asyncio.to_thread(self._store.set_received, upload.id, received)
         return received
@@ -296,6 +313,10 @@ class Files:
             os.replace(blob, partial)  # the upload is as it was: finalizing may be tried again
             raise
 
+    async def cancel_upload(self, upload_id: str) -> None:
+        """A one-request upload (plain or multipart) that failed: nothing of it stays."""
+        await asyncio.shield(asyncio.to_thread(self._abandon, upload_id))
+
     def _abandon(self, upload_id: str) -> None:
         self._store.drop_upload(upload_id)
         self._store.partial(upload_id).unlink(missing_ok=True)
@@ -306,7 +327,7 @@ class Files:
         key = (record.owner, record.id)
         task = asyncio.create_task(self._process(record))
         self._processing[key] = task
-        task.add_done_callback(lambda _: self._processing.pop(key, None))
+        task.add_done_callback(lambda done: self._processing.pop(key) if self._processing.get(key) is done else None)
 
     async def _processed(self, record: FileRecord, seconds: float) -> bool:
         """Wait (at most `seconds`) for the file's processing; False if it is still going on."""
@@ -324,6 +345,10 @@ class Files:
         rendering: Rendering | None = None
         error: dict[str, Any] | None = None
         try:
+            if kinds.kind_of(record.mime_type) is None:  # stored as given; a request that uses it is told so
+                kept = await asyncio.to_thread(self._store.set_processed, record, "ACTIVE", utc_now(), None, None)
+                log.info("file stored", extra={"file": record.id, "kept": kept})
+                return
             rendering = await self._processor.render_file(blob, record.mime_type, record.display_name or record.id)
         except MediaError as exc:
             error = {"code": 400, "message": str(exc), "status": "INVALID_ARGUMENT"}
@@ -332,7 +357,7 @@ class Files:
             error = {"code": 500, "message": "The file could not be processed.", "status": "INTERNAL"}
         state = "ACTIVE" if rendering is not None else "FAILED"
         try:
-            kept = await asyncio.to_thread(self._store.set_processed, record.owner, record.id, state, utc_now(),
+            kept = await asyncio.to_thread(self._store.set_processed, record, state, utc_now(),
                                            None if rendering is None else rendering.to_json(), error)
         except Exception:
             log.exception("the result of processing could not be stored", extra={"file": record.id})
@@ -363,16 +388,18 @@ class Files:
             self._abandon(upload_id)
             self._locks.pop(upload_id, None)
         # Bytes without a record: a crash between writing them and recording them, or an expired upload's.
+        # Only old ones: a file being moved in or an upload just started has bytes before its record shows.
+        settled = time.time() - ORPHAN_SECONDS
         live_uploads = self._store.upload_ids()
         if self._store.uploads_dir.is_dir():
             for path in self._store.uploads_dir.iterdir():
-                if path.name not in live_uploads:
+                if path.name not in live_uploads and _older(path, settled):
                     path.unlink(missing_ok=True)
         live = self._store.all_ids()
         if self._store.files_dir.is_dir():
             for owner_dir in self._store.files_dir.iterdir():
                 for path in owner_dir.iterdir():
-                    if (owner_dir.name, path.name) not in live:
+                    if (owner_dir.name, path.name) not in live and _older(path, settled):
                         path.unlink(missing_ok=True)
 
     def _remove(self, owner: str, file_id: str) -> None:
@@ -387,10 +414,10 @@ def _file_metadata(metadata: Any) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise invalid_argument("The request body must be a JSON object such as {\"file\": {\"displayName\": "
                                "\"...\"}}.", "file")
-    extra = set(metadata) - {"file"}
+    extra = sorted(str(key) for key in metadata if key != "file")
     if extra:
-        raise invalid_argument(f'Invalid JSON payload received. Unknown name "{sorted(extra)[0]}": Cannot find '
-                               "field.", sorted(extra)[0])
+        raise invalid_argument(f'Invalid JSON payload received. Unknown name "{extra[0]}": Cannot find field.',
+                               extra[0])
     file = metadata.get("file") or {}
     if not isinstance(file, dict):
         raise invalid_argument("file: must be an object.", "file")
@@ -398,6 +425,8 @@ def _file_metadata(metadata: Any) -> dict[str, Any]:
              "sha256Hash", "uri", "downloadUri", "state", "source", "error", "videoMetadata"}
     out: dict[str, Any] = {}
     for key, value in file.items():
+        if not isinstance(key, str):
+            raise invalid_argument(f"file: {key!r} is not a field name.", "file")
         camel = re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), key)
         if camel not in known:
             raise invalid_argument(f'Invalid JSON payload received. Unknown name "{key}" at \'file\': Cannot find '
@@ -406,6 +435,13 @@ def _file_metadata(metadata: Any) -> dict[str, Any]:
             raise invalid_argument(f"file.{key}: must be a string.", f"file.{key}")
         out[camel] = value
     return out
+
+
+def _older(path: Path, moment: float) -> bool:
+    try:
+        return path.stat().st_mtime < moment
+    except FileNotFoundError:
+        return False
 
 
 def _check_size(size: int) -> None:

@@ -68,7 +68,8 @@ def _media_parts(request: GenerateContentRequest) -> Iterator[tuple[str, Part]]:
 async def _inline(blob: Blob, field: str, processor: MediaProcessor) -> Rendering:
     mime = _mime(blob.mime_type, field)
     try:  # Google accepts the URL-safe alphabet too
-        data = base64.b64decode((blob.data or "").translate(_URL_SAFE), validate=True)
+        text = (blob.data or "").translate(_URL_SAFE)
+        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)  # padding is optional, as in proto3
     except (binascii.Error, ValueError):
         raise invalid_argument(f"{field}.data: Invalid value (bytes): not valid base64.", f"{field}.data") from None
     if not data:

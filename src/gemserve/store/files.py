@@ -107,14 +107,16 @@ class FileStore:
             rows = db.execute("SELECT owner, id FROM files").fetchall()
         return {(row["owner"], row["id"]) for row in rows}
 
-    def set_processed(self, owner: str, file_id: str, state: str, update_time: str,
+    def set_processed(self, record: FileRecord, state: str, update_time: str,
                       rendering: dict[str, Any] | None, error: dict[str, Any] | None) -> bool:
-        """False when the file is gone (deleted while it was processed)."""
+        """False when the file is gone (deleted while it was processed, maybe uploaded again under its name: the
+        creation time tells the two apart)."""
         with self._db.connect() as db:
             changed = db.execute(
-                "UPDATE files SET state = ?, update_time = ?, rendering = ?, error = ? WHERE owner = ? AND id = ?",
+                "UPDATE files SET state = ?, update_time = ?, rendering = ?, error = ? "
+                "WHERE owner = ? AND id = ? AND create_time = ?",
                 (state, update_time, None if rendering is None else json.dumps(rendering, ensure_ascii=False),
-                 None if error is None else json.dumps(error), owner, file_id)).rowcount
+                 None if error is None else json.dumps(error), record.owner, record.id, record.create_time)).rowcount
         return changed > 0
 
     def delete(self, owner: str, file_id: str) -> bool:
