@@ -63,8 +63,9 @@ CASES: list[tuple[str, str, str, Any, int, str]] = [
     ("duplicate safety category", "POST", GEN, {**GOOD, "safetySettings": [
         {"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"},
         {"category": "HARM_CATEGORY_HARASSMENT", "threshold": "OFF"}]}, 400, "more than once"),
-    ("image part", "POST", GEN, {"contents": [{"parts": [{"inlineData": {"mimeType": "image/png", "data": "AA=="}}]}]},
-     400, "text only"),
+    ("image part that is no image", "POST", GEN,
+     {"contents": [{"parts": [{"inlineData": {"mimeType": "image/png", "data": "AA=="}}]}]}, 400,
+     "contents[0].parts[0].inline_data.mime_type"),
     ("bad function name", "POST", GEN, {**GOOD, "tools": [{"functionDeclarations": [{"name": "f g"}]}]}, 400,
      "function_declarations[0].name"),
     ("search tool", "POST", GEN, {**GOOD, "tools": [{"googleSearch": {}}]}, 400, "google_search"),
