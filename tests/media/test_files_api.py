@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,11 @@ from gemserve.config import Settings
 from gemserve.errors import ApiError
 from gemserve.identity import Identities
 from gemserve.media.processor import MediaProcessor
+from gemserve.service import files as files_service
 from gemserve.service.files import Files
 from gemserve.store.db import Database
 from gemserve.store.files import FileStore
-from tests.media.samples import ScriptedReaders, text_pdf
+from tests.media.samples import ScriptedReaders, text_pdf, text_picture
 
 KEY, OTHER = "key-one", "key-two"
 PDF = text_pdf(["The password is pineapple."])
@@ -305,3 +308,41 @@ def test_a_type_no_model_reads_is_stored_and_refused_when_used(tmp_path: Path) -
             await app.state.files.usable(app.state.identities.caller_for_key(KEY), file["name"][6:])
 
     drive(tmp_path, scenario)
+
+
+class HeldReaders(ScriptedReaders):
+    """OCR that waits until released: a file stays PROCESSING meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__(ocr=["FIRST FILE"])
+        self.release = threading.Event()
+
+    def ocr(self, picture: Any) -> list[str]:
+        self.release.wait(10)
+        return super().ocr(picture)
+
+
+def test_a_file_deleted_while_processing_and_uploaded_again_keeps_its_own_bytes_and_rendering(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files_service, "FINALIZE_WAIT_SECONDS", 0.1)
+    readers = HeldReaders()
+    scan = io.BytesIO()
+    text_picture(["FIRST FILE"]).save(scan, "PDF", resolution=100.0)
+    second = text_pdf(["The second file says pineapple."])
+
+    async def scenario(client: httpx.AsyncClient, app: FastAPI) -> None:
+        named = {"file": {"name": "files/same"}}
+        url = await start(client, len(scan.getvalue()), "application/pdf", named)
+        first = (await chunk(client, url, scan.getvalue(), 0, "upload, finalize")).json()["file"]
+        assert first["name"] == "files/same" and first["state"] == "PROCESSING"
+        assert (await client.delete("/v1beta/files/same", headers=keyed())).status_code == 200
+        url = await start(client, len(second), "application/pdf", named)
+        answer = chunk(client, url, second, 0, "upload, finalize")
+        readers.release.set()
+        assert (await answer).status_code == 200
+        _, rendering = await app.state.files.usable(app.state.identities.caller_for_key(KEY), "same")
+        assert "pineapple" in rendering.text and "FIRST FILE" not in rendering.text
+        (blob,) = [p for p in (tmp_path / "files").rglob("*") if p.is_file()]
+        assert blob.read_bytes() == second
+
+    drive(tmp_path, scenario, readers)

@@ -303,7 +303,8 @@ class Files:
         if self._store.get(record.owner, record.id) is not None:
             self._abandon(upload_id)
             raise ApiError("ALREADY_EXISTS", f"A file named files/{record.id} already exists.")
-        partial, blob = self._store.partial(upload_id), self._store.blob(record.owner, record.id)
+        record.blob = upload_id
+        partial, blob = self._store.partial(upload_id), self._store.blob(record)
         blob.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, blob)
         try:
@@ -341,7 +342,7 @@ class Files:
         return True
 
     async def _process(self, record: FileRecord) -> None:
-        blob = self._store.blob(record.owner, record.id)
+        blob = self._store.blob(record)
         rendering: Rendering | None = None
         error: dict[str, Any] | None = None
         try:
@@ -395,7 +396,7 @@ class Files:
             for path in self._store.uploads_dir.iterdir():
                 if path.name not in live_uploads and _older(path, settled):
                     path.unlink(missing_ok=True)
-        live = self._store.all_ids()
+        live = self._store.all_blobs()
         if self._store.files_dir.is_dir():
             for owner_dir in self._store.files_dir.iterdir():
                 for path in owner_dir.iterdir():
@@ -403,8 +404,9 @@ class Files:
                         path.unlink(missing_ok=True)
 
     def _remove(self, owner: str, file_id: str) -> None:
-        self._store.delete(owner, file_id)
-        self._store.blob(owner, file_id).unlink(missing_ok=True)
+        record = self._store.delete(owner, file_id)
+        if record is not None:
+            self._store.blob(record).unlink(missing_ok=True)
 
 
 def _file_metadata(metadata: Any) -> dict[str, Any]:

@@ -111,11 +111,18 @@ def _create_files(db: sqlite3.Connection) -> None:
     )
 
 
+def _file_blob_names(db: sqlite3.Connection) -> None:
+    """Each file's bytes under a name of their own (the upload's id), so that a file deleted or uploaded again
+    under the same name never shares a path with another; '' for files stored under their id before."""
+    db.execute("ALTER TABLE files ADD COLUMN blob TEXT NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("0001_create_tuned_models", _create_tuned_models),
     ("0002_create_cached_contents", _create_cached_contents),
     ("0003_tuned_model_ids_per_owner", _tuned_model_ids_per_owner),
     ("0004_create_files", _create_files),
+    ("0005_file_blob_names", _file_blob_names),
 ]
 
 

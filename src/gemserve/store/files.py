@@ -1,8 +1,10 @@
 """File records and uploads under way.
 
-A file's bytes live at `files/<owner>/<id>` under the data directory; its record (and so the file) exists only
-once those bytes are complete: `finish_upload` inserts it and drops the upload in one transaction. An upload's
-bytes so far are at `uploads/<upload id>`, and `received` counts what was stored of them for good.
+A file's bytes live at `files/<owner>/<upload id>` under the data directory, a name no other file ever has (so
+a file deleted, or uploaded again under its name, never shares a path with another). Its record (and so the
+file) exists only once those bytes are complete: `finish_upload` inserts it and drops the upload in one
+transaction. An upload's bytes so far are at `uploads/<upload id>`, and `received` counts what was stored of
+them for good.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class FileRecord:
     display_name: str = ""
     error: dict[str, Any] | None = None  # google.rpc.Status of a FAILED file
     rendering: dict[str, Any] | None = None  # what processing made of it (media/rendering.py), once ACTIVE
+    blob: str = ""  # the name of its bytes under files/<owner>/ (the upload's id); '' for the file's id
 
 
 @dataclass
@@ -65,8 +68,8 @@ class FileStore:
         self.files_dir = data_dir / "files"
         self.uploads_dir = data_dir / "uploads"
 
-    def blob(self, owner: str, file_id: str) -> Path:
-        return self.files_dir / owner / file_id
+    def blob(self, record: FileRecord) -> Path:
+        return self.files_dir / record.owner / (record.blob or record.id)
 
     def partial(self, upload_id: str) -> Path:
         return self.uploads_dir / upload_id
@@ -102,10 +105,11 @@ class FileStore:
             rows = db.execute("SELECT owner, id FROM files WHERE expire_time <= ?", (now,)).fetchall()
         return [(row["owner"], row["id"]) for row in rows]
 
-    def all_ids(self) -> set[tuple[str, str]]:
+    def all_blobs(self) -> set[tuple[str, str]]:
+        """(owner, name) of every file's bytes."""
         with self._db.connect(write=False) as db:
-            rows = db.execute("SELECT owner, id FROM files").fetchall()
-        return {(row["owner"], row["id"]) for row in rows}
+            rows = db.execute("SELECT owner, CASE blob WHEN '' THEN id ELSE blob END AS name FROM files").fetchall()
+        return {(row["owner"], row["name"]) for row in rows}
 
     def set_processed(self, record: FileRecord, state: str, update_time: str,
                       rendering: dict[str, Any] | None, error: dict[str, Any] | None) -> bool:
@@ -119,9 +123,12 @@ class FileStore:
                  None if error is None else json.dumps(error), record.owner, record.id, record.create_time)).rowcount
         return changed > 0
 
-    def delete(self, owner: str, file_id: str) -> bool:
+    def delete(self, owner: str, file_id: str) -> FileRecord | None:
+        """The record deleted, or None if there was none."""
         with self._db.connect() as db:
-            return db.execute("DELETE FROM files WHERE owner = ? AND id = ?", (owner, file_id)).rowcount > 0
+            row = db.execute("SELECT * FROM files WHERE owner = ? AND id = ?", (owner, file_id)).fetchone()
+            db.execute("DELETE FROM files WHERE owner = ? AND id = ?", (owner, file_id))
+        return _file_from_row(row) if row else None
 
     # ---- uploads ------------------------------------------------------------------------------------------
 
