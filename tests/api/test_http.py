@@ -30,6 +30,9 @@ async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
+LIMIT = 3  # connections, as uvicorn counts them: at most LIMIT - 1 are served at once
+
+
 @pytest.fixture
 def port(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     monkeypatch.setattr(http, "HEADER_SECONDS", 1.0)
@@ -37,7 +40,8 @@ def port(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(hello, host="127.0.0.1", port=free, http=http.StatusH11Protocol,
-                                           log_config=None, lifespan="off", timeout_keep_alive=30))
+                                           log_config=None, lifespan="off", timeout_keep_alive=30,
+                                           limit_concurrency=LIMIT))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -101,3 +105,21 @@ def test_a_pipelined_request_is_not_cut_by_the_deadline(port: int) -> None:
         conn.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\nGET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
         reply = read_responses(conn, 2)
     assert reply.count(b"HTTP/1.1 200") == 2 and b"408" not in reply
+
+
+def test_a_connection_beyond_the_limit_gets_a_json_503(port: int) -> None:
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(LIMIT - 1)]
+    try:
+        for conn in held:  # these are served
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_responses(conn, 1).startswith(b"HTTP/1.1 200")
+        reply, _ = exchange(port, [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"])
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 5" in head.lower()
+        assert json.loads(body)["error"]["status"] == "UNAVAILABLE"
+    finally:
+        for conn in held:
+            conn.close()
+    time.sleep(0.2)
+    reply, _ = exchange(port, [b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"])
+    assert reply.startswith(b"HTTP/1.1 200")  # room again once they left
