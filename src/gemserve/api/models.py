@@ -33,6 +33,9 @@ MAX_PAGE_SIZE = 1000
 GENERATION_METHODS = ["generateContent", "streamGenerateContent", "countTokens"]
 EMBEDDING_METHODS = ["embedContent", "batchEmbedContents", "countTokens"]
 MODEL_METHODS = [*GENERATION_METHODS, "embedContent", "batchEmbedContents"]
+# Google's Model resource has no field for the inputs a model takes: its description says it.
+MEDIA_INPUTS = ("Inputs: text; PDFs, images, audio, video and text files reach it as text renderings (their "
+                "text, OCR, image labels, transcripts with times; see docs/media.md).")
 
 
 def registry_of(request: Request) -> ModelRegistry:
@@ -66,6 +69,7 @@ def model_resource(model: ServedModel | ServedEmbedder, name: str | None = None)
     if isinstance(model, ServedEmbedder):
         return {**resource, "inputTokenLimit": model.engine.layout.max_tokens, "outputTokenLimit": 1,
                 "supportedGenerationMethods": EMBEDDING_METHODS}
+    resource["description"] = f"{spec.description} {MEDIA_INPUTS}".strip()
     return {
         **resource,
         "inputTokenLimit": model.input_token_limit,
