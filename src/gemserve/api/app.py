@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gemserve.api import cached_contents, files, models, tuned_models
 from gemserve.api.errors import install_error_handlers
+from gemserve.api.openapi import openapi_document
 from gemserve.config import Settings
 from gemserve.identity import Identities, create_secret, unsalted_project_number
 from gemserve.media.processor import MediaProcessor
@@ -111,7 +112,8 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
         await supervisor.stop()
         registry.close()
 
-    app = FastAPI(title="gemserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="gemserve", lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.registry = registry
     database = Database(settings.data_dir / "gemserve.db")
