@@ -116,16 +116,42 @@ def test_seeded_sampling_reproduces(engine: LlamaCppEngine) -> None:
     assert [t.token for t in first] == [t.token for t in second]
 
 
-def test_a_seeded_request_gives_the_same_tokens_and_logprobs_alone_and_repeated(engine: LlamaCppEngine) -> None:
-    """A seeded sequence never starts from a kept prefix: the prefix would change its numbers (issue 9)."""
+def test_a_seeded_request_gives_the_same_tokens_and_logprobs_alone_repeated_and_beside_others(
+        engine: LlamaCppEngine) -> None:
+    """A seeded sequence runs in a context of its own: neither a kept prefix, nor the batch, nor where other
+    sequences sit in the shared cache changes its numbers (issue 9)."""
     seeded = SamplingParams(temperature=1.0, seed=4, logprobs=0)
     prompt = "Tell me about your favourite city, and why you would like to live there one day."
-    first, _ = asyncio.run(run(engine, request(engine, prompt, 16, seeded)))
+    others = ["Once upon a time there was", "def fibonacci(n):", "List three fruits:"]
+
+    def scores(tokens: list[TokenEvent]) -> list[tuple[int, float | None]]:
+        return [(t.token, t.logprob) for t in tokens]
+
+    first = scores(asyncio.run(run(engine, request(engine, prompt, 16, seeded)))[0])
     reused_before = engine.reused_tokens
     for _ in range(2):  # a kept cache of the same prompt is there now
-        repeated, _ = asyncio.run(run(engine, request(engine, prompt, 16, seeded)))
-        assert [(t.token, t.logprob) for t in repeated] == [(t.token, t.logprob) for t in first]
+        assert scores(asyncio.run(run(engine, request(engine, prompt, 16, seeded)))[0]) == first
     assert engine.reused_tokens == reused_before
+
+    async def together() -> list[TokenEvent]:
+        results = await asyncio.gather(run(engine, request(engine, prompt, 16, seeded)),
+                                       *(run(engine, request(engine, o, 40, SamplingParams(temperature=0.8)))
+                                         for o in others))
+        return results[0][0]
+
+    async def joining_late() -> list[TokenEvent]:
+        async def late() -> list[TokenEvent]:
+            await asyncio.sleep(0.3)  # the others are decoding by now
+            return (await run(engine, request(engine, prompt, 16, seeded)))[0]
+
+        results = await asyncio.gather(late(), *(run(engine, request(engine, o * 3, 60, SamplingParams(
+            temperature=0.8))) for o in others))
+        return results[0]
+
+    assert scores(asyncio.run(together())) == first
+    assert scores(asyncio.run(joining_late())) == first
+    longer = scores(asyncio.run(run(engine, request(engine, prompt, 40, seeded)))[0])
+    assert longer[:16] == first  # a context sized for more tokens changes nothing
 
 
 def test_a_conversation_reuses_its_cached_prefix(engine: LlamaCppEngine, default_gguf: Path) -> None:

@@ -8,8 +8,11 @@ several adapters have work, steps take turns between them (llama.cpp applies ada
 sequence). A step's events go back to the event loop together (`engine/sequences.py`); a request that goes
 away (client disconnect, stop sequence) is dropped at the next step.
 
-A seeded request never starts from a kept cache, so that the same seed gives the same output when repeated
-(`_reuses_prefixes`).
+A seeded request runs in a llama.cpp context of its own (`LlamaModel.solo`, sized to the request and freed when
+it ends), one forward pass per step for it alone: llama.cpp's numbers depend on the batch a sequence is in and on
+where its keys and values sit in a shared cache, so only this gives the same tokens and log-probabilities alone,
+repeated, and beside any other requests. It costs that request the batching (and a context's set-up, a few
+milliseconds); requests without a seed are batched as ever.
 
 Pinned prefixes (a cachedContent's prompt, `pin`) are kept apart under sequence ids of their own, from the first
 time a sequence computes them, within `pin_budget` tokens (half the cache by default; least recently used out
@@ -53,12 +56,14 @@ KEPT_TOKENS = 512  # kept caches beyond the most recent one, in tokens: see the 
 PROMPT_TOKENS_BESIDE_DECODING = 128  # prompt tokens per step while other sequences decode
 MAX_RESTARTS = 3  # failed steps the engine starts afresh after, within RESTART_WINDOW; then it stops for good
 RESTART_WINDOW = 60.0
+SOLO_CELLS = 256  # a seeded sequence's own context is a whole number of these
 
 
 @dataclass(eq=False)
 class _Sequence(Sequence):
     seq_id: int = -1
     history: list[int] = field(default_factory=list)  # tokens whose keys and values are in the cache
+    solo: LlamaModel | None = None  # a seeded sequence's own context (sequence id 0 there)
 
 
 @dataclass
@@ -179,6 +184,9 @@ class LlamaCppEngine:
     def close(self) -> None:
         self._inbox.close()
         self._thread.join(timeout=30)
+        for seq in self._running:
+            if seq.solo is not None:
+                seq.solo.close()
         self._grammar.wait()  # it reads the vocabulary that closing frees
         self._llm.close()
 
@@ -246,6 +254,10 @@ class LlamaCppEngine:
     def _held(self) -> list[_Sequence]:
         """Every sequence the engine thread holds: running, set aside, or on its way in."""
         held = {id(s): s for s in [*self._running, *self._waiting, *self._admitting]}
+        for seq in held.values():
+            if seq.solo is not None:
+                seq.solo.close()
+                seq.solo = None
         self._running.clear()
         self._waiting.clear()
         self._admitting = []
@@ -254,6 +266,13 @@ class LlamaCppEngine:
     def _admit(self, seq: _Sequence) -> None:
         """Give `seq` a sequence id, starting from the kept cache that shares the longest prefix with it."""
         prompt = seq.pending
+        if not _reuses_prefixes(seq):
+            # A whole number of llama.cpp's 256-cell steps: then the cells attention reads depend on the
+            # sequence's length alone, not on the size of the context.
+            size = -(-(len(prompt) + seq.request.max_new_tokens + 1) // SOLO_CELLS) * SOLO_CELLS
+            seq.solo = self._llm.solo(size)
+            self._running.append(seq)
+            return
         if _reuses_prefixes(seq) and self._start_from_pin(seq):
             return
         best_id, best_len = -1, 0
@@ -391,9 +410,14 @@ class LlamaCppEngine:
                 self._outbox.put(seq, exc)
                 self._finish(seq, keep=False)
             return
+        for seq in [s for s in self._running if s.solo is not None]:
+            self._solo_step(seq)
         entries: list[tuple[int, int, list[int], bool]] = []
         plan: list[_Sequence] = []
-        group = sorted((s for s in self._running if s.request.adapter == adapter), key=lambda s: len(s.pending))
+        group = sorted((s for s in self._running if s.solo is None and s.request.adapter == adapter),
+                       key=lambda s: len(s.pending))
+        if not group:
+            return
         room = self._llm.ubatch
         # While others decode, prompts advance by a smaller chunk per step, so that a long prompt slows their
         # tokens down rather than stopping them (a 512-token chunk deep into a long prompt takes seconds here).
@@ -420,6 +444,26 @@ class LlamaCppEngine:
             row += len(chunk)
             if wants_logits:
                 self._advance(seq, row - 1)
+
+    def _solo_step(self, seq: _Sequence) -> None:
+        """One forward pass of a seeded sequence in its own context: a prompt chunk of `ubatch` tokens (the same
+        chunks whatever else runs), or its next token."""
+        solo = seq.solo
+        assert solo is not None
+        try:
+            solo.use_adapter(seq.request.adapter)
+        except EngineError as exc:
+            self._outbox.put(seq, exc)
+            self._finish(seq, keep=False)
+            return
+        chunk = seq.pending[: solo.ubatch]
+        last = len(chunk) == len(seq.pending)
+        if not solo.decode([(0, len(seq.history), chunk, last)]):
+            raise EngineError("a seeded request did not fit the context made for it")
+        seq.history.extend(chunk)
+        del seq.pending[: len(chunk)]
+        if last and advance(seq, solo.logits(len(chunk) - 1), solo.is_end_of_generation, self._outbox):
+            self._finish(seq)
 
     def _unload_forgotten(self) -> None:
         with self._forgotten_lock:
@@ -448,6 +492,10 @@ class LlamaCppEngine:
     def _finish(self, seq: _Sequence, keep: bool = True) -> None:
         self._running.remove(seq)
         seq.cancelled = True
+        if seq.solo is not None:
+            seq.solo.close()
+            seq.solo = None
+            return
         if keep:
             self._pin_from(seq)
         if keep and len(seq.history) >= MIN_REUSED_PREFIX:
@@ -477,8 +525,9 @@ class LlamaCppEngine:
         if self._pinned:  # computed again when next needed
             self._forget_pin(next(iter(self._pinned)))
             return
-        victim = self._running[-1]
-        if len(self._running) == 1:
+        shared = [s for s in self._running if s.solo is None]  # seeded sequences have contexts of their own
+        victim = shared[-1]
+        if len(shared) == 1:
             log.warning("KV cache full with one sequence")
             self._outbox.put(victim, EngineError("this request needs more context memory than the server has "
                                                  "(see --context-size)"))
@@ -496,17 +545,19 @@ class LlamaCppEngine:
 
     def _fits(self, seq: _Sequence) -> bool:
         """Whether the cache has room for `seq`'s tokens beside what the running sequences hold."""
-        used = sum(len(s.history) + len(s.pending) for s in self._running)
-        return not self._running or used + len(seq.pending) + len(self._running) <= self._llm.n_ctx
+        if not _reuses_prefixes(seq):
+            return True  # it gets a context of its own
+        shared = [s for s in self._running if s.solo is None]
+        used = sum(len(s.history) + len(s.pending) for s in shared)
+        return not shared or used + len(seq.pending) + len(shared) <= self._llm.n_ctx
 
 
 def _reuses_prefixes(seq: _Sequence) -> bool:
-    """Seeded requests promise the same output every time, and a prompt continued from a kept prefix scores
-    differently from the same prompt computed whole (log-probabilities moved by up to 0.07): so a seeded sequence
-    always starts from its first token, and repeating it gives the same tokens and log-probabilities. Beside
-    other requests its numbers can still move (llama.cpp's results depend on the batch and on where its keys
-    and values land in the shared cache: 15 of 18 seeded runs beside 5 other streams differed, even in forward
-    passes of their own); docs/configuration.md says so."""
+    """Seeded requests promise the same output every time: they run in contexts of their own, from their first
+    token. A prompt continued from a kept prefix scores differently from the same prompt computed whole
+    (log-probabilities moved by up to 0.07), and in the shared context a sequence's numbers depend on the batch and
+    on where its keys and values land in the cache (15 of 18 seeded runs beside 5 other streams differed, even in
+    forward passes of their own)."""
     return seq.request.sampling.seed is None
 
 

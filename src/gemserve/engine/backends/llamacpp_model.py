@@ -45,7 +45,22 @@ def _init_backend() -> None:
             _backend_ready = True
 
 
+def _context_params(n_ctx: int, sequences: int, threads: int, ubatch: int) -> llama.llama_context_params:
+    params = llama.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = ubatch
+    params.n_ubatch = ubatch
+    params.n_seq_max = sequences
+    params.kv_unified = True  # all sequences share the cache, so one long prompt may use it all
+    params.swa_full = True  # keep whole histories in sliding-window layers too, so prefixes can be reused
+    params.n_threads = threads
+    params.n_threads_batch = threads
+    return params
+
+
 class LlamaModel:
+    _owns_model = True  # False for a solo context, which only borrows the model
+
     def __init__(self, path: Path, *, context_size: int | None, sequences: int, threads: int | None,
                  ubatch: int, own_output_layer: bool = True) -> None:
         _init_backend()
@@ -59,15 +74,7 @@ class LlamaModel:
         n_ctx = context_size or trained
         threads = threads or os.cpu_count() or 1
 
-        params = llama.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = ubatch
-        params.n_ubatch = ubatch
-        params.n_seq_max = sequences
-        params.kv_unified = True  # all sequences share the cache, so one long prompt may use it all
-        params.swa_full = True  # keep whole histories in sliding-window layers too, so prefixes can be reused
-        params.n_threads = threads
-        params.n_threads_batch = threads
+        params = _context_params(n_ctx, sequences, threads, ubatch)
         self._head: OutputHead | None = None
         if own_output_layer:
             self._head = OutputHead.load(path, n_vocab=self.n_vocab, n_embd=llama.llama_model_n_embd(model),
@@ -81,6 +88,7 @@ class LlamaModel:
             raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
         self._ctx = ctx
         self._memory = llama.llama_get_memory(ctx)
+        self._threads = threads
         self.ubatch = ubatch
         self.n_ctx = n_ctx  # KV cache cells, shared by all sequences
         self._batch = llama.llama_batch_init(ubatch, 0, 1)
@@ -294,14 +302,37 @@ class LlamaModel:
                 self.use_adapter(None)
             llama.llama_adapter_lora_free(adapter)
 
+    def solo(self, n_ctx: int) -> LlamaModel:
+        """A context of its own for one sequence, on the same model (weights and adapters shared), with
+        llama.cpp's output layer: what it computes for a sequence depends on that sequence alone - not on other
+        sequences in the batch nor on where they sit in a shared cache - so a seeded request gives the same
+        tokens and log-probabilities alone, repeated, or beside others. Close it when the sequence ends."""
+        ctx = llama.llama_init_from_model(self._model, _context_params(n_ctx, 1, self._threads, self.ubatch))
+        if not ctx:
+            raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens")
+        solo = object.__new__(LlamaModel)
+        solo.__dict__.update(self.__dict__)  # the model, vocabulary, metadata and adapters are shared
+        solo._owns_model = False
+        solo._ctx = ctx
+        solo._memory = llama.llama_get_memory(ctx)
+        solo._batch = llama.llama_batch_init(self.ubatch, 0, 1)
+        solo._head = None
+        solo._capture_owner = None
+        solo._output_rows = {}
+        solo._active_adapter = None
+        solo.n_ctx = n_ctx
+        return solo
+
     def close(self) -> None:
         llama.llama_set_adapters_lora(self._ctx, None, 0, None)
-        for adapter in self._adapters.values():
-            llama.llama_adapter_lora_free(adapter)
-        self._adapters.clear()
+        if self._owns_model:
+            for adapter in self._adapters.values():
+                llama.llama_adapter_lora_free(adapter)
+            self._adapters.clear()
         llama.llama_batch_free(self._batch)
         llama.llama_free(self._ctx)
-        llama.llama_model_free(self._model)
+        if self._owns_model:
+            llama.llama_model_free(self._model)
 
     # ---- model facts --------------------------------------------------------------------------------------
 
