@@ -34,10 +34,10 @@ async def decode_rate(engine: LlamaCppEngine, prompt: list[int], tokens: int, ba
                       ) -> float:
     """Decode tokens per second over `batch` sequences, from each one's first token to its last."""
 
-    async def one(seed: int) -> tuple[float, float, int]:
+    async def one() -> tuple[float, float, int]:
         constraint = engine.compile_grammar(GRAMMAR) if constrained else None
-        request = GenerationRequest(tuple(prompt), SamplingParams(temperature=0.7, seed=seed), tokens,
-                                    constraint=constraint)
+        # No seed: a seeded request runs in a context of its own, unbatched (see docs/configuration.md).
+        request = GenerationRequest(tuple(prompt), SamplingParams(temperature=0.7), tokens, constraint=constraint)
         first = last = 0.0
         count = 0
         async for event in engine.generate(request):
@@ -49,7 +49,7 @@ async def decode_rate(engine: LlamaCppEngine, prompt: list[int], tokens: int, ba
             raise RuntimeError(f"only {count} tokens: nothing to time")
         return first, last, count
 
-    runs = await asyncio.gather(*(one(seed) for seed in range(batch)))
+    runs = await asyncio.gather(*(one() for _ in range(batch)))
     return sum(count - 1 for _, _, count in runs) / (max(r[1] for r in runs) - min(r[0] for r in runs))
 
 

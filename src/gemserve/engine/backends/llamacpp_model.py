@@ -303,11 +303,16 @@ class LlamaModel:
             llama.llama_adapter_lora_free(adapter)
 
     def solo(self, n_ctx: int) -> LlamaModel:
-        """A context of its own for one sequence, on the same model (weights and adapters shared), with
-        llama.cpp's output layer: what it computes for a sequence depends on that sequence alone - not on other
+        """A context of its own for one sequence, on the same model (weights, adapters and output layer
+        shared): what it computes for a sequence depends on that sequence alone - not on other
         sequences in the batch nor on where they sit in a shared cache - so a seeded request gives the same
-        tokens and log-probabilities alone, repeated, or beside others. Close it when the sequence ends."""
-        ctx = llama.llama_init_from_model(self._model, _context_params(n_ctx, 1, self._threads, self.ubatch))
+        tokens and log-probabilities alone, repeated, or beside others. Close it when the sequence ends (before
+        this model)."""
+        params = _context_params(n_ctx, 1, self._threads, self.ubatch)
+        if self._head is not None:  # gemserve's output layer here too (the engine thread runs one pass at a time)
+            params.cb_eval = self._head.callback
+            params.cb_eval_user_data = ctypes.cast(ctypes.pointer(self._head.state), ctypes.c_void_p)
+        ctx = llama.llama_init_from_model(self._model, params)
         if not ctx:
             raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens")
         solo = object.__new__(LlamaModel)
@@ -316,8 +321,6 @@ class LlamaModel:
         solo._ctx = ctx
         solo._memory = llama.llama_get_memory(ctx)
         solo._batch = llama.llama_batch_init(self.ubatch, 0, 1)
-        solo._head = None
-        solo._capture_owner = None
         solo._output_rows = {}
         solo._active_adapter = None
         solo.n_ctx = n_ctx
