@@ -318,3 +318,20 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(default_gguf: P
             asyncio.run(run(eng, request(eng, "x", 2)))
     finally:
         eng.close()
+
+
+def test_a_seeded_request_without_room_for_its_context_fails_alone(engine: LlamaCppEngine,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memory(n_ctx: int) -> None:
+        raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens")
+
+    monkeypatch.setattr(engine._llm, "solo", no_memory)
+
+    async def scenario() -> None:
+        seeded = run(engine, request(engine, "Hello", 4, SamplingParams(temperature=1.0, seed=1)))
+        plain = run(engine, request(engine, "Hello", 4))
+        failed, served = await asyncio.gather(seeded, plain, return_exceptions=True)
+        assert isinstance(failed, EngineError) and "could not create a context" in str(failed)
+        assert not isinstance(served, BaseException) and served[1] == "MAX_TOKENS"
+
+    asyncio.run(scenario())

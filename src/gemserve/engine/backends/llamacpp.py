@@ -270,7 +270,12 @@ class LlamaCppEngine:
             # A whole number of llama.cpp's 256-cell steps: then the cells attention reads depend on the
             # sequence's length alone, not on the size of the context.
             size = -(-(len(prompt) + seq.request.max_new_tokens + 1) // SOLO_CELLS) * SOLO_CELLS
-            seq.solo = self._llm.solo(size)
+            try:
+                seq.solo = self._llm.solo(size)
+            except EngineError as exc:  # no memory for it: this request fails, the others go on
+                self._outbox.put(seq, exc)
+                seq.cancelled = True
+                return
             self._running.append(seq)
             return
         if _reuses_prefixes(seq) and self._start_from_pin(seq):
