@@ -16,7 +16,7 @@ from gemserve.media.rendering import Rendering
 from gemserve.schema.content import GenerateContentRequest
 from gemserve.schema.wire import parse_model
 from gemserve.service.media import attach_media
-from gemserve.service.requests import request_prompt
+from gemserve.service.requests import base_target, plan_generation, request_prompt
 from tests.media.samples import ScriptedReaders, text_pdf
 from tests.service.scripted import ScriptedEngine, served
 
@@ -80,3 +80,12 @@ def test_figures_in_the_models_own_turns_stay_out_of_the_prompt(tmp_path: Path) 
         {"role": "user", "parts": [{"text": "Thanks."}]}]}, "Request")
     attached(parsed, tmp_path)
     assert parsed.contents[1].parts[0].rendering is None
+
+
+def test_a_medium_too_long_for_the_window_is_named(tmp_path: Path) -> None:
+    model = served(ScriptedEngine())  # one token a byte, an 8192-token window
+    parsed = attached(request({"text": "Summarise:"}, inline(b"lorem ipsum " * 800, "text/plain")), tmp_path)
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(plan_generation(base_target(model), parsed))
+    assert caught.value.code == 400 and caught.value.message.startswith("contents[0].parts[1]: The input token count")
+    assert "This part's contents take 96" in caught.value.message

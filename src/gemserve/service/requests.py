@@ -194,6 +194,7 @@ class Prompt:
     messages: list[Message]
     code_execution: bool = False
     details: tuple[tuple[str, int], ...] = ()  # tokens per modality: media parts' renderings, and TEXT the rest
+    largest_media: tuple[str, int] | None = None  # the media part whose rendering takes most tokens, and how many
 
 
 def request_prompt(model: ServedModel, request: GenerateContentRequest) -> Prompt:
@@ -216,19 +217,27 @@ def _request_prompt(model: ServedModel, request: GenerateContentRequest) -> Prom
         else:
             messages.insert(0, Message("system", hint))
     tokens = prompt_tokens(model, messages, tools)
-    return Prompt(tokens, tools, answer, messages, code, modality_counts(model, request, len(tokens)))
+    details, largest = modality_counts(model, request, len(tokens))
+    return Prompt(tokens, tools, answer, messages, code, details, largest)
 
 
-def modality_counts(model: ServedModel, request: GenerateContentRequest, total: int) -> tuple[tuple[str, int], ...]:
-    """Prompt tokens per modality: each media part's rendering counted alone, the rest TEXT."""
+def modality_counts(model: ServedModel, request: GenerateContentRequest,
+                    total: int) -> tuple[tuple[tuple[str, int], ...], tuple[str, int] | None]:
+    """Prompt tokens per modality (each media part's rendering counted alone, the rest TEXT), and the media part
+    whose rendering takes most of them, with its count."""
     counts: dict[str, int] = {}
-    for content in request.contents:
-        for part in content.parts:
-            if part.rendering is not None and part.rendering.modality != "TEXT":  # text files count as TEXT
-                n = len(model.engine.tokenize(part.rendering.text, add_bos=False, parse_special=False))
+    largest: tuple[str, int] | None = None
+    for i, content in enumerate(request.contents):
+        for j, part in enumerate(content.parts):
+            if part.rendering is None:
+                continue
+            n = len(model.engine.tokenize(part.rendering.text, add_bos=False, parse_special=False))
+            if largest is None or n > largest[1]:
+                largest = f"contents[{i}].parts[{j}]", n
+            if part.rendering.modality != "TEXT":  # text files count as TEXT
                 counts[part.rendering.modality] = counts.get(part.rendering.modality, 0) + n
     media = sum(counts.values())
-    return (("TEXT", max(0, total - media)), *sorted(counts.items()))
+    return (("TEXT", max(0, total - media)), *sorted(counts.items())), largest
 
 
 async def plan_generation(target: Target, request: GenerateContentRequest, cached_tokens: int = 0,
@@ -247,8 +256,12 @@ async def plan_generation(target: Target, request: GenerateContentRequest, cache
     stops = stop_sequences(config)
     limit = model.input_token_limit
     if len(prompt) >= limit:
-        raise invalid_argument(f"The input token count ({len(prompt)}) exceeds the maximum number of tokens allowed "
-                               f"({limit}).", "contents")
+        message = f"The input token count ({len(prompt)}) exceeds the maximum number of tokens allowed ({limit})."
+        if built.largest_media is not None:  # say which medium made it too long
+            part, tokens = built.largest_media
+            raise invalid_argument(f"{part}: {message} This part's contents take {tokens} tokens (docs/media.md).",
+                                   part)
+        raise invalid_argument(message, "contents")
     if count * (len(prompt) + 1) > limit:
         raise invalid_argument(f"generation_config.candidate_count: {count} candidates of a {len(prompt)}-token "
                                f"prompt do not fit the model's context of {limit} tokens.",
