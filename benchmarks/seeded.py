@@ -23,7 +23,7 @@ from gemserve.engine.backends.llamacpp import LlamaCppEngine
 from gemserve.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from gemserve.models.catalog import DEFAULT_MODEL_ID, INSTRUCT_MODEL_ID, PACKAGED
 
-PROMPT = "Write a long story about a dragon and a knight who become friends."
+PROMPT = "Story {}: write a long story about a dragon and a knight who become friends."
 
 
 async def run(engine: LlamaCppEngine, prompt: list[int], tokens: int, batch: int, seeded: bool,
@@ -64,11 +64,13 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"{path} not found: start `gemserve serve --data-dir {args.data_dir}` once to assemble it")
         engine = LlamaCppEngine(path, context_size=4096, max_sequences=max(args.batch, 1))
         try:
-            prompt = engine.tokenize(PROMPT, add_bos=True, parse_special=False)
             for batch in (1, args.batch):
                 plain, seeded = [], []
-                for _ in range(args.rounds):
+                for i in range(args.rounds):
+                    # A prompt of its own each run: no run starts from another's kept cache.
+                    prompt = engine.tokenize(PROMPT.format(f"{batch}-{i}a"), add_bos=True, parse_special=False)
                     plain.append(asyncio.run(run(engine, prompt, args.tokens, batch, False)))
+                    prompt = engine.tokenize(PROMPT.format(f"{batch}-{i}b"), add_bos=True, parse_special=False)
                     seeded.append(asyncio.run(run(engine, prompt, args.tokens, batch, True)))
                 p = statistics.median(r for r, _ in plain)
                 s = statistics.median(r for r, _ in seeded)

@@ -150,8 +150,8 @@ def test_a_seeded_request_gives_the_same_tokens_and_logprobs_alone_repeated_and_
 
     assert scores(asyncio.run(together())) == first
     assert scores(asyncio.run(joining_late())) == first
-    longer = scores(asyncio.run(run(engine, request(engine, prompt, 40, seeded)))[0])
-    assert longer[:16] == first  # a context sized for more tokens changes nothing
+    longer = scores(asyncio.run(run(engine, request(engine, prompt, 240, seeded)))[0])
+    assert longer[:16] == first  # a context of 512 cells instead of 256 changes nothing
 
 
 def test_a_conversation_reuses_its_cached_prefix(engine: LlamaCppEngine, default_gguf: Path) -> None:
@@ -322,7 +322,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(default_gguf: P
 
 def test_a_seeded_request_without_room_for_its_context_fails_alone(engine: LlamaCppEngine,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_memory(n_ctx: int) -> None:
+    def no_memory(n_ctx: int, ubatch: int) -> None:
         raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens")
 
     monkeypatch.setattr(engine._llm, "solo", no_memory)

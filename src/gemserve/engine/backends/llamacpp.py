@@ -11,8 +11,9 @@ away (client disconnect, stop sequence) is dropped at the next step.
 A seeded request runs in a llama.cpp context of its own (`LlamaModel.solo`, sized to the request and freed when
 it ends), one forward pass per step for it alone: llama.cpp's numbers depend on the batch a sequence is in and on
 where its keys and values sit in a shared cache, so only this gives the same tokens and log-probabilities alone,
-repeated, and beside any other requests. It costs that request the batching (and a context's set-up, a few
-milliseconds); requests without a seed are batched as ever.
+repeated, and beside any other requests. Its prompt advances SOLO_CHUNK tokens a step, whatever else runs. It
+costs that request the batching, and a context's set-up (10 ms for a short request, about 100 ms for one that may
+write 8192 tokens); requests without a seed are batched as ever.
 
 Pinned prefixes (a cachedContent's prompt, `pin`) are kept apart under sequence ids of their own, from the first
 time a sequence computes them, within `pin_budget` tokens (half the cache by default; least recently used out
@@ -57,6 +58,7 @@ PROMPT_TOKENS_BESIDE_DECODING = 128  # prompt tokens per step while other sequen
 MAX_RESTARTS = 3  # failed steps the engine starts afresh after, within RESTART_WINDOW; then it stops for good
 RESTART_WINDOW = 60.0
 SOLO_CELLS = 256  # a seeded sequence's own context is a whole number of these
+SOLO_CHUNK = PROMPT_TOKENS_BESIDE_DECODING  # a seeded prompt's tokens per step, always
 
 
 @dataclass(eq=False)
@@ -184,6 +186,9 @@ class LlamaCppEngine:
     def close(self) -> None:
         self._inbox.close()
         self._thread.join(timeout=30)
+        if self._thread.is_alive():  # still in a step: freeing what it uses would crash the process
+            log.error("the engine thread did not stop within 30 s; its model stays loaded")
+            return
         for seq in self._running:
             if seq.solo is not None:
                 seq.solo.close()
@@ -271,7 +276,7 @@ class LlamaCppEngine:
             # sequence's length alone, not on the size of the context.
             size = -(-(len(prompt) + seq.request.max_new_tokens + 1) // SOLO_CELLS) * SOLO_CELLS
             try:
-                seq.solo = self._llm.solo(size)
+                seq.solo = self._llm.solo(size, SOLO_CHUNK)
             except EngineError as exc:  # no memory for it: this request fails, the others go on
                 self._outbox.put(seq, exc)
                 seq.cancelled = True
@@ -405,24 +410,22 @@ class LlamaCppEngine:
 
     def _step(self) -> None:
         self._unload_forgotten()
-        if not self._running:
+        for seq in [s for s in self._running if s.solo is not None]:
+            self._solo_step(seq)
+        if not any(s.solo is None for s in self._running):
             return
         adapter = self._next_adapter()
         try:
             self._llm.use_adapter(adapter)
         except EngineError as exc:
-            for seq in [s for s in self._running if s.request.adapter == adapter]:
+            for seq in [s for s in self._running if s.solo is None and s.request.adapter == adapter]:
                 self._outbox.put(seq, exc)
                 self._finish(seq, keep=False)
             return
-        for seq in [s for s in self._running if s.solo is not None]:
-            self._solo_step(seq)
         entries: list[tuple[int, int, list[int], bool]] = []
         plan: list[_Sequence] = []
         group = sorted((s for s in self._running if s.solo is None and s.request.adapter == adapter),
                        key=lambda s: len(s.pending))
-        if not group:
-            return
         room = self._llm.ubatch
         # While others decode, prompts advance by a smaller chunk per step, so that a long prompt slows their
         # tokens down rather than stopping them (a 512-token chunk deep into a long prompt takes seconds here).
@@ -451,20 +454,22 @@ class LlamaCppEngine:
                 self._advance(seq, row - 1)
 
     def _solo_step(self, seq: _Sequence) -> None:
-        """One forward pass of a seeded sequence in its own context: a prompt chunk of `ubatch` tokens (the same
-        chunks whatever else runs), or its next token."""
+        """One forward pass of a seeded sequence in its own context: a prompt chunk of SOLO_CHUNK tokens (the same
+        chunks whatever else runs, and small enough not to hold the others' tokens up), or its next token. A
+        failure there is this request's alone."""
         solo = seq.solo
         assert solo is not None
+        chunk = seq.pending[:SOLO_CHUNK]
+        last = len(chunk) == len(seq.pending)
         try:
             solo.use_adapter(seq.request.adapter)
+            if not solo.decode([(0, len(seq.history), chunk, last)]):
+                raise EngineError("a seeded request did not fit the context made for it")
         except EngineError as exc:
+            log.exception("a seeded request's step failed")
             self._outbox.put(seq, exc)
             self._finish(seq, keep=False)
             return
-        chunk = seq.pending[: solo.ubatch]
-        last = len(chunk) == len(seq.pending)
-        if not solo.decode([(0, len(seq.history), chunk, last)]):
-            raise EngineError("a seeded request did not fit the context made for it")
         seq.history.extend(chunk)
         del seq.pending[: len(chunk)]
         if last and advance(seq, solo.logits(len(chunk) - 1), solo.is_end_of_generation, self._outbox):
@@ -485,8 +490,9 @@ class LlamaCppEngine:
                 self._free_ids.append(seq_id)
 
     def _next_adapter(self) -> str | None:
-        """Steps take turns between the adapters (None: the base model) that running sequences use."""
-        adapters = sorted({s.request.adapter for s in self._running}, key=lambda a: a or "")
+        """Steps take turns between the adapters (None: the base model) that running sequences of the shared
+        context use (seeded ones have contexts of their own)."""
+        adapters = sorted({s.request.adapter for s in self._running if s.solo is None}, key=lambda a: a or "")
         self._turn = (self._turn + 1) % len(adapters)
         return adapters[self._turn]
 

@@ -302,13 +302,13 @@ class LlamaModel:
                 self.use_adapter(None)
             llama.llama_adapter_lora_free(adapter)
 
-    def solo(self, n_ctx: int) -> LlamaModel:
+    def solo(self, n_ctx: int, ubatch: int) -> LlamaModel:
         """A context of its own for one sequence, on the same model (weights, adapters and output layer
         shared): what it computes for a sequence depends on that sequence alone - not on other
         sequences in the batch nor on where they sit in a shared cache - so a seeded request gives the same
         tokens and log-probabilities alone, repeated, or beside others. Close it when the sequence ends (before
         this model)."""
-        params = _context_params(n_ctx, 1, self._threads, self.ubatch)
+        params = _context_params(n_ctx, 1, self._threads, ubatch)  # a small ubatch: a small compute buffer
         if self._head is not None:  # gemserve's output layer here too (the engine thread runs one pass at a time)
             params.cb_eval = self._head.callback
             params.cb_eval_user_data = ctypes.cast(ctypes.pointer(self._head.state), ctypes.c_void_p)
@@ -320,7 +320,8 @@ class LlamaModel:
         solo._owns_model = False
         solo._ctx = ctx
         solo._memory = llama.llama_get_memory(ctx)
-        solo._batch = llama.llama_batch_init(self.ubatch, 0, 1)
+        solo._batch = llama.llama_batch_init(ubatch, 0, 1)
+        solo.ubatch = ubatch
         solo._output_rows = {}
         solo._active_adapter = None
         solo.n_ctx = n_ctx
