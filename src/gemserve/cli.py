@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--sandbox-python", default=None, metavar="PYTHON",
                        help="the Python that runs the codeExecution tool's code, in a bubblewrap sandbox "
                        "(default: .venv-sandbox beside gemserve's environment, made by scripts/setup.sh)")
+    serve.add_argument("--tuning-seed", type=int, default=None, metavar="N",
+                       help="the seed of every tuning job (default: a random one each): the same training data and "
+                       "hyperparameters then give the same adapter")
     serve.add_argument("--log-level", default="info")
 
     listing = commands.add_parser("models", help="list the models and aliases a configuration serves")
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         max_sequences=args.max_sequences, context_size=args.context_size, tuning_worker=not args.no_tuning_worker,
         cache_tokens=args.cache_tokens,
         sandbox_python=Path(args.sandbox_python).expanduser() if args.sandbox_python else default_python(),
+        tuning_seed=args.tuning_seed,
     )
     _serve(settings, catalog, args.log_level)
 

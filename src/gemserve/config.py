@@ -25,6 +25,7 @@ class Settings:
     # Open mode: host names (besides IP addresses and localhost) that requests may be addressed to.
     allowed_hosts: frozenset[str] = frozenset()
     sandbox_python: Path | None = None  # the Python the codeExecution tool runs code with; None: not available
+    tuning_seed: int | None = None  # every tuning job's seed; None: a random one each
 
     @property
     def open_mode(self) -> bool:

@@ -117,7 +117,8 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     database = Database(settings.data_dir / "gemserve.db")
-    app.state.tuned_models = TunedModels(TunedModelStore(database), registry.catalog, settings.data_dir)
+    app.state.tuned_models = TunedModels(TunedModelStore(database), registry.catalog, settings.data_dir,
+                                         settings.tuning_seed)
     app.state.cached_contents = CachedContents(CachedContentStore(database), registry, settings.data_dir)
     app.state.sandbox = Sandbox(settings.sandbox_python)
     app.state.media = MediaProcessor(settings.data_dir)

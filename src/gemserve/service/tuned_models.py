@@ -65,7 +65,8 @@ class Usable:
 
 
 class TunedModels:
-    def __init__(self, store: TunedModelStore, catalog: Catalog, data_dir: Path) -> None:
+    def __init__(self, store: TunedModelStore, catalog: Catalog, data_dir: Path, seed: int | None = None) -> None:
+        self._seed = seed  # every job's, or None for a random one each
         self._store = store
         self._catalog = catalog
         self._data_dir = data_dir
@@ -116,7 +117,7 @@ class TunedModels:
                 "examples": examples,
                 "hyperparameters": {k: hyper[k] for k in ("epoch_count", "batch_size", "learning_rate")},
                 "lora": {"rank": 8, "alpha": 16},
-                "seed": secrets.randbelow(2**31),
+                "seed": secrets.randbelow(2**31) if self._seed is None else self._seed,
             })
             return self.operation(record)
         except jobs.JobError as exc:
