@@ -26,6 +26,7 @@ from gemserve.api.deps import CallerDep, caller, check_local_request, check_quer
 from gemserve.api.errors import error_response
 from gemserve.api.models import check_version
 from gemserve.api.streaming import read_json
+from gemserve.bodies import next_chunk
 from gemserve.errors import ApiError, invalid_argument, url_not_found
 from gemserve.identity import Caller
 from gemserve.service.files import CHUNK_TIMEOUT_SECONDS, Files, UploadStatus
@@ -200,17 +201,12 @@ async def _read_body(request: Request, limit: int, what: str) -> bytes:
     """A whole (small) body, refused past `limit` bytes or when it stops arriving."""
     body = bytearray()
     stream = request.stream()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(anext(stream), CHUNK_TIMEOUT_SECONDS)
-        except StopAsyncIteration:
-            return bytes(body)
-        except TimeoutError:
-            raise ApiError("DEADLINE_EXCEEDED", f"The request body stopped arriving for {CHUNK_TIMEOUT_SECONDS} "
-                           "seconds; the request was dropped.") from None
+    while (chunk := await next_chunk(stream, CHUNK_TIMEOUT_SECONDS, "The request body stopped arriving for "
+                                     f"{CHUNK_TIMEOUT_SECONDS} seconds; the request was dropped.")) is not None:
         body += chunk
         if len(body) > limit:
             raise invalid_argument(f"{what} may have at most {limit} bytes.", "file")
+    return bytes(body)
 
 
 async def _multipart(request: Request, files: Files, who: Caller) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from gemserve.bodies import next_chunk
 from gemserve.errors import ApiError
 from gemserve.schema.wire import MAX_BODY_BYTES, parse_json_body
 
@@ -83,15 +84,8 @@ async def read_json(request: Request) -> Any:
         raise too_big
     chunks, size = [], 0
     stream = request.stream()
-    while True:
-        try:
-            # A client that stops sending holds a connection and a task: it gets a while between chunks, no more.
-            chunk = await asyncio.wait_for(anext(stream), BODY_CHUNK_TIMEOUT_SECONDS)
-        except StopAsyncIteration:
-            break
-        except TimeoutError:
-            raise ApiError("DEADLINE_EXCEEDED", f"The request body stopped arriving for {BODY_CHUNK_TIMEOUT_SECONDS} "
-                           "seconds; the request was dropped.") from None
+    stopped = f"The request body stopped arriving for {BODY_CHUNK_TIMEOUT_SECONDS} seconds; the request was dropped."
+    while (chunk := await next_chunk(stream, BODY_CHUNK_TIMEOUT_SECONDS, stopped)) is not None:
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise too_big

@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from gemserve.bodies import next_chunk
 from gemserve.errors import ApiError, invalid_argument, not_found
 from gemserve.identity import Caller
 from gemserve.media import kinds
@@ -246,14 +247,11 @@ class Files:
             pending: list[bytes] = []
             size = 0
             while True:
-                try:
-                    chunk = await asyncio.wait_for(anext(body), CHUNK_TIMEOUT_SECONDS)
-                except StopAsyncIteration:
+                chunk = await next_chunk(body, CHUNK_TIMEOUT_SECONDS, f"The upload's bytes stopped arriving for "
+                                         f"{CHUNK_TIMEOUT_SECONDS} seconds; the chunk was dropped (send it again "
+                                         "from the offset that query reports).")
+                if chunk is None:
                     break
-                except TimeoutError:
-                    raise ApiError("DEADLINE_EXCEEDED", f"The upload's bytes stopped arriving for "
-                                   f"{CHUNK_TIMEOUT_SECONDS} seconds; the chunk was dropped (send it again from "
-                                   "the offset that query reports).") from None
                 if received + size + len(chunk) > limit:
                     raise invalid_argument(f"The upload is larger than the {limit} bytes it declared (or the limit of "
                                            f"{MAX_FILE_BYTES} bytes a file).", "X-Goog-Upload-Header-Content-Length")
