@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gemserve.store.db import Database
+from gemserve.store.db import Database, insert_row
 
 
 @dataclass
@@ -35,10 +35,8 @@ class CachedContentStore:
 
     def insert(self, record: CachedContentRecord) -> None:
         row = {**asdict(record), "content": json.dumps(record.content)}
-        columns = ", ".join(row)
-        marks = ", ".join(f":{c}" for c in row)
         with self._db.connect() as db:
-            db.execute(f"INSERT INTO cached_contents ({columns}) VALUES ({marks})", row)
+            insert_row(db, "cached_contents", row)
 
     def get(self, cache_id: str) -> CachedContentRecord | None:
         with self._db.connect(write=False) as db:

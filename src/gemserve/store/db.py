@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 Migration = Callable[[sqlite3.Connection], None]
 
@@ -124,6 +125,15 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     ("0004_create_files", _create_files),
     ("0005_file_blob_names", _file_blob_names),
 ]
+
+
+def insert_row(db: sqlite3.Connection, table: str, row: dict[str, Any], or_ignore: bool = False) -> int:
+    """INSERT (OR IGNORE) a row given as {column: value}; the number of rows inserted. `table` and the column
+    names come from the code, never from a request."""
+    columns = ", ".join(row)
+    marks = ", ".join(f":{c}" for c in row)
+    verb = "INSERT OR IGNORE" if or_ignore else "INSERT"
+    return db.execute(f"{verb} INTO {table} ({columns}) VALUES ({marks})", row).rowcount
 
 
 class Database:

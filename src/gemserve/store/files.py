@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gemserve.store.db import Database
+from gemserve.store.db import Database, insert_row
 
 
 @dataclass
@@ -133,11 +133,8 @@ class FileStore:
     # ---- uploads ------------------------------------------------------------------------------------------
 
     def start_upload(self, upload: UploadRecord) -> None:
-        row = asdict(upload)
-        columns = ", ".join(row)
-        marks = ", ".join(f":{c}" for c in row)
         with self._db.connect() as db:
-            db.execute(f"INSERT INTO uploads ({columns}) VALUES ({marks})", row)
+            insert_row(db, "uploads", asdict(upload))
 
     def upload(self, upload_id: str) -> UploadRecord | None:
         with self._db.connect(write=False) as db:
@@ -156,13 +153,10 @@ class FileStore:
     def finish_upload(self, upload_id: str, record: FileRecord) -> bool:
         """The file's record in, the upload out, together. False (nothing changed) when the owner has a file of
         that id by now."""
-        row = _file_row(record)
-        columns = ", ".join(row)
-        marks = ", ".join(f":{c}" for c in row)
         with self._db.connect() as db:
             if db.execute("SELECT 1 FROM files WHERE owner = ? AND id = ?", (record.owner, record.id)).fetchone():
                 return False
-            db.execute(f"INSERT INTO files ({columns}) VALUES ({marks})", row)
+            insert_row(db, "files", _file_row(record))
             db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
         return True
 

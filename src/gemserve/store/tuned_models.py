@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gemserve.store.db import Database
+from gemserve.store.db import Database, insert_row
 
 
 @dataclass
@@ -61,12 +61,8 @@ class TunedModelStore:
 
     def insert(self, record: TunedModelRecord) -> bool:
         """False if the owner has a model of that id already."""
-        row = _to_row(record)
-        columns = ", ".join(row)
-        marks = ", ".join(f":{c}" for c in row)
         with self._db.connect() as db:
-            cursor = db.execute(f"INSERT OR IGNORE INTO tuned_models ({columns}) VALUES ({marks})", row)
-            return cursor.rowcount == 1
+            return insert_row(db, "tuned_models", _to_row(record), or_ignore=True) == 1
 
     def with_id(self, model_id: str) -> list[TunedModelRecord]:
         """The models of that id: one per owner at most."""
