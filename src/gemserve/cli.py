@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--tuning-seed", type=int, default=None, metavar="N",
                        help="the seed of every tuning job (default: a random one each): the same training data and "
                        "hyperparameters then give the same adapter")
+    serve.add_argument("--safety-judge", default=None, metavar="MODEL",
+                       help="a served generative model that rates safety settings' harm categories, such as a "
+                       "ShieldGemma GGUF from the model config (default: the built-in classifier on the embedding "
+                       "model; docs/safety.md)")
     serve.add_argument("--log-level", default="info")
 
     listing = commands.add_parser("models", help="list the models and aliases a configuration serves")
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         max_sequences=args.max_sequences, context_size=args.context_size, tuning_worker=not args.no_tuning_worker,
         cache_tokens=args.cache_tokens,
         sandbox_python=Path(args.sandbox_python).expanduser() if args.sandbox_python else default_python(),
-        tuning_seed=args.tuning_seed,
+        tuning_seed=args.tuning_seed, safety_judge=args.safety_judge,
     )
     _serve(settings, catalog, args.log_level)
 

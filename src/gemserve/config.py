@@ -26,6 +26,7 @@ class Settings:
     allowed_hosts: frozenset[str] = frozenset()
     sandbox_python: Path | None = None  # the Python the codeExecution tool runs code with; None: not available
     tuning_seed: int | None = None  # every tuning job's seed; None: a random one each
+    safety_judge: str | None = None  # a served model that rates safety instead of the embedding head
 
     @property
     def open_mode(self) -> bool:

@@ -18,6 +18,7 @@ from gemserve.config import Settings
 from gemserve.identity import Identities, create_secret, unsalted_project_number
 from gemserve.media.processor import MediaProcessor
 from gemserve.models.registry import ModelRegistry
+from gemserve.safety.server import Safety
 from gemserve.sandbox.bwrap import Sandbox, SandboxUnavailable
 from gemserve.service.cached_contents import CachedContents
 from gemserve.service.files import Files
@@ -98,6 +99,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
         await app.state.files.resume()
         sweeper = asyncio.create_task(_sweep_every(SWEEP_SECONDS, app.state.tuned_models, app.state.cached_contents,
                                                    app.state.files))
+        app.state.safety.start()
         restoring = asyncio.create_task(app.state.cached_contents.restore())
         checking = asyncio.create_task(_check_sandbox(app.state.sandbox))
         served = registry.everything()
@@ -121,6 +123,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
                                          settings.tuning_seed)
     app.state.cached_contents = CachedContents(CachedContentStore(database), registry, settings.data_dir)
     app.state.sandbox = Sandbox(settings.sandbox_python)
+    app.state.safety = Safety(registry, settings.safety_judge)
     app.state.media = MediaProcessor(settings.data_dir)
     app.state.files = Files(FileStore(database, settings.data_dir), app.state.media)
     app.state.identities = Identities(create_secret(settings.data_dir))

@@ -16,6 +16,7 @@ from gemserve.api.streaming import read_json, streaming_response, until_disconne
 from gemserve.errors import invalid_argument, url_not_found
 from gemserve.identity import Caller
 from gemserve.models.registry import ModelRegistry, ServedEmbedder, ServedModel
+from gemserve.safety.policy import safety_policy
 from gemserve.schema.content import CountTokensRequest, GenerateContentRequest
 from gemserve.schema.responses import CountTokensResponse, ModalityTokenCount
 from gemserve.schema.wire import parse_model
@@ -24,6 +25,7 @@ from gemserve.service.cached_contents import CachedContents
 from gemserve.service.media import attach_media
 from gemserve.service.paging import page_offset, page_token
 from gemserve.service.requests import Target, base_target, plan_generation, request_prompt
+from gemserve.service.safety import Guard, prompt_text
 
 router = APIRouter()
 
@@ -141,6 +143,9 @@ async def generate_response(request: Request, method: str, target: Target, parse
                             cached_tokens: int = 0) -> Response:
     """generateContent or streamGenerateContent (`alt=sse` or a JSON array) for a base or tuned model."""
     plan = await plan_generation(target, parsed, cached_tokens, request.app.state.sandbox)
+    policy = safety_policy(parsed.safety_settings)
+    if policy is not None:  # rated: the prompt now, candidates as they are written
+        plan = replace(plan, safety=Guard(request.app.state.safety.classifier(), policy, prompt_text(parsed)))
     if method == "streamGenerateContent":
         sse = request.query_params.get("alt") == "sse"
         return streaming_response(generation.stream(plan), sse)

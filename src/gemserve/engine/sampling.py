@@ -50,7 +50,9 @@ def sample(logits: np.ndarray, params: SamplingParams, generated: Counter[int], 
         return Choice(token, None, ())
     logprobs = log_softmax(logits)
     top: tuple[tuple[int, float], ...] = ()
-    if params.logprobs > 0:
+    if params.scored:
+        top = tuple((t, float(logprobs[t])) for t in params.scored)
+    elif params.logprobs > 0:
         best = top_ids(logits, min(params.logprobs, logits.shape[0]))
         top = tuple((int(t), float(logprobs[t])) for t in best)
     return Choice(token, float(logprobs[token]), top)

@@ -34,6 +34,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # None: no log-probabilities; 0: only the chosen token's; n: also the n most likely tokens at each step.
     logprobs: int | None = None
+    # With logprobs: these tokens' log-probabilities are reported at each step instead of the most likely ones
+    # (a judge reads the scores of its answers, say "Yes" and "No", whatever else the model would write).
+    scored: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

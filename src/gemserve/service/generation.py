@@ -31,11 +31,14 @@ from gemserve.schema.responses import (
     LogprobsCandidate,
     LogprobsResult,
     ModalityTokenCount,
+    PromptFeedback,
+    SafetyRating,
     TopCandidates,
     UsageMetadata,
 )
 from gemserve.service.code_execution import MAX_ROUNDS, Code, CodeReader, Forged, output_block
 from gemserve.service.requests import GenerationPlan
+from gemserve.service.safety import CONTEXT_CHARS, WINDOW_TOKENS, Guard, parts_text
 from gemserve.service.text import TextStream
 from gemserve.service.tools import CallPart, CallReader, MalformedCall, OutputPart, TextPart, call_key
 
@@ -86,11 +89,12 @@ class Delta:
     chosen: list[LogprobsCandidate]
     top: list[TopCandidates]
     finish: str | None
+    ratings: tuple[SafetyRating, ...] | None = None  # the candidate's safety ratings so far, when it is rated
 
 
 def _merge(first: Delta, then: Delta) -> Delta:
     return Delta(first.index, join_parts(first.parts + then.parts), first.chosen + then.chosen, first.top + then.top,
-                 then.finish or first.finish)
+                 then.finish or first.finish, then.ratings or first.ratings)
 
 
 def join_parts(parts: list[Part]) -> list[Part]:
@@ -392,46 +396,116 @@ class Generation:
                              candidates_token_count=generated, tool_use_prompt_token_count=tool or None,
                              total_token_count=prompt + generated + tool, prompt_tokens_details=details or None)
 
-    def response(self, candidates: list[Candidate]) -> dict[str, Any]:
-        return GenerateContentResponse(candidates=candidates, usage_metadata=self.usage(),
+    def response(self, candidates: list[Candidate], feedback: PromptFeedback | None = None) -> dict[str, Any]:
+        return GenerateContentResponse(candidates=candidates, prompt_feedback=feedback, usage_metadata=self.usage(),
                                        model_version=self.plan.version, response_id=self.response_id).to_wire()
+
+    def blocked_prompt(self, ratings: tuple[SafetyRating, ...]) -> dict[str, Any]:
+        """The answer to a prompt its safety settings block: its ratings, and no candidates."""
+        prompt = self.prompt_token_count
+        usage = UsageMetadata(prompt_token_count=prompt, total_token_count=prompt,
+                              prompt_tokens_details=self.usage().prompt_tokens_details)
+        feedback = PromptFeedback(block_reason="SAFETY", safety_ratings=list(ratings))
+        return GenerateContentResponse(prompt_feedback=feedback, usage_metadata=usage, model_version=self.plan.version,
+                                       response_id=self.response_id).to_wire()
+
+    async def guarded(self, guard: Guard) -> AsyncGenerator[Delta, None]:
+        """`deltas()`, each candidate rated as it is written (service/safety.py): with a policy that can block,
+        held back in windows of WINDOW_TOKENS tokens until rated; a window rated above a threshold ends its
+        candidate with SAFETY, unsent. With one that cannot, released at once, and rated whole at the end."""
+        blocks = guard.policy.blocks
+        held: dict[int, Delta] = {}
+        written = ["" for _ in self.candidates]  # each candidate's text so far, sent or held
+        sent_chars = [0 for _ in self.candidates]
+        rated_at = [0 for _ in self.candidates]  # tokens written when the candidate was last rated
+        blocked: set[int] = set()
+        async with contextlib.aclosing(self.deltas()) as deltas:
+            async for delta in deltas:
+                i = delta.index
+                if i in blocked:
+                    continue
+                cand = self.candidates[i]
+                written[i] += parts_text(delta.parts)
+                held[i] = _merge(held[i], delta) if i in held else delta
+                if delta.finish is None and (not blocks or cand.tokens - rated_at[i] < WINDOW_TOKENS):
+                    if blocks:
+                        continue
+                    yield held.pop(i)
+                    continue
+                rated_at[i] = cand.tokens
+                start = 0 if not blocks else max(0, sent_chars[i] - CONTEXT_CHARS)
+                verdict = await guard.rate(written[i][start:])
+                pending = held.pop(i, None)
+                if verdict.blocked:
+                    blocked.add(i)
+                    cand.finish = "SAFETY"  # its engine sequence is cancelled at its next event
+                    yield Delta(i, [], [], [], "SAFETY", verdict.ratings)
+                    continue
+                sent_chars[i] = len(written[i])
+                yield replace(pending or Delta(i, [], [], [], None), ratings=verdict.ratings)
 
 
 def candidate(index: int, parts: list[Part], finish: str | None, tokens: int | None = None,
-              logprobs: tuple[list[LogprobsCandidate], list[TopCandidates], float] | None = None) -> Candidate:
+              logprobs: tuple[list[LogprobsCandidate], list[TopCandidates], float] | None = None,
+              ratings: tuple[SafetyRating, ...] | None = None) -> Candidate:
     result = None
     avg = None
     if logprobs is not None:
         chosen, top, avg = logprobs
         result = LogprobsResult(chosen_candidates=chosen, top_candidates=top or None)
-    # A chunk with nothing new (the last one of a stream, say) still carries a content with one empty text.
-    content = Content(role="model", parts=parts or [Part(text="")])
+    # A chunk with nothing new (the last one of a stream, say) still carries a content with one empty text; a
+    # candidate blocked for safety carries none.
+    content = None if finish == "SAFETY" and not parts else Content(role="model", parts=parts or [Part(text="")])
     return Candidate(content=content, finish_reason=finish, index=index, token_count=tokens, avg_logprobs=avg,
-                     logprobs_result=result)
+                     logprobs_result=result, safety_ratings=list(ratings) if ratings is not None else None)
+
+
+def _deltas(generation: Generation) -> AsyncGenerator[Delta, None]:
+    guard = generation.plan.safety
+    return generation.deltas() if guard is None else generation.guarded(guard)
 
 
 async def generate(plan: GenerationPlan) -> dict[str, Any]:
     """The whole response at once (generateContent)."""
     generation = Generation(plan)
+    feedback = None
+    if plan.safety is not None:
+        verdict = await plan.safety.rate_prompt()
+        if verdict.blocked:
+            return generation.blocked_prompt(verdict.ratings)
+        feedback = PromptFeedback(safety_ratings=list(verdict.ratings))
     parts: list[list[Part]] = [[] for _ in plan.candidates]
-    async with contextlib.aclosing(generation.deltas()) as deltas:  # closed at once when the client leaves
+    ratings: list[tuple[SafetyRating, ...] | None] = [None for _ in plan.candidates]
+    async with contextlib.aclosing(_deltas(generation)) as deltas:  # closed at once when the client leaves
         async for delta in deltas:
             parts[delta.index] = join_parts(parts[delta.index] + delta.parts)
+            ratings[delta.index] = delta.ratings or ratings[delta.index]
+            if delta.finish == "SAFETY":
+                parts[delta.index] = []  # none of a blocked candidate's content is returned
     candidates = []
     for cand in generation.candidates:
         logprobs = None
-        if plan.logprobs is not None:
+        if plan.logprobs is not None and cand.finish != "SAFETY":
             avg = cand.logprob_sum / len(cand.chosen) if cand.chosen else 0.0
             logprobs = (cand.chosen, cand.top, avg)
-        candidates.append(candidate(cand.index, parts[cand.index], cand.finish, cand.tokens, logprobs))
-    return generation.response(candidates)
+        candidates.append(candidate(cand.index, parts[cand.index], cand.finish, cand.tokens, logprobs,
+                                    ratings[cand.index]))
+    return generation.response(candidates, feedback)
 
 
 async def stream(plan: GenerationPlan) -> AsyncIterator[dict[str, Any]]:
-    """One GenerateContentResponse per delta (streamGenerateContent); the last ones carry finishReason."""
+    """One GenerateContentResponse per delta (streamGenerateContent); the last ones carry finishReason. The
+    first carries the prompt's safety ratings, when it is rated; a blocked prompt's answer is one response."""
     generation = Generation(plan)
+    feedback = None
+    if plan.safety is not None:
+        verdict = await plan.safety.rate_prompt()
+        if verdict.blocked:
+            yield generation.blocked_prompt(verdict.ratings)
+            return
+        feedback = PromptFeedback(safety_ratings=list(verdict.ratings))
     # Closed with this generator, not left to the collector: its tasks hold the engine's sequences.
-    async with contextlib.aclosing(generation.deltas()) as deltas:
+    async with contextlib.aclosing(_deltas(generation)) as deltas:
         async for delta in deltas:
             cand = generation.candidates[delta.index]
             logprobs = None
@@ -439,4 +513,6 @@ async def stream(plan: GenerationPlan) -> AsyncIterator[dict[str, Any]]:
                 avg = sum(c.log_probability for c in delta.chosen) / len(delta.chosen)
                 logprobs = (delta.chosen, delta.top, avg)
             tokens = cand.tokens if delta.finish is not None else None
-            yield generation.response([candidate(delta.index, delta.parts, delta.finish, tokens, logprobs)])
+            yield generation.response([candidate(delta.index, delta.parts, delta.finish, tokens, logprobs,
+                                                 delta.ratings)], feedback)
+            feedback = None

@@ -18,12 +18,14 @@ from gemserve.engine.types import GenerationRequest, SamplingParams
 from gemserve.errors import ApiError, invalid_argument
 from gemserve.models.chat_format import Message
 from gemserve.models.registry import ServedModel
+from gemserve.safety.policy import safety_policy
 from gemserve.sandbox.bwrap import Sandbox, SandboxUnavailable
 from gemserve.schema.content import GenerateContentRequest, GenerationConfig
 from gemserve.schema.wire import collector_paused
 from gemserve.service import code_execution
 from gemserve.service.constraints import FREE_TEXT, Answer, answer_format, answer_hint, grammar
 from gemserve.service.conversation import conversation
+from gemserve.service.safety import Guard
 from gemserve.service.tools import ToolPlan, answered_calls, tool_plan
 from gemserve.service.tuned_models import Usable
 
@@ -32,10 +34,6 @@ RETRY_HINT = "Answer the user's question in plain words, using the results above
 MAX_CANDIDATES = 8
 MAX_LOGPROBS = 20
 PENALTY_RANGE = 2.0
-GEMINI_HARM_CATEGORIES = {
-    "HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH", "HARM_CATEGORY_SEXUALLY_EXPLICIT",
-    "HARM_CATEGORY_DANGEROUS_CONTENT", "HARM_CATEGORY_CIVIC_INTEGRITY",
-}
 
 
 @dataclass(frozen=True)
@@ -90,6 +88,7 @@ class GenerationPlan:
     rules: str | None = None  # the grammar the candidates' constraints were compiled from
     retry_rules: str | None = None  # and the retries' (calls ruled out)
     prompt_details: tuple[tuple[str, int], ...] = ()  # prompt tokens per modality (promptTokensDetails)
+    safety: Guard | None = None  # set when the request's safety settings rate anything (service/safety.py)
 
 
 def check_unsupported(request: GenerateContentRequest) -> None:
@@ -97,15 +96,7 @@ def check_unsupported(request: GenerateContentRequest) -> None:
     if request.cached_content:  # one the route resolves is gone from the request by now
         raise invalid_argument("cached_content: a cachedContent can only be used with the base model it was "
                                "created for, not with a tuned model.", "cached_content")
-    seen: set[str | None] = set()
-    for i, setting in enumerate(request.safety_settings or []):
-        if setting.category not in GEMINI_HARM_CATEGORIES:
-            raise invalid_argument(f"safety_settings[{i}].category: {setting.category} is not a valid harm "
-                                   f"category for this model.", f"safety_settings[{i}].category")
-        if setting.category in seen:
-            raise invalid_argument(f"safety_settings[{i}]: {setting.category} is set more than once.",
-                                   f"safety_settings[{i}].category")
-        seen.add(setting.category)
+    safety_policy(request.safety_settings)  # checked: a 400 names a bad setting
     config = request.generation_config
     if config is None:
         return
