@@ -39,11 +39,9 @@ def build(name: str, data_dir: Path) -> tuple[Classifier, list[object]]:
                              ChatFormat(meta.chat_template, meta.architecture, meta.bos_text, meta.eos_text))
         return Combined(JudgeClassifier(served), ProfanityClassifier()), [engine]
     embedder = EmbeddingEngine(packaged_minilm())
-    if name == "embedding":
-        return EmbeddingClassifier(embedder), [embedder]
     if name == "profanity":
         return ProfanityClassifier(), [embedder]
-    return Combined(EmbeddingClassifier(embedder), ProfanityClassifier()), [embedder]
+    return EmbeddingClassifier(embedder), [embedder]
 
 
 async def score(classifier: Classifier, rows: list[dict]) -> tuple[list[dict[str, float]], list[float]]:
@@ -84,7 +82,7 @@ def report(rows: list[dict], results: list[dict[str, float]], times: list[float]
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classifier", default="default",
-                        help="default (embedding head + profanity), embedding, profanity, or judge:MODEL_ID")
+                        help="default (the embedding head), profanity, or judge:MODEL_ID")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--dump", type=Path, help="write each text's probabilities here (JSON lines)")
     args = parser.parse_args(argv)

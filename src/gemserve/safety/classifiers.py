@@ -1,17 +1,17 @@
 """Safety classifiers: each gives a text a probability of harm per category (`policy.CATEGORIES`).
 
 - `EmbeddingClassifier`, the default: a logistic-regression head per category on all-MiniLM-L6-v2 sentence
-  vectors (the built-in embedding model), trained at start-up on `training.jsonl`, texts the team wrote for the
-  five categories and for harmless look-alikes (medicine, security lessons, fiction, news, elections, sex
-  education, programmers' "kill the process"). The evaluation set (benchmarks/safety/eval.jsonl) is a different
-  set of texts.
-- `ProfanityClassifier`: alt-profanity-check's trained linear model, strong on abuse and insults; it adds to
-  HARASSMENT.
+  vectors (the built-in embedding model) and alt-profanity-check's probability that the text is offensive (a
+  trained linear model, strong on abuse; the head fits how much it counts), trained at start-up on
+  `training.jsonl`, texts the team wrote for the five categories and for harmless look-alikes (medicine,
+  security lessons, fiction, news, elections, sex education, programmers' "kill the process"). The evaluation set
+  (benchmarks/safety/eval.jsonl) is a different set of texts.
+- `ProfanityClassifier`: alt-profanity-check alone, as HARASSMENT.
 - `JudgeClassifier`: an instruction-tuned generative model asked, per category, whether a text breaks that
   category's policy (ShieldGemma's prompt), the probability read from its scores for "Yes" and "No". Made for a
   safety model the user configures (`--safety-judge`, a ShieldGemma GGUF); the built-in 0.5B coder model is a
   poor judge (docs/safety.md has the figures), so it is not the default.
-- `Combined`: a base classifier with HARASSMENT raised to the profanity model's probability where that is higher.
+- `Combined`: a judge with HARASSMENT raised to the profanity model's probability where that is higher.
 """
 
 from __future__ import annotations
@@ -46,48 +46,88 @@ class Classifier(Protocol):
 
 
 class EmbeddingClassifier:
-    """Logistic regression per category on sentence vectors; trained once, off the event loop, on first use
-    (`prepare()` starts it early)."""
+    """Logistic regression per category on sentence vectors plus the profanity model's probability; trained once,
+    off the event loop, on first use (`prepare()` starts it early).
+
+    Its scores are mapped to probabilities the policy's cut-offs (0.25, 0.5, 0.75) read as LOW, MEDIUM and HIGH:
+    a category's LOW cut-off is the score that `BENIGN_FLAGGED[0]` of the harmless training texts reach in 5-fold
+    cross-validation (2%: with five categories, at most about one harmless text in ten is flagged in any), MEDIUM
+    and HIGH the scores that 1% and 0.5% of them reach. Between cut-offs the map is linear."""
 
     def __init__(self, embedder: EmbeddingEngine, training: Path = TRAINING) -> None:
         self.embedder = embedder
         self.training = training
-        self._head: asyncio.Task[tuple[np.ndarray, np.ndarray]] | None = None
+        self._head: asyncio.Task[Head] | None = None
 
     def prepare(self) -> None:
         if self._head is None:
             self._head = asyncio.get_running_loop().create_task(self._train())
 
-    async def _train(self) -> tuple[np.ndarray, np.ndarray]:
+    async def _train(self) -> Head:
         rows = [json.loads(line) for line in self.training.read_text(encoding="utf-8").splitlines() if line.strip()]
-        vectors = await self.embedder.embed([row["text"] for row in rows])
-        labels = [row["category"] for row in rows]
-        head = await asyncio.to_thread(fit_head, vectors, labels)
+        features = await self._features([row["text"] for row in rows])
+        head = await asyncio.to_thread(fit_head, features, [row["category"] for row in rows])
         digest = hashlib.sha256(self.training.read_bytes()).hexdigest()[:12]
         log.info("safety classifier trained", extra={"examples": len(rows), "training_sha256": digest})
         return head
 
+    async def _features(self, texts: list[str]) -> np.ndarray:
+        vectors, profane = await asyncio.gather(self.embedder.embed(texts), PROFANITY.probabilities(texts))
+        offensive = np.array([[p["HARM_CATEGORY_HARASSMENT"]] for p in profane], dtype=np.float32)
+        return np.hstack([vectors, offensive])
+
     async def probabilities(self, texts: Sequence[str]) -> list[Probabilities]:
         self.prepare()
         assert self._head is not None
-        weights, bias = await asyncio.shield(self._head)
-        vectors = await self.embedder.embed(list(texts))
-        scores = 1.0 / (1.0 + np.exp(-(vectors @ weights.T + bias)))
+        head = await asyncio.shield(self._head)
+        scores = head.probabilities(await self._features(list(texts)))
         return [dict(zip(CATEGORIES, map(float, row), strict=True)) for row in scores]
 
 
-def fit_head(vectors: np.ndarray, labels: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
-    """(weights [categories, dims], biases [categories]): one category against all other texts, each."""
-    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]  # sklearn takes a second to import: only when training
+BENIGN_FLAGGED = (0.02, 0.01, 0.005)  # harmless training texts rated LOW, MEDIUM, HIGH in cross-validation
+LEVEL_PROBABILITIES = (0.25, 0.5, 0.75)  # what those scores map to (policy.CUTOFFS)
 
-    weights, biases = [], []
+
+class Head:
+    """Per category: weights, bias, and the scores that map to each level's probability."""
+
+    def __init__(self, weights: np.ndarray, biases: np.ndarray, cutoffs: np.ndarray) -> None:
+        self.weights = weights  # [categories, features]
+        self.biases = biases  # [categories]
+        self.cutoffs = cutoffs  # [categories, levels], increasing along levels
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        result: np.ndarray = 1.0 / (1.0 + np.exp(-(features @ self.weights.T + self.biases)))
+        return result
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        scores = self.scores(features)
+        out = np.empty_like(scores)
+        for j in range(scores.shape[1]):
+            out[:, j] = np.interp(scores[:, j], [0.0, *self.cutoffs[j], 1.0], [0.0, *LEVEL_PROBABILITIES, 1.0])
+        return out
+
+
+def fit_head(features: np.ndarray, labels: Sequence[str | None]) -> Head:
+    """One category against all other texts, each; cut-offs from 5-fold cross-validated scores."""
+    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict  # type: ignore[import-untyped]
+
+    harmless = np.array([label is None for label in labels])
+    weights, biases, cutoffs = [], [], []
     for category in CATEGORIES:
         target = np.array([label == category for label in labels])
-        model = LogisticRegression(C=4.0, class_weight="balanced", max_iter=2000)
-        model.fit(vectors, target)
+        model = LogisticRegression(C=16.0, class_weight="balanced", max_iter=3000)
+        folds = StratifiedKFold(5, shuffle=True, random_state=0)
+        held_out = cross_val_predict(model, features, target, cv=folds, method="predict_proba")[:, 1]
+        cuts = [float(np.quantile(held_out[harmless], 1.0 - share)) for share in BENIGN_FLAGGED]
+        for k in range(1, len(cuts)):  # strictly increasing, below 1
+            cuts[k] = max(cuts[k], cuts[k - 1] + 1e-6)
+        cutoffs.append(np.minimum(cuts, 1.0 - 1e-6 * np.arange(len(cuts), 0, -1)))
+        model.fit(features, target)
         weights.append(model.coef_[0])
         biases.append(model.intercept_[0])
-    return np.array(weights, dtype=np.float32), np.array(biases, dtype=np.float32)
+    return Head(np.array(weights, dtype=np.float32), np.array(biases, dtype=np.float32), np.array(cutoffs))
 
 
 class ProfanityClassifier:
@@ -102,6 +142,8 @@ class ProfanityClassifier:
 
         return [{"HARM_CATEGORY_HARASSMENT": float(p)} for p in predict_prob(texts)]
 
+
+PROFANITY = ProfanityClassifier()
 
 # ShieldGemma's policies, one per category, and its prompt (the question is asked about a user's prompt; a
 # model's answer is judged as such by the same prompt).

@@ -1,6 +1,6 @@
 """The server's safety classifier, made once the models are loaded (docs/safety.md).
 
-By default: the embedding head on the server's embedding model, with the profanity model for HARASSMENT. With
+By default: the embedding head on the server's embedding model (with the profanity model as one of its inputs). With
 `--safety-judge MODEL`: that served generative model as judge (a ShieldGemma GGUF, configured like any other
 model), with the profanity model for HARASSMENT.
 """
@@ -48,7 +48,7 @@ class Safety:
             return
         self._embedding = EmbeddingClassifier(chosen.engine)
         self._embedding.prepare()
-        self._classifier = Combined(self._embedding, ProfanityClassifier())
+        self._classifier = self._embedding
         log.info("safety classifier", extra={"embedding_model": chosen.spec.id})
 
     def classifier(self) -> Classifier:

@@ -1,0 +1,2 @@
+"""Safety ratings: harm categories rated by a classifier and enforced as a request's safetySettings say
+(docs/safety.md)."""
