@@ -52,7 +52,11 @@ class EmbeddingClassifier:
     Its scores are mapped to probabilities the policy's cut-offs (0.25, 0.5, 0.75) read as LOW, MEDIUM and HIGH:
     a category's LOW cut-off is the score that `BENIGN_FLAGGED[0]` of the harmless training texts reach in 5-fold
     cross-validation (2%: with five categories, at most about one harmless text in ten is flagged in any), MEDIUM
-    and HIGH the scores that 1% and 0.5% of them reach. Between cut-offs the map is linear."""
+    and HIGH the scores that 1% and 0.5% of them reach. Between cut-offs the map is linear.
+
+    Where the profanity model is strong, at the top of its range, it also rates HARASSMENT on its own: from the
+    probability that 0.5% of the harmless training texts reach (LOW), 0.25% (MEDIUM) and 0.1% (HIGH); open abuse
+    the head underrates ("you're a braindead loser") is caught so."""
 
     def __init__(self, embedder: EmbeddingEngine, training: Path = TRAINING) -> None:
         self.embedder = embedder
@@ -85,16 +89,19 @@ class EmbeddingClassifier:
 
 
 BENIGN_FLAGGED = (0.02, 0.01, 0.005)  # harmless training texts rated LOW, MEDIUM, HIGH in cross-validation
+PROFANE_FLAGGED = (0.005, 0.0025, 0.001)  # harmless training texts the profanity model alone rates so
+HARASSMENT = CATEGORIES.index("HARM_CATEGORY_HARASSMENT")
 LEVEL_PROBABILITIES = (0.25, 0.5, 0.75)  # what those scores map to (policy.CUTOFFS)
 
 
 class Head:
     """Per category: weights, bias, and the scores that map to each level's probability."""
 
-    def __init__(self, weights: np.ndarray, biases: np.ndarray, cutoffs: np.ndarray) -> None:
-        self.weights = weights  # [categories, features]
+    def __init__(self, weights: np.ndarray, biases: np.ndarray, cutoffs: np.ndarray, profane: np.ndarray) -> None:
+        self.weights = weights  # [categories, features]; the last feature is the profanity model's probability
         self.biases = biases  # [categories]
         self.cutoffs = cutoffs  # [categories, levels], increasing along levels
+        self.profane = profane  # [levels]: the profanity model's own cut-offs for HARASSMENT
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         result: np.ndarray = 1.0 / (1.0 + np.exp(-(features @ self.weights.T + self.biases)))
@@ -105,6 +112,8 @@ class Head:
         out = np.empty_like(scores)
         for j in range(scores.shape[1]):
             out[:, j] = np.interp(scores[:, j], [0.0, *self.cutoffs[j], 1.0], [0.0, *LEVEL_PROBABILITIES, 1.0])
+        profane = np.interp(features[:, -1], [0.0, *self.profane, 1.0], [0.0, *LEVEL_PROBABILITIES, 1.0])
+        out[:, HARASSMENT] = np.maximum(out[:, HARASSMENT], profane)
         return out
 
 
@@ -120,14 +129,20 @@ def fit_head(features: np.ndarray, labels: Sequence[str | None]) -> Head:
         model = LogisticRegression(C=16.0, class_weight="balanced", max_iter=3000)
         folds = StratifiedKFold(5, shuffle=True, random_state=0)
         held_out = cross_val_predict(model, features, target, cv=folds, method="predict_proba")[:, 1]
-        cuts = [float(np.quantile(held_out[harmless], 1.0 - share)) for share in BENIGN_FLAGGED]
-        for k in range(1, len(cuts)):  # strictly increasing, below 1
-            cuts[k] = max(cuts[k], cuts[k - 1] + 1e-6)
-        cutoffs.append(np.minimum(cuts, 1.0 - 1e-6 * np.arange(len(cuts), 0, -1)))
+        cutoffs.append(_cutoffs(held_out[harmless], BENIGN_FLAGGED))
         model.fit(features, target)
         weights.append(model.coef_[0])
         biases.append(model.intercept_[0])
-    return Head(np.array(weights, dtype=np.float32), np.array(biases, dtype=np.float32), np.array(cutoffs))
+    profane = _cutoffs(features[harmless, -1], PROFANE_FLAGGED)
+    return Head(np.array(weights, dtype=np.float32), np.array(biases, dtype=np.float32), np.array(cutoffs), profane)
+
+
+def _cutoffs(harmless_scores: np.ndarray, shares: Sequence[float]) -> np.ndarray:
+    """The scores that `shares` of the harmless texts reach, strictly increasing and below 1."""
+    cuts = [float(np.quantile(harmless_scores, 1.0 - share)) for share in shares]
+    for k in range(1, len(cuts)):
+        cuts[k] = max(cuts[k], cuts[k - 1] + 1e-6)
+    return np.minimum(cuts, 1.0 - 1e-6 * np.arange(len(cuts), 0, -1))
 
 
 class ProfanityClassifier:
