@@ -4,7 +4,7 @@
 Each round sends the same kind of streamed request (`alt=sse`, 128 output tokens, greedy, a harmless prompt of
 its own) three ways, alternating: without safety settings (nothing is rated), with BLOCK_NONE for all five
 categories (the prompt and the finished answer are rated, nothing is held back), and with BLOCK_LOW_AND_ABOVE
-for all five (the prompt before generation; the answer in 32-token windows, each held back until rated). The
+for all five (the prompt before generation; the answer in windows of 8, then 32 tokens, each held back until rated). The
 report gives medians of the time to the first text and to the last chunk, and their ratios to the request
 without settings.
 
@@ -35,8 +35,8 @@ WAYS = {"no safety settings": None, "BLOCK_NONE (rated)": "BLOCK_NONE",
 
 
 def body(round_: int, threshold: str | None) -> dict:
-    request: dict = {"contents": [{"role": "user", "parts": [{"text": f"Garden note {round_}: write a long, friendly "
-                                                              "guide to growing tomatoes on a balcony."}]}],
+    request: dict = {"contents": [{"role": "user", "parts": [{"text": f"Note {round_}. Write a long, friendly guide to "
+                                                              "growing tomatoes on a balcony."}]}],
                      "generationConfig": {"maxOutputTokens": 128, "temperature": 0}}
     if threshold is not None:
         request["safetySettings"] = [{"category": c, "threshold": threshold} for c in CATEGORIES]
@@ -76,8 +76,8 @@ def main() -> None:
         try:
             timed(url, body(-1, "BLOCK_NONE"))  # the classifier trains on its first use
             for r in range(args.rounds):
-                for way, threshold in WAYS.items():
-                    results[way].append(timed(url, body(r, threshold)))
+                for k, (way, threshold) in enumerate(WAYS.items()):  # a prompt of its own: no reused prefix
+                    results[way].append(timed(url, body(len(WAYS) * r + k, threshold)))
         finally:
             stop_server(process)
     base_first = statistics.median(x[0] for x in results["no safety settings"])

@@ -38,7 +38,7 @@ from gemserve.schema.responses import (
 )
 from gemserve.service.code_execution import MAX_ROUNDS, Code, CodeReader, Forged, output_block
 from gemserve.service.requests import GenerationPlan
-from gemserve.service.safety import CONTEXT_CHARS, WINDOW_TOKENS, Guard, parts_text
+from gemserve.service.safety import CONTEXT_CHARS, FIRST_WINDOW_TOKENS, WINDOW_TOKENS, Guard, parts_text
 from gemserve.service.text import TextStream
 from gemserve.service.tools import CallPart, CallReader, MalformedCall, OutputPart, TextPart, call_key
 
@@ -411,8 +411,9 @@ class Generation:
 
     async def guarded(self, guard: Guard) -> AsyncGenerator[Delta, None]:
         """`deltas()`, each candidate rated as it is written (service/safety.py): with a policy that can block,
-        held back in windows of WINDOW_TOKENS tokens until rated; a window rated above a threshold ends its
-        candidate with SAFETY, unsent. With one that cannot, released at once, and rated whole at the end."""
+        held back in windows of WINDOW_TOKENS tokens (the first FIRST_WINDOW_TOKENS) until rated; a window rated
+        above a threshold ends its candidate with SAFETY, unsent. With one that cannot, released at once, and
+        rated whole at the end."""
         blocks = guard.policy.blocks
         held: dict[int, Delta] = {}
         written = ["" for _ in self.candidates]  # each candidate's text so far, sent or held
@@ -427,7 +428,8 @@ class Generation:
                 cand = self.candidates[i]
                 written[i] += parts_text(delta.parts)
                 held[i] = _merge(held[i], delta) if i in held else delta
-                if delta.finish is None and (not blocks or cand.tokens - rated_at[i] < WINDOW_TOKENS):
+                window = WINDOW_TOKENS if rated_at[i] else FIRST_WINDOW_TOKENS
+                if delta.finish is None and (not blocks or cand.tokens - rated_at[i] < window):
                     if blocks:
                         continue
                     yield held.pop(i)

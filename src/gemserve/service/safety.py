@@ -4,8 +4,9 @@
   included (the system instruction is the developer's, not rated). A blocked prompt gets a 200 with
   `promptFeedback.blockReason: SAFETY` and its ratings, and no candidates; otherwise the ratings come back in
   `promptFeedback.safetyRatings`.
-- Each candidate is rated as it is written, in windows of `WINDOW_TOKENS` tokens. When the policy can block,
-  a window is held back until it is rated, with the `CONTEXT_CHARS` characters before it: rated above a
+- Each candidate is rated as it is written, in windows of `WINDOW_TOKENS` tokens (the first one
+  `FIRST_WINDOW_TOKENS`, so that a stream's first text is not long in coming). When the policy can block, a
+  window is held back until it is rated, with the `CONTEXT_CHARS` characters before it: rated above a
   threshold, the candidate stops there, ends with `finishReason: SAFETY` and ratings that mark `blocked`, and
   the window is never sent (generateContent then returns none of its content). When nothing can block
   (`BLOCK_NONE`), output is not held back: the whole answer is rated once it ends.
@@ -22,6 +23,7 @@ from gemserve.safety.classifiers import Classifier
 from gemserve.safety.policy import CATEGORIES, SafetyPolicy, Verdict
 from gemserve.schema.content import GenerateContentRequest, Part
 
+FIRST_WINDOW_TOKENS = 8
 WINDOW_TOKENS = 32
 CONTEXT_CHARS = 300
 PIECE_CHARS = 800
