@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
+
 import numpy as np
 
-from gemserve.safety.classifiers import fit_head
+from gemserve.safety.classifiers import EmbeddingClassifier, Head, fit_head
 from gemserve.safety.policy import CATEGORIES, level
 
 
@@ -47,3 +51,52 @@ def test_open_abuse_the_profanity_model_is_sure_of_is_harassment() -> None:
     harassment = CATEGORIES.index("HARM_CATEGORY_HARASSMENT")
     assert level(head.probabilities(harmless)[0, harassment]) == 0
     assert level(head.probabilities(profane)[0, harassment]) == 3
+
+
+class WordVectors:
+    """An embedding engine stand-in: each text's vector counts a few words."""
+
+    WORDS = ("bomb", "idiot", "vote", "nude", "vermin", "garden", "recipe", "code")
+
+    def __init__(self) -> None:
+        self.path = Path("/nowhere/word-vectors")
+        self.calls = 0
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        vectors = np.array([[t.lower().count(w) for w in self.WORDS] for t in texts], dtype=np.float32) + 0.01
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def training_file(path: Path) -> Path:
+    words = {"HARM_CATEGORY_DANGEROUS_CONTENT": "bomb", "HARM_CATEGORY_HARASSMENT": "idiot",
+             "HARM_CATEGORY_CIVIC_INTEGRITY": "vote", "HARM_CATEGORY_SEXUALLY_EXPLICIT": "nude",
+             "HARM_CATEGORY_HATE_SPEECH": "vermin"}
+    rows = [{"text": f"{word} example {i}", "category": category, "kind": "prompt"}
+            for category, word in words.items() for i in range(20)]
+    rows += [{"text": f"{w} example {i}", "category": None, "kind": "prompt"}
+             for w in ("garden", "recipe", "code") for i in range(40)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_the_trained_head_is_kept_and_later_starts_load_it(tmp_path: Path) -> None:
+    training = training_file(tmp_path / "training.jsonl")
+
+    async def rate(embedder: WordVectors) -> list[dict[str, float]]:
+        classifier = EmbeddingClassifier(embedder, training, cache_dir=tmp_path / "kept")  # type: ignore[arg-type]
+        return await classifier.probabilities(["a bomb example", "a garden example"])
+
+    first = WordVectors()
+    rated = asyncio.run(rate(first))
+    assert level(rated[0]["HARM_CATEGORY_DANGEROUS_CONTENT"]) >= 2 and level(max(rated[1].values())) == 0
+    assert first.calls == 2  # the training texts, then the two rated
+    (kept,) = (tmp_path / "kept").glob("safety-head-*.npz")
+
+    again = WordVectors()
+    assert asyncio.run(rate(again)) == rated and again.calls == 1  # loaded, not trained
+
+    kept.write_bytes(b"not a head")
+    broken = WordVectors()
+    assert asyncio.run(rate(broken)) == rated and broken.calls == 2  # trained again, and kept anew
+    assert Head.load(kept).weights.shape == (len(CATEGORIES), len(WordVectors.WORDS) + 1)

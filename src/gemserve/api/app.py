@@ -123,7 +123,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
                                          settings.tuning_seed)
     app.state.cached_contents = CachedContents(CachedContentStore(database), registry, settings.data_dir)
     app.state.sandbox = Sandbox(settings.sandbox_python)
-    app.state.safety = Safety(registry, settings.safety_judge)
+    app.state.safety = Safety(registry, settings.safety_judge, settings.data_dir / "models")
     app.state.media = MediaProcessor(settings.data_dir)
     app.state.files = Files(FileStore(database, settings.data_dir), app.state.media)
     app.state.identities = Identities(create_secret(settings.data_dir))

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +30,7 @@ import numpy as np
 
 from gemserve.engine.embedding import EmbeddingEngine
 from gemserve.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from gemserve.errors import ApiError
 from gemserve.models.chat_format import Message
 from gemserve.models.registry import ServedModel
 from gemserve.safety.policy import CATEGORIES
@@ -58,21 +60,35 @@ class EmbeddingClassifier:
     probability that 0.5% of the harmless training texts reach (LOW), 0.25% (MEDIUM) and 0.1% (HIGH); open abuse
     the head underrates ("you're a braindead loser") is caught so."""
 
-    def __init__(self, embedder: EmbeddingEngine, training: Path = TRAINING) -> None:
+    def __init__(self, embedder: EmbeddingEngine, training: Path = TRAINING, cache_dir: Path | None = None) -> None:
         self.embedder = embedder
         self.training = training
+        self.cache_dir = cache_dir  # where the trained head is kept, so that later starts only load it
         self._head: asyncio.Task[Head] | None = None
 
     def prepare(self) -> None:
         if self._head is None:
-            self._head = asyncio.get_running_loop().create_task(self._train())
+            self._head = asyncio.get_running_loop().create_task(self._load_or_train())
 
-    async def _train(self) -> Head:
-        rows = [json.loads(line) for line in self.training.read_text(encoding="utf-8").splitlines() if line.strip()]
+    async def _load_or_train(self) -> Head:
+        data = self.training.read_bytes()
+        key = hashlib.sha256(b"%s\0%s\0%d" % (data, str(self.embedder.path).encode(), HEAD_FORMAT)).hexdigest()
+        kept = self.cache_dir / f"safety-head-{key[:16]}.npz" if self.cache_dir is not None else None
+        if kept is not None and kept.is_file():
+            try:
+                return await asyncio.to_thread(Head.load, kept)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("safety classifier: the kept head could not be read; training again",
+                            extra={"path": str(kept), "error": str(exc)})
+        rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
         features = await self._features([row["text"] for row in rows])
         head = await asyncio.to_thread(fit_head, features, [row["category"] for row in rows])
-        digest = hashlib.sha256(self.training.read_bytes()).hexdigest()[:12]
-        log.info("safety classifier trained", extra={"examples": len(rows), "training_sha256": digest})
+        log.info("safety classifier trained", extra={"examples": len(rows), "training_sha256": key[:12]})
+        if kept is not None:
+            try:
+                await asyncio.to_thread(head.save, kept)
+            except OSError as exc:
+                log.warning("safety classifier: the head could not be kept", extra={"error": str(exc)})
         return head
 
     async def _features(self, texts: list[str]) -> np.ndarray:
@@ -83,7 +99,10 @@ class EmbeddingClassifier:
     async def probabilities(self, texts: Sequence[str]) -> list[Probabilities]:
         self.prepare()
         assert self._head is not None
-        head = await asyncio.shield(self._head)
+        try:
+            head = await asyncio.shield(self._head)
+        except Exception as exc:  # every rating fails alike: say so, as a server-side unavailability
+            raise ApiError("UNAVAILABLE", f"The safety classifier could not be trained: {exc}") from exc
         scores = head.probabilities(await self._features(list(texts)))
         return [dict(zip(CATEGORIES, map(float, row), strict=True)) for row in scores]
 
@@ -94,6 +113,9 @@ HARASSMENT = CATEGORIES.index("HARM_CATEGORY_HARASSMENT")
 LEVEL_PROBABILITIES = (0.25, 0.5, 0.75)  # what those scores map to (policy.CUTOFFS)
 
 
+HEAD_FORMAT = 1  # bumped when fitting or the kept file changes
+
+
 class Head:
     """Per category: weights, bias, and the scores that map to each level's probability."""
 
@@ -102,6 +124,19 @@ class Head:
         self.biases = biases  # [categories]
         self.cutoffs = cutoffs  # [categories, levels], increasing along levels
         self.profane = profane  # [levels]: the profanity model's own cut-offs for HARASSMENT
+
+    def save(self, path: Path) -> None:
+        """Written whole or not at all (a temporary file renamed into place)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        with partial.open("wb") as out:
+            np.savez(out, weights=self.weights, biases=self.biases, cutoffs=self.cutoffs, profane=self.profane)
+        os.replace(partial, path)
+
+    @staticmethod
+    def load(path: Path) -> Head:
+        with np.load(path) as kept:
+            return Head(kept["weights"], kept["biases"], kept["cutoffs"], kept["profane"])
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         result: np.ndarray = 1.0 / (1.0 + np.exp(-(features @ self.weights.T + self.biases)))

@@ -8,6 +8,7 @@ model), with the profanity model for HARASSMENT.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from gemserve.errors import ApiError
 from gemserve.models.catalog import CatalogError
@@ -24,9 +25,10 @@ log = logging.getLogger("gemserve.safety")
 
 
 class Safety:
-    def __init__(self, registry: ModelRegistry, judge: str | None = None) -> None:
+    def __init__(self, registry: ModelRegistry, judge: str | None = None, cache_dir: Path | None = None) -> None:
         self.registry = registry
         self.judge = judge
+        self.cache_dir = cache_dir  # where the trained head is kept between starts
         self._classifier: Classifier | None = None
         self._embedding: EmbeddingClassifier | None = None
 
@@ -46,7 +48,7 @@ class Safety:
         if chosen is None:
             log.warning("no embedding model is served: safety settings that rate content will be refused")
             return
-        self._embedding = EmbeddingClassifier(chosen.engine)
+        self._embedding = EmbeddingClassifier(chosen.engine, cache_dir=self.cache_dir)
         self._embedding.prepare()
         self._classifier = self._embedding
         log.info("safety classifier", extra={"embedding_model": chosen.spec.id})
