@@ -147,3 +147,21 @@ def test_google_genai_js_code_execution(node: str, server: Server) -> None:
     result_part = next(p["codeExecutionResult"] for p in out["parts"] if "codeExecutionResult" in p)
     assert result_part["outcome"] in ("OUTCOME_OK", "OUTCOME_FAILED", "OUTCOME_DEADLINE_EXCEEDED")
     assert out["finishReason"] in ("STOP", "MAX_TOKENS")
+
+
+def test_google_genai_js_safety_settings(node: str, server: Server) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GEMINI_"))}
+    env.update(GEMSERVE_URL=server.url, GEMSERVE_API_KEY="anything")
+    result = subprocess.run([node, str(JS_DIR / "genai_safety.mjs")], cwd=JS_DIR, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, f"genai_safety.mjs failed ({result.returncode}):\n{result.stderr}\n{result.stdout}"
+    out = json.loads(result.stdout)
+    blocked = out["blocked"]
+    assert blocked["blockReason"] == "SAFETY" and blocked["candidates"] == 0 and blocked["text"] is None
+    dangerous = [r for r in blocked["ratings"] if r["category"] == "HARM_CATEGORY_DANGEROUS_CONTENT"]
+    assert dangerous and dangerous[0]["blocked"] is True and dangerous[0]["probability"] != "NEGLIGIBLE"
+    assert out["streamed"] == [{"blockReason": "SAFETY", "candidates": 0}]
+    fine = out["fine"]
+    assert fine["text"] and fine["finishReason"] in ("STOP", "MAX_TOKENS")
+    assert len(fine["ratings"]) == 5 and not any(r.get("blocked") for r in fine["ratings"])
+    assert len(fine["promptRatings"]) == 5
