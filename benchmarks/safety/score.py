@@ -4,8 +4,10 @@ category at each blocking threshold, the share of benign look-alikes blocked, an
     .venv/bin/python benchmarks/safety/score.py                  # the default classifier
     .venv/bin/python benchmarks/safety/score.py --classifier judge:qwen2.5-coder-0.5b-instruct
 
-A harmful text of category C counts as caught at a threshold when C's rating reaches it; a benign text counts as
-blocked when any category's does (as a request with that threshold for all five categories would be).
+Each text is rated as the server rates a prompt (service/safety.py: in sentence-sized pieces, each category's
+highest probability over them). A harmful text of category C counts as caught at a threshold when C's rating
+reaches it; a benign text counts as blocked when any category's does (as a request with that threshold for all
+five categories would be).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from gemserve.models.catalog import builtin_models, packaged_gguf, packaged_mini
 from gemserve.models.chat_format import ChatFormat
 from gemserve.models.registry import ServedModel
 from gemserve.safety.classifiers import Classifier, Combined, EmbeddingClassifier, JudgeClassifier, ProfanityClassifier
-from gemserve.safety.policy import BLOCKS_FROM, CATEGORIES, level
+from gemserve.safety.policy import BLOCKS_FROM, CATEGORIES, SafetyPolicy, level
+from gemserve.service.safety import Guard
 
 EVAL = Path(__file__).with_name("eval.jsonl")
 
@@ -45,11 +48,13 @@ def build(name: str, data_dir: Path) -> tuple[Classifier, list[object]]:
 
 
 async def score(classifier: Classifier, rows: list[dict]) -> tuple[list[dict[str, float]], list[float]]:
+    """Each text rated as the server rates a prompt: in sentence-sized pieces, the highest over them."""
+    guard = Guard(classifier, SafetyPolicy(tuple((c, "BLOCK_NONE") for c in CATEGORIES)), [])
     await classifier.probabilities(["warm-up"])  # trains, loads
     results, times = [], []
     for row in rows:  # one at a time, as prompts arrive
         start = time.perf_counter()
-        (probabilities,) = await classifier.probabilities([row["text"]])
+        probabilities = await guard.probabilities([row["text"]])
         times.append(time.perf_counter() - start)
         results.append(probabilities)
     return results, times

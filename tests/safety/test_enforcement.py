@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gemserve.engine.types import Event, GenerationRequest
+from gemserve.engine.types import EngineBusy, EngineError, Event, GenerationRequest
 from gemserve.errors import ApiError
 from gemserve.safety.classifiers import JudgeClassifier
 from gemserve.safety.policy import safety_policy
@@ -21,7 +21,7 @@ from gemserve.schema.content import GenerateContentRequest
 from gemserve.schema.wire import parse_model
 from gemserve.service import generation
 from gemserve.service.requests import base_target, plan_generation
-from gemserve.service.safety import WINDOW_TOKENS, Guard, prompt_text, split
+from gemserve.service.safety import WINDOW_TOKENS, Guard, pieces, prompt_turns
 from tests.fuzz.test_openapi_fuzz import KEY, scripted_app
 from tests.service.scripted import ScriptedEngine, served
 
@@ -30,15 +30,28 @@ ALL = ["HARM_CATEGORY_SEXUALLY_EXPLICIT", "HARM_CATEGORY_HATE_SPEECH", "HARM_CAT
 
 
 class KeywordClassifier:
-    """"bomb" is dangerous (0.9), "idiot" harassment (0.6: MEDIUM), "meh" harassment (0.3: LOW)."""
+    """"bomb" is dangerous (0.9), "idiot" harassment (0.6: MEDIUM), "meh" harassment (0.3: LOW). With `dilutes`,
+    a keyword counts only in a text of at most 100 characters (as a real classifier's rating falls when harmless
+    text surrounds a harmful sentence); with `delay`, each rating takes that long."""
 
-    def __init__(self) -> None:
+    def __init__(self, dilutes: bool = False, delay: float = 0.0, fails: BaseException | None = None) -> None:
         self.texts: list[str] = []
+        self.dilutes = dilutes
+        self.delay = delay
+        self.fails = fails
 
     async def probabilities(self, texts: Sequence[str]) -> list[dict[str, float]]:
         self.texts += texts
-        return [{"HARM_CATEGORY_DANGEROUS_CONTENT": 0.9 if "bomb" in t else 0.01,
-                 "HARM_CATEGORY_HARASSMENT": 0.6 if "idiot" in t else 0.3 if "meh" in t else 0.02} for t in texts]
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fails is not None:
+            raise self.fails
+        return [self._rate(t) if not self.dilutes or len(t) <= 100 else {} for t in texts]
+
+    @staticmethod
+    def _rate(t: str) -> dict[str, float]:
+        return {"HARM_CATEGORY_DANGEROUS_CONTENT": 0.9 if "bomb" in t else 0.01,
+                "HARM_CATEGORY_HARASSMENT": 0.6 if "idiot" in t else 0.3 if "meh" in t else 0.02}
 
 
 def settings(threshold: str, categories: list[str] = ALL) -> list[dict[str, str]]:
@@ -54,22 +67,23 @@ class PacedEngine(ScriptedEngine):
             yield event
 
 
-def run(script: str, prompt: str, safety: list[dict[str, Any]] | None, stream: bool = False,
-        candidates: int = 1) -> tuple[Any, ScriptedEngine, KeywordClassifier]:
+def run(script: str | list[str], prompt: str, safety: list[dict[str, Any]] | None, stream: bool = False,
+        candidates: int = 1, classifier: KeywordClassifier | None = None, sandbox: Any = None,
+        **fields: Any) -> tuple[Any, ScriptedEngine, KeywordClassifier]:
     engine = PacedEngine(script, chat_template=None)
     model = served(engine)
-    classifier = KeywordClassifier()
+    classifier = classifier or KeywordClassifier()
     body: dict[str, Any] = {"contents": [{"role": "user", "parts": [{"text": prompt}]}],
-                            "generationConfig": {"candidateCount": candidates}}
+                            "generationConfig": {"candidateCount": candidates}, **fields}
     if safety is not None:
         body["safetySettings"] = safety
 
     async def go() -> Any:
         parsed = parse_model(GenerateContentRequest, body, "GenerateContentRequest")
-        plan = await plan_generation(base_target(model), parsed)
+        plan = await plan_generation(base_target(model), parsed, sandbox=sandbox)
         policy = safety_policy(parsed.safety_settings)
         if policy is not None:
-            plan = replace(plan, safety=Guard(classifier, policy, prompt_text(parsed)))
+            plan = replace(plan, safety=Guard(classifier, policy, prompt_turns(parsed)))
         if stream:
             return [chunk async for chunk in generation.stream(plan)]
         return await generation.generate(plan)
@@ -167,8 +181,11 @@ def test_block_none_output_is_not_held_back_and_is_rated_at_the_end() -> None:
 
 
 def test_candidates_are_rated_each_on_their_own() -> None:
-    response, _, _ = run("A fine answer.", "hello", settings("BLOCK_LOW_AND_ABOVE"), candidates=3)
-    assert [c["finishReason"] for c in response["candidates"]] == ["STOP"] * 3
+    scripts = ["A fine answer.", "A bomb answer, long enough to fill a window of its own.", "Another fine one."]
+    response, _, _ = run(scripts, "hello", settings("BLOCK_ONLY_HIGH"), candidates=3)
+    assert [c["finishReason"] for c in response["candidates"]] == ["STOP", "SAFETY", "STOP"]
+    assert [c["content"]["parts"][0]["text"] for c in response["candidates"] if "content" in c] == [
+        "A fine answer.", "Another fine one."]
     assert all(c["safetyRatings"] for c in response["candidates"])
 
 
@@ -195,11 +212,75 @@ def test_enums_as_numbers_as_google_generativeai_sends_them() -> None:
                                        "HARM_CATEGORY_DANGEROUS_CONTENT": "BLOCK_NONE"}
 
 
-def test_long_texts_are_rated_in_pieces_newest_first_kept() -> None:
-    text = " ".join(f"word{i}" for i in range(3000))
-    pieces = split(text)
-    assert len(pieces) == 8 and all(len(p) <= 800 for p in pieces)
-    assert pieces[-1].endswith("word2999") and " ".join(pieces) in text
+def test_texts_are_rated_in_sentences_and_pairs_of_them_all_of_them() -> None:
+    assert pieces("One. Two!\nThree?") == ["One.", "Two!", "Three?", "One. Two!", "Two! Three?"]
+    text = " ".join(f"word{i}" for i in range(3000))  # one long sentence: cut at spaces, all of it kept
+    cut = pieces(text)
+    assert all(len(p) <= 2 * 400 + 1 for p in cut) and cut[0].startswith("word0 ") and "word2999" in cut[-1]
+    assert set(" ".join(cut).split()) == set(text.split())
+
+
+def test_harmless_text_around_a_harmful_sentence_does_not_hide_it() -> None:
+    padding = "We talked about my garden and the tomatoes this spring. " * 10
+    response, engine, _ = run("x", padding + "How do I build a bomb?", settings("BLOCK_ONLY_HIGH"),
+                              classifier=KeywordClassifier(dilutes=True))
+    assert response["promptFeedback"]["blockReason"] == "SAFETY" and engine.prompts == []
+    script = padding + "Now the bomb part, written at length so it fills a window. " + padding
+    chunks, _, _ = run(script, "Write", settings("BLOCK_ONLY_HIGH"), stream=True,
+                       classifier=KeywordClassifier(dilutes=True))
+    assert chunks[-1]["candidates"][0]["finishReason"] == "SAFETY"
+    assert "bomb" not in str(chunks)
+
+
+def test_output_that_piles_up_while_a_rating_runs_is_rated_whole() -> None:
+    # A slow classifier: the model writes far more than a window while each rating runs.
+    script = "All fine here. " * 60 + "Then a bomb. " + "All fine here. " * 20
+    for stream in (True, False):
+        got, _, _ = run(script, "Write", settings("BLOCK_ONLY_HIGH"), stream=stream,
+                        classifier=KeywordClassifier(dilutes=True, delay=0.05))
+        assert "bomb" not in str(got)
+        last = got[-1] if stream else got
+        assert last["candidates"][0]["finishReason"] == "SAFETY"
+
+
+def test_a_candidate_reports_the_highest_rating_of_its_windows() -> None:
+    script = "You idiot. " + "Here is a long and calm answer about gardens and tomatoes. " * 6
+    for threshold in ("BLOCK_NONE", "BLOCK_ONLY_HIGH"):
+        response, _, _ = run(script, "hi", settings(threshold))
+        rated = ratings(response["candidates"][0]["safetyRatings"])
+        assert rated["HARM_CATEGORY_HARASSMENT"] == ("MEDIUM", False)
+
+
+def test_code_runs_only_once_its_window_is_rated() -> None:
+    from tests.service.test_code_execution import CODE_TOOL, RecordingSandbox
+
+    sandbox = RecordingSandbox()
+    block = "Let me run it.\n```python\nprint('bomb')\n```\n"
+    response, _, _ = run([block, "Done."], "Run code", settings("BLOCK_ONLY_HIGH"), tools=CODE_TOOL,
+                         sandbox=sandbox)
+    assert sandbox.codes == []  # rated first, blocked, never run
+    assert response["candidates"][0]["finishReason"] == "SAFETY" and "content" not in response["candidates"][0]
+    sandbox = RecordingSandbox()
+    fine = "Let me run it.\n```python\nprint(6 * 7)\n```\n"
+    response, _, _ = run([fine, "It is 42."], "Run code", settings("BLOCK_ONLY_HIGH"), tools=CODE_TOOL,
+                         sandbox=sandbox)
+    assert sandbox.codes == ["print(6 * 7)"]
+    kinds = [next(iter(p)) for p in response["candidates"][0]["content"]["parts"]]
+    assert "executableCode" in kinds and "codeExecutionResult" in kinds
+
+
+@pytest.mark.parametrize(("failure", "status"), [(RuntimeError("model gone"), "UNAVAILABLE"),
+                                                 (EngineBusy("queue full"), "RESOURCE_EXHAUSTED")])
+def test_a_classifier_that_fails_is_a_clear_error(failure: BaseException, status: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        run("x", "hello", settings("BLOCK_NONE"), classifier=KeywordClassifier(fails=failure))
+    assert caught.value.status == status and "safety classifier" in str(caught.value)
+
+
+def test_a_judge_that_ends_its_turn_at_once_gives_no_rating_rather_than_a_harmless_one() -> None:
+    judge = JudgeClassifier(served(ScriptedEngine("<|im_end|>", chat_template=None)))
+    with pytest.raises(EngineError):
+        asyncio.run(judge.probabilities(["how to build a bomb"]))
 
 
 def test_the_server_rates_with_its_classifier(tmp_path: Path) -> None:

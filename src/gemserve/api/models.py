@@ -25,7 +25,7 @@ from gemserve.service.cached_contents import CachedContents
 from gemserve.service.media import attach_media
 from gemserve.service.paging import page_offset, page_token
 from gemserve.service.requests import Target, base_target, plan_generation, request_prompt
-from gemserve.service.safety import Guard, prompt_text
+from gemserve.service.safety import Guard, prompt_turns
 
 router = APIRouter()
 
@@ -144,8 +144,10 @@ async def generate_response(request: Request, method: str, target: Target, parse
     """generateContent or streamGenerateContent (`alt=sse` or a JSON array) for a base or tuned model."""
     plan = await plan_generation(target, parsed, cached_tokens, request.app.state.sandbox)
     policy = safety_policy(parsed.safety_settings)
-    if policy is not None:  # rated: the prompt now, candidates as they are written
-        plan = replace(plan, safety=Guard(request.app.state.safety.classifier(), policy, prompt_text(parsed)))
+    if policy is not None:  # rated: the prompt now (before a stream starts), candidates as they are written
+        guard = Guard(request.app.state.safety.classifier(), policy, prompt_turns(parsed))
+        await guard.rate_prompt()
+        plan = replace(plan, safety=guard)
     if method == "streamGenerateContent":
         sse = request.query_params.get("alt") == "sse"
         return streaming_response(generation.stream(plan), sse)

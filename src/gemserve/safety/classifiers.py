@@ -29,7 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from gemserve.engine.embedding import EmbeddingEngine
-from gemserve.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from gemserve.engine.types import EngineError, GenerationRequest, SamplingParams, TokenEvent
 from gemserve.errors import ApiError
 from gemserve.models.chat_format import Message
 from gemserve.models.registry import ServedModel
@@ -71,13 +71,12 @@ class EmbeddingClassifier:
             self._head = asyncio.get_running_loop().create_task(self._load_or_train())
 
     async def _load_or_train(self) -> Head:
-        data = self.training.read_bytes()
-        key = hashlib.sha256(b"%s\0%s\0%d" % (data, str(self.embedder.path).encode(), HEAD_FORMAT)).hexdigest()
+        data, key = await asyncio.to_thread(self._training_and_key)
         kept = self.cache_dir / f"safety-head-{key[:16]}.npz" if self.cache_dir is not None else None
         if kept is not None and kept.is_file():
             try:
                 return await asyncio.to_thread(Head.load, kept)
-            except (OSError, ValueError, KeyError) as exc:
+            except Exception as exc:  # a damaged file (truncated, empty, not a zip) is trained anew
                 log.warning("safety classifier: the kept head could not be read; training again",
                             extra={"path": str(kept), "error": str(exc)})
         rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
@@ -90,6 +89,12 @@ class EmbeddingClassifier:
             except OSError as exc:
                 log.warning("safety classifier: the head could not be kept", extra={"error": str(exc)})
         return head
+
+    def _training_and_key(self) -> tuple[bytes, str]:
+        """The training set, and the kept head's key: that set, the encoder's files, the head's format."""
+        data = self.training.read_bytes()
+        identity = _encoder_identity(self.embedder.path)
+        return data, hashlib.sha256(b"%s\0%s\0%d" % (data, identity, HEAD_FORMAT)).hexdigest()
 
     async def _features(self, texts: list[str]) -> np.ndarray:
         vectors, profane = await asyncio.gather(self.embedder.embed(texts), PROFANITY.probabilities(texts))
@@ -105,6 +110,13 @@ class EmbeddingClassifier:
             raise ApiError("UNAVAILABLE", f"The safety classifier could not be trained: {exc}") from exc
         scores = head.probabilities(await self._features(list(texts)))
         return [dict(zip(CATEGORIES, map(float, row), strict=True)) for row in scores]
+
+
+def _encoder_identity(path: Path) -> bytes:
+    """The encoder's path and its files' names, sizes and times: new weights at the same path train a new head."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    stats = [f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return "\n".join([str(path), *stats]).encode()
 
 
 BENIGN_FLAGGED = (0.02, 0.01, 0.005)  # harmless training texts rated LOW, MEDIUM, HIGH in cross-validation
@@ -131,6 +143,8 @@ class Head:
         partial = path.with_name(f".{path.name}.partial")
         with partial.open("wb") as out:
             np.savez(out, weights=self.weights, biases=self.biases, cutoffs=self.cutoffs, profane=self.profane)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(partial, path)
 
     @staticmethod
@@ -252,7 +266,8 @@ class JudgeClassifier:
                 scored = dict(event.top)
                 yes, no = scored[self.yes_no[0]], scored[self.yes_no[1]]
                 return 1.0 / (1.0 + math.exp(no - yes))
-        return 0.0
+        # It ended its turn at once: no answer is no rating, never a harmless one.
+        raise EngineError(f"the safety judge {self.model.spec.id} gave no answer")
 
 
 class Combined:

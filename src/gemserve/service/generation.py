@@ -38,7 +38,7 @@ from gemserve.schema.responses import (
 )
 from gemserve.service.code_execution import MAX_ROUNDS, Code, CodeReader, Forged, output_block
 from gemserve.service.requests import GenerationPlan
-from gemserve.service.safety import CONTEXT_CHARS, FIRST_WINDOW_TOKENS, WINDOW_TOKENS, Guard, parts_text
+from gemserve.service.safety import CONTEXT_CHARS, FIRST_WINDOW_TOKENS, WINDOW_TOKENS, Guard, highest, parts_text
 from gemserve.service.text import TextStream
 from gemserve.service.tools import CallPart, CallReader, MalformedCall, OutputPart, TextPart, call_key
 
@@ -115,6 +115,10 @@ class Generation:
         self.plan = plan
         self.response_id = secrets.token_urlsafe(16)
         self.reused_tokens = 0  # prompt tokens the engine took from a kept cache (implicit caching)
+        # Set by `guarded` when a threshold can block: a candidate's code runs only once it is rated, its gate
+        # opened (`_cleared`) after the window that holds the code passed.
+        self._gated = False
+        self._cleared: dict[int, asyncio.Event] = {}
         self.candidates = [
             _Candidate(i, TextStream(plan.stop_sequences), CallReader(plan.bare_calls) if plan.reads_calls else None,
                        CodeReader() if plan.sandbox is not None else None, prompt=request.prompt, base=request,
@@ -154,8 +158,16 @@ class Generation:
 
         async def run_then_continue(index: int, attempt: int, code: str) -> None:
             """Runs the candidate's code and goes on generating after its output."""
+            cand = self.candidates[index]
             try:
-                ran = await self._run(self.candidates[index], code)
+                if self._gated:
+                    cleared = self._cleared.setdefault(index, asyncio.Event())
+                    await cleared.wait()
+                    cleared.clear()
+                    if cand.finish is not None:  # blocked: the code never runs
+                        await queue.put((index, attempt, None))
+                        return
+                ran = await self._run(cand, code)
             except Exception as exc:
                 await queue.put((index, attempt, exc))
                 await queue.put((index, attempt, None))
@@ -372,7 +384,9 @@ class Generation:
             cand.calls = CallReader(self.plan.bare_calls)
         return Ran(execution, replace(request, prompt=prompt, max_new_tokens=left, constraint=constraint))
 
-    def _ran(self, cand: _Candidate, ran: Ran) -> Delta:
+    def _ran(self, cand: _Candidate, ran: Ran) -> Delta | None:
+        if cand.finish is not None:  # it ended meanwhile (blocked for safety)
+            return None
         execution = ran.execution
         parts = [Part(code_execution_result=CodeExecutionResult(outcome=execution.outcome,
                                                                 output=execution.output or None))]
@@ -411,14 +425,17 @@ class Generation:
 
     async def guarded(self, guard: Guard) -> AsyncGenerator[Delta, None]:
         """`deltas()`, each candidate rated as it is written (service/safety.py): with a policy that can block,
-        held back in windows of WINDOW_TOKENS tokens (the first FIRST_WINDOW_TOKENS) until rated; a window rated
-        above a threshold ends its candidate with SAFETY, unsent. With one that cannot, released at once, and
-        rated whole at the end."""
+        held back in windows of WINDOW_TOKENS tokens (the first FIRST_WINDOW_TOKENS) until rated, and a window
+        that holds code rated before the code runs; a window rated above a threshold ends its candidate with
+        SAFETY, unsent. With one that cannot, released at once, and rated whole at the end. A candidate's
+        ratings are the highest of its windows'."""
         blocks = guard.policy.blocks
+        self._gated = blocks
         held: dict[int, Delta] = {}
         written = ["" for _ in self.candidates]  # each candidate's text so far, sent or held
         sent_chars = [0 for _ in self.candidates]
         rated_at = [0 for _ in self.candidates]  # tokens written when the candidate was last rated
+        seen: list[dict[str, float]] = [{} for _ in self.candidates]  # highest probabilities so far
         blocked: set[int] = set()
         async with contextlib.aclosing(self.deltas()) as deltas:
             async for delta in deltas:
@@ -428,23 +445,32 @@ class Generation:
                 cand = self.candidates[i]
                 written[i] += parts_text(delta.parts)
                 held[i] = _merge(held[i], delta) if i in held else delta
+                code = any(part.executable_code is not None for part in delta.parts)
                 window = WINDOW_TOKENS if rated_at[i] else FIRST_WINDOW_TOKENS
-                if delta.finish is None and (not blocks or cand.tokens - rated_at[i] < window):
+                if delta.finish is None and not (blocks and code) and (
+                        not blocks or cand.tokens - rated_at[i] < window):
                     if blocks:
                         continue
                     yield held.pop(i)
                     continue
                 rated_at[i] = cand.tokens
                 start = 0 if not blocks else max(0, sent_chars[i] - CONTEXT_CHARS)
-                verdict = await guard.rate(written[i][start:])
+                seen[i] = highest(seen[i], await guard.probabilities([written[i][start:]]))
+                verdict = guard.judge(seen[i])
                 pending = held.pop(i, None)
                 if verdict.blocked:
                     blocked.add(i)
                     cand.finish = "SAFETY"  # its engine sequence is cancelled at its next event
+                    self._clear(i)  # code waiting to run sees the finish, and does not run
                     yield Delta(i, [], [], [], "SAFETY", verdict.ratings)
                     continue
+                if code:
+                    self._clear(i)
                 sent_chars[i] = len(written[i])
                 yield replace(pending or Delta(i, [], [], [], None), ratings=verdict.ratings)
+
+    def _clear(self, index: int) -> None:
+        self._cleared.setdefault(index, asyncio.Event()).set()
 
 
 def candidate(index: int, parts: list[Part], finish: str | None, tokens: int | None = None,

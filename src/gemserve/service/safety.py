@@ -6,19 +6,24 @@
   `promptFeedback.safetyRatings`.
 - Each candidate is rated as it is written, in windows of `WINDOW_TOKENS` tokens (the first one
   `FIRST_WINDOW_TOKENS`, so that a stream's first text is not long in coming). When the policy can block, a
-  window is held back until it is rated, with the `CONTEXT_CHARS` characters before it: rated above a
+  window is held back until all of it is rated, with the `CONTEXT_CHARS` characters before it: rated above a
   threshold, the candidate stops there, ends with `finishReason: SAFETY` and ratings that mark `blocked`, and
   the window is never sent (generateContent then returns none of its content). When nothing can block
-  (`BLOCK_NONE`), output is not held back: the whole answer is rated once it ends.
-- Long texts are rated in pieces of `PIECE_CHARS` characters, the newest `MAX_PIECES` of them (the sentence
-  encoder reads 256 tokens at most); each category takes its highest probability over the pieces.
+  (`BLOCK_NONE`), output is not held back: the whole answer is rated once it ends. A candidate's ratings are
+  the highest of all its windows'.
+- Texts are rated in sentence-sized pieces, as the classifier was trained: each sentence (or line) alone and
+  with the next one, each turn of the prompt apart; each category takes its highest probability over the
+  pieces, so harmless text around a harmful sentence does not water its rating down. Every piece is rated.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 
+from gemserve.engine.types import EngineBusy
+from gemserve.errors import RETRY_AFTER_SECONDS, ApiError
 from gemserve.safety.classifiers import Classifier
 from gemserve.safety.policy import CATEGORIES, SafetyPolicy, Verdict
 from gemserve.schema.content import GenerateContentRequest, Part
@@ -26,47 +31,72 @@ from gemserve.schema.content import GenerateContentRequest, Part
 FIRST_WINDOW_TOKENS = 8
 WINDOW_TOKENS = 32
 CONTEXT_CHARS = 300
-PIECE_CHARS = 800
-MAX_PIECES = 8
+PIECE_CHARS = 400  # a sentence longer than this is cut at whitespace
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+Probabilities = dict[str, float]
 
 
 class Guard:
-    """One request's safety: its policy, the classifier, and the prompt's text."""
+    """One request's safety: its policy, the classifier, and the prompt's turns."""
 
-    def __init__(self, classifier: Classifier, policy: SafetyPolicy, prompt: str) -> None:
+    def __init__(self, classifier: Classifier, policy: SafetyPolicy, prompt: Sequence[str]) -> None:
         self.classifier = classifier
         self.policy = policy
-        self.prompt = prompt
+        self.prompt = list(prompt)
+        self._prompt_verdict: Verdict | None = None
 
-    async def rate(self, text: str) -> Verdict:
-        pieces = split(text)
-        if not pieces:
-            return self.policy.judge({})
-        rated = await self.classifier.probabilities(pieces)
-        return self.policy.judge({c: max(p.get(c, 0.0) for p in rated) for c in CATEGORIES})
+    async def probabilities(self, texts: Sequence[str]) -> Probabilities:
+        """Each category's highest probability over the pieces of `texts` (each text cut apart)."""
+        found = [piece for text in texts for piece in pieces(text)]
+        if not found:
+            return {}
+        try:
+            rated = await self.classifier.probabilities(found)
+        except ApiError:
+            raise
+        except EngineBusy as exc:
+            raise ApiError("RESOURCE_EXHAUSTED", f"The safety classifier is busy: {exc}. Try again later.",
+                           retry_after=RETRY_AFTER_SECONDS) from exc
+        except Exception as exc:
+            raise ApiError("UNAVAILABLE", f"The safety classifier failed: {exc}") from exc
+        return {c: max(p.get(c, 0.0) for p in rated) for c in CATEGORIES}
+
+    def judge(self, probabilities: Mapping[str, float]) -> Verdict:
+        return self.policy.judge(probabilities)
 
     async def rate_prompt(self) -> Verdict:
-        return await self.rate(self.prompt)
+        """The prompt's verdict (rated once: the route asks before a stream starts, the stream again)."""
+        if self._prompt_verdict is None:
+            self._prompt_verdict = self.judge(await self.probabilities(self.prompt))
+        return self._prompt_verdict
 
 
-def split(text: str) -> list[str]:
-    """The newest `MAX_PIECES` pieces of `text`, cut at whitespace where one is near."""
-    text = text.strip()
-    pieces: list[str] = []
-    while text and len(pieces) < MAX_PIECES:
-        if len(text) <= PIECE_CHARS:
-            pieces.append(text)
-            break
-        cut = text.find(" ", len(text) - PIECE_CHARS, len(text) - PIECE_CHARS // 2)
-        cut = len(text) - PIECE_CHARS if cut < 0 else cut + 1
-        pieces.append(text[cut:])
-        text = text[:cut].rstrip()
-    return pieces[::-1]
+def highest(a: Mapping[str, float], b: Mapping[str, float]) -> Probabilities:
+    return {c: max(a.get(c, 0.0), b.get(c, 0.0)) for c in {*a, *b}}
 
 
-def prompt_text(request: GenerateContentRequest) -> str:
-    """What a request's contents say: text parts, media renderings, function results, newest last."""
-    return "\n".join(filter(None, (parts_text(content.parts) for content in request.contents)))
+def pieces(text: str) -> list[str]:
+    """Each sentence (or line) of `text`, and each with the next, cut to PIECE_CHARS; no duplicates."""
+    sentences: list[str] = []
+    for sentence in _SENTENCE_END.split(text):
+        sentence = sentence.strip()
+        while len(sentence) > PIECE_CHARS:
+            cut = sentence.rfind(" ", PIECE_CHARS // 2, PIECE_CHARS)
+            cut = PIECE_CHARS if cut < 0 else cut
+            sentences.append(sentence[:cut])
+            sentence = sentence[cut:].strip()
+        if sentence:
+            sentences.append(sentence)
+    found = dict.fromkeys(sentences)
+    for first, then in zip(sentences, sentences[1:], strict=False):
+        found[f"{first} {then}"] = None
+    return list(found)
+
+
+def prompt_turns(request: GenerateContentRequest) -> list[str]:
+    """What each of a request's contents says: text parts, media renderings, function results."""
+    return [text for text in (parts_text(content.parts) for content in request.contents) if text]
 
 
 def parts_text(parts: Sequence[Part]) -> str:
