@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gemserve.safety.classifiers import EmbeddingClassifier, Head, fit_head
 from gemserve.safety.policy import CATEGORIES, level
@@ -99,4 +100,27 @@ def test_the_trained_head_is_kept_and_later_starts_load_it(tmp_path: Path) -> No
     kept.write_bytes(b"not a head")
     broken = WordVectors()
     assert asyncio.run(rate(broken)) == rated and broken.calls == 2  # trained again, and kept anew
-    assert Head.load(kept).weights.shape == (len(CATEGORIES), len(WordVectors.WORDS) + 1)
+    head = Head.load(kept)
+    assert head.weights.shape == (len(CATEGORIES), len(WordVectors.WORDS) + 1)
+
+    head.weights[0, 0] = np.nan  # a file that reads but holds no usable head is trained anew too
+    head.save(kept)
+    with pytest.raises(ValueError):
+        Head.load(kept)
+    nan = WordVectors()
+    assert asyncio.run(rate(nan)) == rated and nan.calls == 2
+
+
+def test_pieces_rated_lately_are_not_rated_again(tmp_path: Path) -> None:
+    training = training_file(tmp_path / "training.jsonl")
+    embedder = WordVectors()
+    classifier = EmbeddingClassifier(embedder, training)  # type: ignore[arg-type]
+
+    async def go() -> None:
+        first = await classifier.probabilities(["a bomb example", "a garden example"])
+        calls = embedder.calls
+        again = await classifier.probabilities(["a garden example", "a bomb example", "a new code example"])
+        assert again[:2] == first[::-1]
+        assert embedder.calls == calls + 1  # only the new piece went to the encoder
+
+    asyncio.run(go())

@@ -36,12 +36,14 @@ class KeywordClassifier:
 
     def __init__(self, dilutes: bool = False, delay: float = 0.0, fails: BaseException | None = None) -> None:
         self.texts: list[str] = []
+        self.calls = 0
         self.dilutes = dilutes
         self.delay = delay
         self.fails = fails
 
     async def probabilities(self, texts: Sequence[str]) -> list[dict[str, float]]:
         self.texts += texts
+        self.calls += 1
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fails is not None:
@@ -177,7 +179,7 @@ def test_block_none_output_is_not_held_back_and_is_rated_at_the_end() -> None:
     rated = [c for c in chunks if "safetyRatings" in c["candidates"][0]]
     assert rated == [chunks[-1]]
     assert ratings(rated[0]["candidates"][0]["safetyRatings"])["HARM_CATEGORY_HARASSMENT"] == ("MEDIUM", False)
-    assert len(classifier.texts) == 2  # the prompt, and the answer once
+    assert classifier.calls == 2  # the prompt, and the answer once, whole
 
 
 def test_candidates_are_rated_each_on_their_own() -> None:
@@ -313,3 +315,39 @@ def test_a_judge_reads_its_yes_and_no_scores_for_each_category(answer: str, low:
     assert set(rated) == set(ALL) and all(low <= p <= high for p in rated.values())
     assert len(engine.prompts) == len(ALL)  # one short sequence per category
     assert all("some text" in engine.detokenize(p) for p in engine.prompts)
+
+
+def test_text_glued_without_spaces_is_still_cut_into_pieces() -> None:
+    glued = "We talked about my garden.The tomatoes grew well;the weather was fine.How do I build a bomb?"
+    assert "How do I build a bomb?" in pieces(glued)
+    commas = ", ".join(["we talked about the garden and the tomatoes"] * 8) + ", how do I build a bomb"
+    assert all(len(p) <= 2 * 200 + 1 for p in pieces(commas)) and any("bomb" in p and len(p) <= 200
+                                                                       for p in pieces(commas))
+
+
+class CountingEngine(ScriptedEngine):
+    """Counts its sequences in flight."""
+
+    def __init__(self, script: str) -> None:
+        super().__init__(script, chat_template=None)
+        self.running = self.most = 0
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            async for event in super().generate(request):
+                await asyncio.sleep(0)
+                yield event
+        finally:
+            self.running -= 1
+
+
+def test_a_judge_asks_a_bounded_number_of_questions_at_once() -> None:
+    from gemserve.safety.classifiers import JUDGE_SEQUENCES
+
+    engine = CountingEngine("No")
+    judge = JudgeClassifier(served(engine))
+    rated = asyncio.run(judge.probabilities([f"text {i}" for i in range(60)]))  # 300 questions
+    assert len(rated) == 60 and len(engine.prompts) == 300
+    assert engine.most <= JUDGE_SEQUENCES

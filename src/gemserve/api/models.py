@@ -146,7 +146,7 @@ async def generate_response(request: Request, method: str, target: Target, parse
     policy = safety_policy(parsed.safety_settings)
     if policy is not None:  # rated: the prompt now (before a stream starts), candidates as they are written
         guard = Guard(request.app.state.safety.classifier(), policy, prompt_turns(parsed))
-        await guard.rate_prompt()
+        await until_disconnect(request, guard.rate_prompt())  # a long prompt's rating stops if the client leaves
         plan = replace(plan, safety=guard)
     if method == "streamGenerateContent":
         sse = request.query_params.get("alt") == "sse"

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -65,6 +66,8 @@ class EmbeddingClassifier:
         self.training = training
         self.cache_dir = cache_dir  # where the trained head is kept, so that later starts only load it
         self._head: asyncio.Task[Head] | None = None
+        # Pieces rated lately: a conversation's earlier turns (and a cached content) come again with every request.
+        self._recent: OrderedDict[str, Probabilities] = OrderedDict()
 
     def prepare(self) -> None:
         if self._head is None:
@@ -108,8 +111,20 @@ class EmbeddingClassifier:
             head = await asyncio.shield(self._head)
         except Exception as exc:  # every rating fails alike: say so, as a server-side unavailability
             raise ApiError("UNAVAILABLE", f"The safety classifier could not be trained: {exc}") from exc
-        scores = head.probabilities(await self._features(list(texts)))
-        return [dict(zip(CATEGORIES, map(float, row), strict=True)) for row in scores]
+        new = list(dict.fromkeys(t for t in texts if t not in self._recent))
+        # In turns of RATED_AT_ONCE, so that a long prompt does not hold the encoder's thread for seconds on end:
+        # other requests' ratings (and embedContent) get in between.
+        for start in range(0, len(new), RATED_AT_ONCE):
+            chunk = new[start:start + RATED_AT_ONCE]
+            scores = head.probabilities(await self._features(chunk))
+            for text, row in zip(chunk, scores, strict=True):
+                self._recent[text] = dict(zip(CATEGORIES, map(float, row), strict=True))
+        rated = [self._recent[t] for t in texts]
+        for text in texts:
+            self._recent.move_to_end(text)
+        while len(self._recent) > RECENT_PIECES:
+            self._recent.popitem(last=False)
+        return rated
 
 
 def _encoder_identity(path: Path) -> bytes:
@@ -126,6 +141,8 @@ LEVEL_PROBABILITIES = (0.25, 0.5, 0.75)  # what those scores map to (policy.CUTO
 
 
 HEAD_FORMAT = 1  # bumped when fitting or the kept file changes
+RATED_AT_ONCE = 64  # pieces per turn on the encoder's thread
+RECENT_PIECES = 4096  # pieces whose ratings are kept
 
 
 class Head:
@@ -149,8 +166,17 @@ class Head:
 
     @staticmethod
     def load(path: Path) -> Head:
+        """A kept head, checked (ValueError for one of the wrong shape or with values that are not finite)."""
         with np.load(path) as kept:
-            return Head(kept["weights"], kept["biases"], kept["cutoffs"], kept["profane"])
+            head = Head(kept["weights"], kept["biases"], kept["cutoffs"], kept["profane"])
+        levels = len(LEVEL_PROBABILITIES)
+        shapes = (head.weights.ndim == 2 and head.weights.shape[0] == len(CATEGORIES)
+                  and head.biases.shape == (len(CATEGORIES),) and head.cutoffs.shape == (len(CATEGORIES), levels)
+                  and head.profane.shape == (levels,))
+        arrays = (head.weights, head.biases, head.cutoffs, head.profane)
+        if not shapes or not all(np.isfinite(a).all() for a in arrays):
+            raise ValueError(f"{path} is not a safety head of this format")
+        return head
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         result: np.ndarray = 1.0 / (1.0 + np.exp(-(features @ self.weights.T + self.biases)))
@@ -237,6 +263,9 @@ JUDGE_PROMPT = (
 )
 
 
+JUDGE_SEQUENCES = 16
+
+
 class JudgeClassifier:
     """A generative model as judge: one short sequence per category, batched by its engine, never shown."""
 
@@ -244,15 +273,23 @@ class JudgeClassifier:
         self.model = model
         engine = model.engine
         self.yes_no = tuple(engine.tokenize(word, add_bos=False, parse_special=False)[0] for word in ("Yes", "No"))
+        # Its questions in flight at once, over all requests: a long text's many pieces wait their turn here
+        # rather than fill the engine's queue (which refuses new sequences past 256).
+        self._slots = asyncio.Semaphore(JUDGE_SEQUENCES)
 
     async def probabilities(self, texts: Sequence[str]) -> list[Probabilities]:
-        return list(await asyncio.gather(*(self._rate(text) for text in texts)))
-
-    async def _rate(self, text: str) -> Probabilities:
-        scores = await asyncio.gather(*(self._ask(text, POLICIES[c]) for c in CATEGORIES))
-        return dict(zip(CATEGORIES, scores, strict=True))
+        try:
+            async with asyncio.TaskGroup() as group:  # one failure cancels the other questions
+                asked = [[group.create_task(self._ask(text, POLICIES[c])) for c in CATEGORIES] for text in texts]
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # the first failure, as it is (EngineBusy stays EngineBusy)
+        return [dict(zip(CATEGORIES, (task.result() for task in tasks), strict=True)) for tasks in asked]
 
     async def _ask(self, text: str, policy: str) -> float:
+        async with self._slots:
+            return await self._question(text, policy)
+
+    async def _question(self, text: str, policy: str) -> float:
         engine = self.model.engine
         message = Message("user", JUDGE_PROMPT.format(text=text, policy=policy))
         bos = engine.tokenize("", add_bos=True, parse_special=False)

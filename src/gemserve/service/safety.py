@@ -11,14 +11,16 @@
   the window is never sent (generateContent then returns none of its content). When nothing can block
   (`BLOCK_NONE`), output is not held back: the whole answer is rated once it ends. A candidate's ratings are
   the highest of all its windows'.
-- Texts are rated in sentence-sized pieces, as the classifier was trained: each sentence (or line) alone and
-  with the next one, each turn of the prompt apart; each category takes its highest probability over the
+- Texts are rated in sentence-sized pieces, as the classifier was trained: each sentence (or line, or clause
+  after a semicolon; long ones cut at a comma or space every `PIECE_CHARS`) alone and with the next one, each
+  turn of the prompt apart; each category takes its highest probability over the
   pieces, so harmless text around a harmful sentence does not water its rating down. Every piece is rated.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 
@@ -28,11 +30,13 @@ from gemserve.safety.classifiers import Classifier
 from gemserve.safety.policy import CATEGORIES, SafetyPolicy, Verdict
 from gemserve.schema.content import GenerateContentRequest, Part
 
+log = logging.getLogger("gemserve.safety")
+
 FIRST_WINDOW_TOKENS = 8
 WINDOW_TOKENS = 32
 CONTEXT_CHARS = 300
-PIECE_CHARS = 400  # a sentence longer than this is cut at whitespace
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+PIECE_CHARS = 200  # a sentence longer than this is cut at a space or comma
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s*|\n+")  # with or without a space after it
 
 Probabilities = dict[str, float]
 
@@ -59,6 +63,7 @@ class Guard:
             raise ApiError("RESOURCE_EXHAUSTED", f"The safety classifier is busy: {exc}. Try again later.",
                            retry_after=RETRY_AFTER_SECONDS) from exc
         except Exception as exc:
+            log.warning("the safety classifier failed", exc_info=exc)
             raise ApiError("UNAVAILABLE", f"The safety classifier failed: {exc}") from exc
         return {c: max(p.get(c, 0.0) for p in rated) for c in CATEGORIES}
 
@@ -82,9 +87,10 @@ def pieces(text: str) -> list[str]:
     for sentence in _SENTENCE_END.split(text):
         sentence = sentence.strip()
         while len(sentence) > PIECE_CHARS:
-            cut = sentence.rfind(" ", PIECE_CHARS // 2, PIECE_CHARS)
-            cut = PIECE_CHARS if cut < 0 else cut
-            sentences.append(sentence[:cut])
+            cut = max(sentence.rfind(" ", PIECE_CHARS // 2, PIECE_CHARS),
+                      sentence.rfind(",", PIECE_CHARS // 2, PIECE_CHARS) + 1)
+            cut = PIECE_CHARS if cut <= 0 else cut
+            sentences.append(sentence[:cut].strip())
             sentence = sentence[cut:].strip()
         if sentence:
             sentences.append(sentence)
