@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +35,7 @@ from gemserve.errors import ApiError
 from gemserve.models.chat_format import Message
 from gemserve.models.registry import ServedModel
 from gemserve.safety.policy import CATEGORIES
+from gemserve.tuning.jobs import atomic_write_bytes
 
 log = logging.getLogger("gemserve.safety")
 
@@ -155,14 +156,11 @@ class Head:
         self.profane = profane  # [levels]: the profanity model's own cut-offs for HARASSMENT
 
     def save(self, path: Path) -> None:
-        """Written whole or not at all (a temporary file renamed into place)."""
+        """Written whole or not at all (servers sharing a models directory may write it at once)."""
+        data = io.BytesIO()
+        np.savez(data, weights=self.weights, biases=self.biases, cutoffs=self.cutoffs, profane=self.profane)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        with partial.open("wb") as out:
-            np.savez(out, weights=self.weights, biases=self.biases, cutoffs=self.cutoffs, profane=self.profane)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, path)
+        atomic_write_bytes(path, data.getvalue())
 
     @staticmethod
     def load(path: Path) -> Head:

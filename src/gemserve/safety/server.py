@@ -14,11 +14,11 @@ from gemserve.errors import ApiError
 from gemserve.models.catalog import CatalogError
 from gemserve.models.registry import ModelRegistry
 from gemserve.safety.classifiers import (
+    PROFANITY,
     Classifier,
     Combined,
     EmbeddingClassifier,
     JudgeClassifier,
-    ProfanityClassifier,
 )
 
 log = logging.getLogger("gemserve.safety")
@@ -30,7 +30,6 @@ class Safety:
         self.judge = judge
         self.cache_dir = cache_dir  # where the trained head is kept between starts
         self._classifier: Classifier | None = None
-        self._embedding: EmbeddingClassifier | None = None
 
     def start(self) -> None:
         """Makes the classifier (call with the models loaded, on the event loop); the embedding head starts
@@ -40,7 +39,7 @@ class Safety:
             served = {m.spec.id: m for m in self.registry.served()}
             if spec is None or spec.id not in served:
                 raise CatalogError(f"--safety-judge {self.judge}: no generative model of that name is served")
-            self._classifier = Combined(JudgeClassifier(served[spec.id]), ProfanityClassifier())
+            self._classifier = Combined(JudgeClassifier(served[spec.id]), PROFANITY)
             log.info("safety classifier", extra={"judge": spec.id})
             return
         embedders = {e.spec.id: e for e in self.registry.embedders()}
@@ -48,9 +47,9 @@ class Safety:
         if chosen is None:
             log.warning("no embedding model is served: safety settings that rate content will be refused")
             return
-        self._embedding = EmbeddingClassifier(chosen.engine, cache_dir=self.cache_dir)
-        self._embedding.prepare()
-        self._classifier = self._embedding
+        embedding = EmbeddingClassifier(chosen.engine, cache_dir=self.cache_dir)
+        embedding.prepare()
+        self._classifier = embedding
         log.info("safety classifier", extra={"embedding_model": chosen.spec.id})
 
     def classifier(self) -> Classifier:
