@@ -4,6 +4,7 @@ readers that answer from a script instead of running OCR, a classifier or Whispe
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import IO, Any
 
 from PIL import Image, ImageDraw, ImageFont
@@ -66,7 +67,10 @@ class ScriptedReaders:
         self.calls["labels"] += 1
         return list(self.label_list)
 
-    def transcribe(self, source: IO[bytes]) -> list[tuple[float, str]]:
+    def transcribe(self, source: IO[bytes], heard: Callable[[float], None] | None = None) -> list[tuple[float, str]]:
         self.calls["transcribe"] += 1
         source.read()
+        for start, _ in self.speech:
+            if heard is not None:
+                heard(start)
         return list(self.speech)

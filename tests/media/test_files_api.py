@@ -346,3 +346,27 @@ def test_a_file_deleted_while_processing_and_uploaded_again_keeps_its_own_bytes_
         assert blob.read_bytes() == second
 
     drive(tmp_path, scenario, readers)
+
+
+def test_a_file_being_processed_shows_its_progress(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files_service, "FINALIZE_WAIT_SECONDS", 0.1)
+    readers = HeldReaders()
+    png = io.BytesIO()
+    text_picture(["FIRST FILE"]).save(png, "PNG")
+
+    async def scenario(client: httpx.AsyncClient, app: FastAPI) -> None:
+        url = await start(client, len(png.getvalue()), "image/png")
+        uploaded = (await chunk(client, url, png.getvalue(), 0, "upload, finalize")).json()["file"]
+        assert uploaded["state"] == "PROCESSING"
+        assert uploaded["processingProgress"] == {"fraction": 0.0, "step": "reading the image"}
+        got = (await client.get(f"/v1beta/{uploaded['name']}", headers=keyed())).json()
+        assert got["processingProgress"] == {"fraction": 0.0, "step": "reading the image"}
+        (listed,) = (await client.get("/v1beta/files", headers=keyed())).json()["files"]
+        assert listed["processingProgress"] == got["processingProgress"]
+        readers.release.set()
+        await app.state.files.usable(app.state.identities.caller_for_key(KEY), uploaded["name"][6:])
+        done = (await client.get(f"/v1beta/{uploaded['name']}", headers=keyed())).json()
+        assert done["state"] == "ACTIVE" and "processingProgress" not in done
+
+    drive(tmp_path, scenario, readers)

@@ -122,3 +122,26 @@ def test_a_type_that_the_bytes_contradict_is_named(mime: str, data: bytes, probl
 ])
 def test_types_the_bytes_agree_with(mime: str, data: bytes) -> None:
     assert kinds.mismatch(mime, data[: kinds.SNIFF_BYTES]) is None
+
+
+def test_progress_is_reported_as_the_video_is_read() -> None:
+    readers = ScriptedReaders(ocr=["ALPHA 111"], speech=[(0.0, " One."), (4.5, " Two.")])
+    reports: list[tuple[float, str]] = []
+    render.render_bytes((MEDIA / "video.mp4").read_bytes(), "video/mp4", "clip.mp4", readers,  # type: ignore[arg-type]
+                        lambda done, step: reports.append((done, step)))
+    fractions = [done for done, _ in reports]
+    assert fractions == sorted(fractions) and fractions[0] >= 0 and fractions[-1] < 1
+    steps = [step for _, step in reports]
+    assert steps[0] == "transcribing the sound"
+    assert "transcribing the sound: 0:04 of 0:09" in steps
+    assert "reading frame 1 of 9" in steps and steps[-1] == "reading frame 9 of 9"
+
+
+def test_sound_longer_than_the_limit_is_refused_before_it_is_transcribed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(render, "MAX_MEDIA_SECONDS", 5)
+    readers = ScriptedReaders(speech=[(0.0, " never transcribed")])
+    with pytest.raises(MediaError, match=r"the audio is 0:08 long; at most 0:05 is read"):
+        rendered((MEDIA / "speech.mp3").read_bytes(), "audio/mpeg", readers)
+    with pytest.raises(MediaError, match=r"the video is 0:09 long; at most 0:05 is read"):
+        rendered((MEDIA / "video.mp4").read_bytes(), "video/mp4", readers)
+    assert readers.calls["transcribe"] == 0

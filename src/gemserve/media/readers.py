@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -94,8 +95,8 @@ class Readers:
 
     # ---- speech -------------------------------------------------------------------------------------------
 
-    def transcribe(self, source: IO[bytes]) -> list[tuple[float, str]]:
-        """(start in seconds, words) of each segment of speech."""
+    def transcribe(self, source: IO[bytes], heard: Callable[[float], None] | None = None) -> list[tuple[float, str]]:
+        """(start in seconds, words) of each segment of speech; `heard` is told where the transcript has reached."""
         with self._lock:
             if self._whisper is None:
                 from faster_whisper import WhisperModel  # type: ignore[import-untyped]
@@ -104,7 +105,12 @@ class Readers:
                                              cpu_threads=max(1, (os.cpu_count() or 2) // 2))
             segments, _ = self._whisper.transcribe(source, beam_size=1, vad_filter=False,
                                                    condition_on_previous_text=False)
-            return [(float(s.start), str(s.text)) for s in segments]
+            out = []
+            for segment in segments:  # made as they are iterated
+                out.append((float(segment.start), str(segment.text)))
+                if heard is not None:
+                    heard(float(segment.end))
+            return out
 
 
 def _reading_order(lines: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:

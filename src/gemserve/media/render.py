@@ -6,7 +6,8 @@
 - audio: a transcript (Whisper) with the time each segment starts;
 - video: the sound track's transcript, and frames sampled across it, each read as an image is, with its time.
 
-Every function runs on the media pool's thread (`processor.py`) and raises `MediaError` for bytes it cannot read.
+Every function runs on the media pool's thread (`processor.py`), tells how far it has come through `report`
+(a fraction and what it is doing) and raises `MediaError` for bytes it cannot read.
 """
 
 from __future__ import annotations
@@ -28,24 +29,33 @@ MAX_FRAMES = 16
 SEEK_AFTER_SECONDS = 60
 MAX_IMAGE_PIXELS = 60_000_000
 MAX_TEXT_CHARS = 8_000_000
+# Speech is transcribed at 3-6 times its speed on 2 cores, and an hour's transcript (about 12,000 tokens) is as
+# much as the built-in models' windows hold with room for a question: longer sound is refused, not read for hours.
+MAX_MEDIA_SECONDS = 3600
+
+Report = Callable[[float, str], None]
 
 
-def render_file(path: Path, mime_type: str, name: str, readers: Readers) -> Rendering:
+def _silent(done: float, step: str) -> None:
+    pass
+
+
+def render_file(path: Path, mime_type: str, name: str, readers: Readers, report: Report | None = None) -> Rendering:
     with path.open("rb") as handle:
-        return _render(handle, mime_type, name, readers)
+        return _render(handle, mime_type, name, readers, report or _silent)
 
 
-def render_bytes(data: bytes, mime_type: str, name: str, readers: Readers) -> Rendering:
-    return _render(io.BytesIO(data), mime_type, name, readers)
+def render_bytes(data: bytes, mime_type: str, name: str, readers: Readers, report: Report | None = None) -> Rendering:
+    return _render(io.BytesIO(data), mime_type, name, readers, report or _silent)
 
 
-def _render(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> Rendering:
+def _render(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report) -> Rendering:
     kind = kinds.kind_of(mime_type)
-    renderers: dict[str, Callable[[IO[bytes], str, str, Readers], Rendering]] = {
+    renderers: dict[str, Callable[[IO[bytes], str, str, Readers, Report], Rendering]] = {
         "text": text, "document": document, "image": image, "audio": audio, "video": video}
     if kind is None:
         raise MediaError(f"Unsupported MIME type: {mime_type}")
-    return renderers[kind](source, mime_type, name, readers)
+    return renderers[kind](source, mime_type, name, readers, report)
 
 
 def clock(seconds: float) -> str:
@@ -59,7 +69,7 @@ def clock(seconds: float) -> str:
 # ---- text --------------------------------------------------------------------------------------------------
 
 
-def text(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> Rendering:
+def text(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report = _silent) -> Rendering:
     data = source.read(MAX_TEXT_CHARS * 4 + 1)
     try:
         content = data.decode("utf-8-sig")
@@ -73,7 +83,7 @@ def text(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> Rend
 # ---- documents ---------------------------------------------------------------------------------------------
 
 
-def document(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> Rendering:
+def document(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report = _silent) -> Rendering:
     import pypdfium2 as pdfium  # type: ignore[import-untyped]
 
     try:
@@ -89,6 +99,7 @@ def document(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> 
         lines = [f'[Document "{name}" (PDF, {count} page{"s" if count > 1 else ""})]']
         scanned = 0
         for number in range(count):
+            report(number / count, f"reading page {number + 1} of {count}")
             page = pdf[number]
             try:
                 textpage = page.get_textpage()
@@ -159,7 +170,8 @@ def describe(picture: Any, readers: Readers) -> list[str]:
     return out
 
 
-def image(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> Rendering:
+def image(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report = _silent) -> Rendering:
+    report(0.0, "reading the image")
     picture = open_image(source)
     width, height = picture.size
     lines = [f'[Image "{name}" ({mime_type}, {width}x{height} pixels)]', *describe(picture, readers), "[End of image]"]
@@ -188,39 +200,57 @@ def _media_duration(source: IO[bytes]) -> tuple[float, bool, bool]:
     return duration, has_audio, has_video
 
 
-def _transcript(source: IO[bytes], readers: Readers) -> list[str]:
+def _check_length(duration: float, what: str) -> None:
+    if duration > MAX_MEDIA_SECONDS:
+        raise MediaError(f"the {what} is {clock(duration)} long; at most {clock(MAX_MEDIA_SECONDS)} is read.")
+
+
+def _transcript(source: IO[bytes], readers: Readers, duration: float, report: Report, share: float) -> list[str]:
+    """The transcript, reporting progress from 0 to `share` as the speech is read."""
+    def heard(seconds: float) -> None:
+        if duration:
+            report(share * seconds / duration, f"transcribing the sound: {clock(seconds)} of {clock(duration)}")
+
+    report(0.0, "transcribing the sound")
     source.seek(0)
     try:
-        segments = readers.transcribe(source)
+        segments = readers.transcribe(source, heard)
     except (ValueError, RuntimeError, OSError) as exc:
         raise MediaError(f"the sound cannot be decoded ({exc}).") from None
     return [f"[{clock(start)}] {words.strip()}" for start, words in segments if words.strip()]
 
 
-def audio(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> Rendering:
+def audio(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report = _silent) -> Rendering:
     duration, has_audio, _ = _media_duration(source)
     if not has_audio:
         raise MediaError("the file holds no sound.")
+    _check_length(duration, "audio")
     lines = [f'[Audio "{name}" ({clock(duration)} long); transcript, each line with the time it starts:]']
-    lines += _transcript(source, readers) or ["(no speech)"]
+    lines += _transcript(source, readers, duration, report, 1.0) or ["(no speech)"]
     lines.append("[End of audio]")
     return Rendering("AUDIO", "\n".join(lines) + "\n", duration=duration)
 
 
-def video(source: IO[bytes], mime_type: str, name: str, readers: Readers) -> Rendering:
+def video(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report = _silent) -> Rendering:
     duration, has_audio, has_video = _media_duration(source)
     if not has_video and not has_audio:
         raise MediaError("the file holds neither pictures nor sound.")
+    _check_length(duration, "video")
     lines = [f'[Video "{name}" ({clock(duration)} long)]']
+    sound_share = 0.7 if has_video else 1.0  # transcribing takes most of the time
     if has_audio:
         lines.append("Transcript of the sound, each line with the time it starts:")
-        lines += _transcript(source, readers) or ["(no speech)"]
+        lines += _transcript(source, readers, duration, report, sound_share) or ["(no speech)"]
     else:
         lines.append("The video has no sound.")
     if has_video:
         lines.append("Frames, each with its time:")
         previous = None
-        for moment, picture in _frames(source, duration):
+        report(sound_share if has_audio else 0.0, "decoding frames")
+        frames = _frames(source, duration)
+        for number, (moment, picture) in enumerate(frames):
+            report((sound_share if has_audio else 0.0) + (1 - sound_share) * number / len(frames),
+                   f"reading frame {number + 1} of {len(frames)}")
             seen = describe(picture, readers)
             if seen == previous:
                 continue  # a still scene: said once

@@ -87,6 +87,8 @@ class Files:
     # ---- the resource -------------------------------------------------------------------------------------
 
     def resource(self, record: FileRecord, base_url: str) -> dict[str, Any]:
+        """The File as Google's, and, while it is PROCESSING, gemserve's `processingProgress` (the clients skip
+        fields they do not know)."""
         body: dict[str, Any] = {"name": f"files/{record.id}"}
         if record.display_name:
             body["displayName"] = record.display_name
@@ -104,6 +106,9 @@ class Files:
         })
         if record.error is not None:
             body["error"] = record.error
+        now = self._processor.progress((record.owner, record.id)) if record.state == "PROCESSING" else None
+        if now is not None:
+            body["processingProgress"] = {"fraction": round(now.done, 3), "step": now.step}
         duration = (record.rendering or {}).get("duration")
         if record.state == "ACTIVE" and kinds.kind_of(record.mime_type) == "video" and duration is not None:
             body["videoMetadata"] = {"videoDuration": f"{duration:.3f}".rstrip("0").rstrip(".") + "s"}
@@ -348,7 +353,8 @@ class Files:
                 kept = await asyncio.to_thread(self._store.set_processed, record, "ACTIVE", utc_now(), None, None)
                 log.info("file stored", extra={"file": record.id, "kept": kept})
                 return
-            rendering = await self._processor.render_file(blob, record.mime_type, record.display_name or record.id)
+            rendering = await self._processor.render_file(blob, record.mime_type, record.display_name or record.id,
+                                                          record.owner, job=(record.owner, record.id))
         except MediaError as exc:
             error = {"code": 400, "message": str(exc), "status": "INVALID_ARGUMENT"}
         except Exception:

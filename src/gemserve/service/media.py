@@ -40,7 +40,7 @@ async def attach_media(request: GenerateContentRequest, caller: Caller, files: F
                                f"{len(parts)}.", "contents")
     for where, part in parts:
         if part.inline_data is not None:
-            part._rendering = await _inline(part.inline_data, f"{where}.inline_data", processor)
+            part._rendering = await _inline(part.inline_data, f"{where}.inline_data", caller, processor)
         elif part.file_data is not None:
             part._rendering = await _file(part.file_data, f"{where}.file_data", caller, files, host)
 
@@ -65,7 +65,7 @@ def _media_parts(request: GenerateContentRequest) -> Iterator[tuple[str, Part]]:
                 yield f"contents[{i}].parts[{j}]", part
 
 
-async def _inline(blob: Blob, field: str, processor: MediaProcessor) -> Rendering:
+async def _inline(blob: Blob, field: str, caller: Caller, processor: MediaProcessor) -> Rendering:
     mime = _mime(blob.mime_type, field)
     try:  # Google accepts the URL-safe alphabet too
         text = (blob.data or "").translate(_URL_SAFE)
@@ -78,7 +78,7 @@ async def _inline(blob: Blob, field: str, processor: MediaProcessor) -> Renderin
     if problem is not None:
         raise invalid_argument(f"{field}.mime_type: {problem}", f"{field}.mime_type")
     try:
-        return await processor.render_bytes(data, mime, blob.display_name or "inline data")
+        return await processor.render_bytes(data, mime, blob.display_name or "inline data", caller.owner)
     except MediaError as exc:
         raise invalid_argument(f"{field}: {exc}", field) from None
 

@@ -1,0 +1,112 @@
+"""The media pool's order and its cache of inline renderings: keys take turns, and one key's renderings are not
+served to another."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+from gemserve.media.processor import MediaProcessor, Turns
+from tests.media.samples import ScriptedReaders, encoded, text_picture
+
+
+def test_keys_take_turns_so_a_long_queue_delays_another_key_by_one_job() -> None:
+    order: list[str] = []
+
+    async def job(turns: Turns, owner: str, name: str) -> None:
+        await turns.take(owner)
+        order.append(name)
+        await asyncio.sleep(0)
+        turns.release()
+
+    async def go() -> None:
+        turns = Turns()
+        await turns.take("a")  # a job of a's is running
+        jobs = [asyncio.create_task(job(turns, "a", f"a{i}")) for i in range(1, 4)]
+        await asyncio.sleep(0)
+        jobs.append(asyncio.create_task(job(turns, "b", "b1")))
+        jobs.append(asyncio.create_task(job(turns, "c", "c1")))
+        await asyncio.sleep(0)
+        assert turns.ahead_of("d") == 4  # the running job, a1, b1 and c1
+        assert turns.ahead_of("b") == 5  # and a2, before b's second
+        turns.release()
+        await asyncio.gather(*jobs)
+
+    asyncio.run(go())
+    assert order == ["a1", "b1", "c1", "a2", "a3"]
+
+
+def test_a_waiter_that_leaves_gives_up_its_place_and_a_turn_given_as_it_leaves_passes_on() -> None:
+    order: list[str] = []
+
+    async def go() -> None:
+        turns = Turns()
+        await turns.take("a")
+        leaving = asyncio.create_task(turns.take("b"))
+        staying = asyncio.create_task(turns.take("c"))
+        await asyncio.sleep(0)
+        turns.release()  # the turn goes to b, which is cancelled before it runs: it must reach c
+        leaving.cancel()
+        await asyncio.gather(leaving, return_exceptions=True)
+        await asyncio.wait_for(staying, 1)
+        order.append("c")
+        turns.release()
+        await asyncio.wait_for(turns.take("d"), 1)  # nobody holds a turn: d runs at once
+
+    asyncio.run(go())
+    assert order == ["c"]
+
+
+class SlowReaders(ScriptedReaders):
+    def __init__(self) -> None:
+        super().__init__(ocr=["SIGN"])
+        self.release = threading.Event()
+
+    def ocr(self, picture: Any) -> list[str]:
+        self.release.wait(10)
+        return super().ocr(picture)
+
+
+def test_inline_renderings_are_kept_per_key(tmp_path: Path) -> None:
+    readers = ScriptedReaders(ocr=["SIGN"])
+    png = encoded(text_picture(["SIGN"]), "PNG")
+
+    async def go() -> None:
+        processor = MediaProcessor(tmp_path, readers=readers)  # type: ignore[arg-type]
+        try:
+            first = await processor.render_bytes(png, "image/png", "sign", "key-a")
+            again = await processor.render_bytes(png, "image/png", "sign", "key-a")
+            assert again is first and readers.calls["ocr"] == 1
+            other = await processor.render_bytes(png, "image/png", "sign", "key-b")
+            assert other == first and readers.calls["ocr"] == 2  # read again for another key
+        finally:
+            processor.close()
+
+    asyncio.run(go())
+
+
+def test_progress_is_known_while_a_job_waits_and_runs_and_forgotten_when_it_ends(tmp_path: Path) -> None:
+    readers = SlowReaders()
+    png = encoded(text_picture(["SIGN"]), "PNG")
+    path = tmp_path / "sign.png"
+    path.write_bytes(png)
+
+    async def go() -> None:
+        processor = MediaProcessor(tmp_path, readers=readers)  # type: ignore[arg-type]
+        try:
+            first = asyncio.create_task(processor.render_file(path, "image/png", "one", "key-a", job="one"))
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(processor.render_file(path, "image/png", "two", "key-b", job="two"))
+            await asyncio.sleep(0.05)
+            running, waiting = processor.progress("one"), processor.progress("two")
+            assert running is not None and running.step == "reading the image"
+            assert waiting is not None and waiting.done == 0 and waiting.step == "waiting: 1 job to go first"
+            readers.release.set()
+            await asyncio.gather(first, second)
+            assert processor.progress("one") is None and processor.progress("two") is None
+        finally:
+            processor.close()
+
+    asyncio.run(go())
