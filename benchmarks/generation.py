@@ -1,4 +1,8 @@
-"""Generation benchmark: gemserve over HTTP against llama-cpp-python in process, for models/gemma-3-270m.
+"""Generation benchmark: gemserve over HTTP against llama-cpp-python in process, for one built-in model.
+
+The server is started as the README's serve command starts it, with every default model loaded; `--model` picks
+the one measured (models/gemma-3-270m by default), and the baseline loads that model's own GGUF file from the
+server's data dir.
 
 What one run measures (greedy decoding, temperature 0, on the same GGUF file and the same prompt tokens):
 
@@ -10,6 +14,8 @@ gemserve, a `gemserve serve` process this script starts on a free port of 127.0.
   - time to first token of a ~1000-token prompt (request sent -> first SSE chunk), median of --runs;
   - aggregate tokens/s of 8 concurrent streams of 128 tokens: all tokens produced divided by the time from
     sending the requests to the last chunk of the last stream (prompt processing included);
+  - decode tokens/s under a JSON schema (responseMimeType application/json with a responseSchema), as the
+    single-stream decode is measured, alternating with it: the ratio is the cost of constrained decoding;
   - peak RSS of the server process (VmHWM in /proc/<pid>/status), read before it is stopped.
 
 llama-cpp-python in this process, `Llama(n_ctx=4096, n_threads=2)`, as the baseline, and the same with
@@ -22,12 +28,13 @@ Decode and time-to-first-token runs alternate between gemserve and llama-cpp-pyt
 the baseline runs), so background load on a shared machine hits both sides alike; the report also says how
 much CPU other processes took during the run. Rates come from the tokens actually produced: a run that ends
 early at an end-of-turn token is reported with its count. The prompt is rendered with gemserve's own chat
-format (the Gemma turn format) so both sides decode the same token ids; the script checks the counts agree.
+format (the model's chat template) so both sides decode the same token ids; the script checks the counts agree.
 The baseline's KV cache is cleared before every run; gemserve's prefix reuse is defeated for the long
 prompt by a run number at its start (the short decode prompt is reused, which only saves prefill time, outside
 the decode window).
 
-    python benchmarks/generation.py [--data-dir DIR] [--output docs/results.md] [--runs 3] [--timeout 1500]
+    python benchmarks/generation.py [--model qwen2.5-coder-0.5b-instruct] [--data-dir DIR] [--output F.md]
+                                    [--runs 3] [--timeout 1500]
 """
 
 from __future__ import annotations
@@ -55,8 +62,10 @@ from typing import TypeVar
 
 import httpx
 
-MODEL = "models/gemma-3-270m"
-GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+GGUF_FILES = {"gemma-3-270m": "gemma-3-270m-q4_k_m.gguf",
+              "qwen2.5-coder-0.5b-instruct": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"}
+MODEL = "models/gemma-3-270m"  # set by --model
+GGUF_NAME = GGUF_FILES["gemma-3-270m"]
 NEW_TOKENS = 128
 CONCURRENCY = 8
 TTFT_NEW_TOKENS = 4
@@ -68,6 +77,11 @@ POLL_INTERVAL_S = 0.02
 
 # Plain text to continue: the start of an essay. Greedy decoding of it runs to the 128-token limit.
 DECODE_PROMPT = "The history of the printing press begins in the fifteenth century, when"
+JSON_PROMPT = ("Describe the history of the printing press as a list of ten events, each with its year, place, "
+               "the people involved and a detailed description.")
+JSON_SCHEMA = {"type": "ARRAY", "items": {"type": "OBJECT", "properties": {
+    "year": {"type": "INTEGER"}, "place": {"type": "STRING"}, "people": {"type": "ARRAY", "items": {"type": "STRING"}},
+    "description": {"type": "STRING"}}, "required": ["year", "place", "people", "description"]}}
 
 _LONG_PARAGRAPHS = (
     "Before the printing press, books in Europe were copied by hand, most often by monks working in the "
@@ -274,11 +288,11 @@ class Stream:
         return (self.tokens - 1) / span if span > 0 and self.tokens > 1 else float("nan")
 
 
-def stream_generate(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> Stream:
-    body = {
-        "contents": [{"role": "user", "parts": [{"text": prompt}]}],
-        "generationConfig": {"temperature": 0, "maxOutputTokens": max_tokens},
-    }
+def stream_generate(client: httpx.Client, url: str, prompt: str, max_tokens: int, schema: bool = False) -> Stream:
+    config: dict[str, object] = {"temperature": 0, "maxOutputTokens": max_tokens}
+    if schema:
+        config.update(responseMimeType="application/json", responseSchema=JSON_SCHEMA)
+    body = {"contents": [{"role": "user", "parts": [{"text": prompt}]}], "generationConfig": config}
     endpoint = f"{url}/v1beta/{MODEL}:streamGenerateContent?alt=sse"
     result = Stream(sent=time.perf_counter())
     with client.stream("POST", endpoint, json=body, timeout=REQUEST_TIMEOUT_S) as response:
@@ -368,11 +382,6 @@ class BaselineRun:
         return (self.tokens - 1) / span if span > 0 and self.tokens > 1 else float("nan")
 
 
-def render_prompt(text: str) -> str:
-    """The prompt text exactly as gemserve builds it for a single user turn of this model."""
-    from gemserve.models.chat_format import ChatFormat, Message
-
-    return ChatFormat(None, "gemma3", "<bos>", "<eos>").render([Message("user", text)])
 
 
 class Baseline:
@@ -390,7 +399,17 @@ class Baseline:
         self.decode_prompt = self.tokens(DECODE_PROMPT)
 
     def tokens(self, text: str) -> list[int]:
-        return self.llm.tokenize(render_prompt(text).encode(), add_bos=False, special=True)
+        """The prompt's tokens exactly as gemserve builds them for a single user turn of this model."""
+        from gemserve.models.chat_format import ChatFormat, Message
+
+        meta = self.llm.metadata
+
+        def special(token: int) -> str:
+            return self.llm.detokenize([token], special=True).decode(errors="replace")
+
+        chat = ChatFormat(meta.get("tokenizer.chat_template"), meta.get("general.architecture", ""),
+                          special(self.llm.token_bos()), special(self.llm.token_eos()))
+        return self.llm.tokenize(chat.render([Message("user", text)]).encode(), add_bos=False, special=True)
 
     def decode(self) -> BaselineRun:
         """Greedy tokens of the decode prompt until NEW_TOKENS or an end-of-generation token."""
@@ -439,6 +458,7 @@ class BaselineFigures:
 class Results:
     starts: list[StartUp] = field(default_factory=list)
     server_decode: list[Stream] = field(default_factory=list)
+    server_json: list[Stream] = field(default_factory=list)
     server_ttft: list[Stream] = field(default_factory=list)
     concurrent: list[Concurrent] = field(default_factory=list)
     baselines: list[BaselineFigures] = field(default_factory=list)
@@ -469,8 +489,11 @@ def measure_pairs(results: Results, client: httpx.Client, server: Server, baseli
     stream_generate(client, url, DECODE_PROMPT, 16)  # warm-ups, not counted
     for baseline in baselines:
         baseline.decode()
+    stream_generate(client, url, JSON_PROMPT, 16, schema=True)  # compiles the schema's grammar once
     for _ in range(runs):
         results.server_decode.append(noted(server, partial(stream_generate, client, url, DECODE_PROMPT, NEW_TOKENS)))
+        results.server_json.append(noted(server, partial(stream_generate, client, url, JSON_PROMPT, NEW_TOKENS,
+                                                         schema=True)))
         for baseline, figures in zip(baselines, results.baselines, strict=True):
             figures.decode.append(noted(server, baseline.decode))
     for run in range(runs):
@@ -479,6 +502,7 @@ def measure_pairs(results: Results, client: httpx.Client, server: Server, baseli
         for baseline, figures in zip(baselines, results.baselines, strict=True):
             figures.ttft.append(noted(server, partial(baseline.ttft, baseline.tokens(prompt))))
     print("decode tok/s, gemserve:", _fmt_list(s.decode_rate for s in results.server_decode), flush=True)
+    print("JSON-schema decode tok/s, gemserve:", _fmt_list(s.decode_rate for s in results.server_json), flush=True)
     print("long-prompt TTFT s, gemserve:", _fmt_list(s.ttft for s in results.server_ttft), flush=True)
     for figures in results.baselines:
         print(f"decode tok/s, {figures.label}:", _fmt_list(b.decode_rate for b in figures.decode), flush=True)
@@ -545,6 +569,7 @@ def _tokens_note(counts: list[int]) -> str:
 
 def report(r: Results, runs: int) -> str:
     s_decode = _median(s.decode_rate for s in r.server_decode)
+    s_json = _median(s.decode_rate for s in r.server_json)
     s_ttft = _median(s.ttft for s in r.server_ttft)
     agg = _median(c.aggregate_rate for c in r.concurrent)
     per_stream = _median(s.decode_rate for c in r.concurrent for s in c.streams)
@@ -566,6 +591,9 @@ def report(r: Results, runs: int) -> str:
          *[c for f in r.baselines for c in (f"{f.load_s:.2f} (`Llama()` load only)", "")]],
         [f"single-stream decode, {NEW_TOKENS} tokens (tokens/s)"
          + _tokens_note([s.tokens for s in r.server_decode] + base_counts), *versus(s_decode, b_decode, ".1f")],
+        [f"decode under a JSON schema, {NEW_TOKENS} tokens (tokens/s)"
+         + _tokens_note([s.tokens for s in r.server_json]),
+         f"{s_json:.1f} ({s_json / s_decode:.2f} of free decode)", *blank],
         [f"time to first token, {server_prompts[1]}-token prompt (s)", *versus(s_ttft, b_ttft, ".3f")],
         [f"{CONCURRENCY} concurrent streams, aggregate (tokens/s)"
          + _tokens_note([s.tokens for c in r.concurrent for s in c.streams]),
@@ -588,6 +616,7 @@ def report(r: Results, runs: int) -> str:
         "",
         f"- cold start to models listed (s): {_fmt_list(s.listed_s for s in r.starts)}; to first token (s): "
         f"{_fmt_list(s.first_token_s for s in r.starts)}",
+        f"- JSON-schema decode (tokens/s): gemserve {_fmt_runs(r.server_json, 'decode_rate')}",
         f"- decode (tokens/s): gemserve {_fmt_runs(r.server_decode, 'decode_rate')}; "
         + "; ".join(f"{f.label} {_fmt_runs(f.decode, 'decode_rate')}" for f in r.baselines),
         f"- long-prompt TTFT (s): gemserve {_fmt_runs(r.server_ttft, 'ttft')}; "
@@ -634,6 +663,7 @@ def _on_alarm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(GGUF_FILES), default="gemma-3-270m", help="the model measured")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="gemserve data dir (default: a temporary one, removed at the end)")
     parser.add_argument("--output", type=Path, default=None, help="write the results table here (markdown)")
@@ -642,6 +672,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    global MODEL, GGUF_NAME
+    MODEL, GGUF_NAME = f"models/{args.model}", GGUF_FILES[args.model]
 
     clock = CpuClock.now()
     version = source_version()  # before the run: the code the server starts with

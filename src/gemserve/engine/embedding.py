@@ -7,7 +7,8 @@ trained on (`max_seq_length`); longer texts are cut there. A plain encoder direc
 mean-pooled over its window.
 
 `SentenceEncoder` computes vectors synchronously, in forward passes over texts of similar length;
-`EmbeddingEngine` owns one and runs it on a thread of its own, so that embedding never blocks the event loop.
+`EmbeddingEngine` owns one and runs it on a thread of its own, so that embedding never blocks the event loop;
+after each job that thread lets torch's worker threads go (`threads.py`), so an idle encoder slows no model.
 The model loads on that thread in the background: the server is ready before torch is, and the first
 embedding request waits for the load. Vectors always leave L2-normalised (for cosine similarity as a dot
 product); the service layer truncates them for `outputDimensionality` and normalises again.
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from gemserve.engine.threads import releasing
 
 log = logging.getLogger("gemserve.engine")
 
@@ -147,7 +150,7 @@ class EmbeddingEngine:
         self.path = path
         self.layout = read_layout(path)  # a directory that is not a model stops the server at start-up
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemserve-embed")
-        self._encoder = self._pool.submit(SentenceEncoder, path, threads)
+        self._encoder = self._pool.submit(releasing(lambda: SentenceEncoder(path, threads)))
         self._encoder.add_done_callback(self._log_load)
 
     def _log_load(self, future: concurrent.futures.Future[SentenceEncoder]) -> None:
@@ -164,7 +167,7 @@ class EmbeddingEngine:
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         encoder = await self.encoder()
-        return await asyncio.wrap_future(self._pool.submit(encoder.encode, texts))
+        return await asyncio.wrap_future(self._pool.submit(releasing(lambda: encoder.encode(texts))))
 
     async def count_tokens(self, texts: list[str]) -> int:
         encoder = await self.encoder()

@@ -134,6 +134,11 @@ class Inbox(Generic[S]):
         finally:
             seq.cancelled = True
 
+    def empty(self) -> bool:
+        """No new sequence waits to be taken (a hint: one may arrive at once)."""
+        with self._cond:
+            return not self._incoming
+
     def take(self, room: int, busy: bool) -> list[S] | None:
         """Up to `room` new sequences; waits while there is nothing to do (`busy` is False). None once closed."""
         with self._cond:

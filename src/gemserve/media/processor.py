@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from gemserve.engine.threads import releasing
 from gemserve.media import render
 from gemserve.media.readers import Readers
 from gemserve.media.rendering import Rendering
@@ -127,7 +128,8 @@ class MediaProcessor:
             await self._turns.take(owner)
             try:
                 report = None if job is None else partial(self._report, loop, job, run)
-                running = loop.run_in_executor(self._pool, partial(work, report=report))
+                # torch's worker threads go after each job (engine/threads.py): idle readers slow no model.
+                running = loop.run_in_executor(self._pool, releasing(partial(work, report=report)))
             except BaseException:
                 self._turns.release()
                 raise

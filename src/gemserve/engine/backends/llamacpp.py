@@ -48,6 +48,7 @@ from pathlib import Path
 from gemserve.engine.backends.llamacpp_model import LlamaModel
 from gemserve.engine.constraints import Constraint, GrammarTokenizer
 from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance, rng_for
+from gemserve.engine.threads import release_idle_threads
 from gemserve.engine.types import EngineError, Event, GenerationRequest
 
 log = logging.getLogger("gemserve.engine")
@@ -98,6 +99,7 @@ class LlamaCppEngine:
         self._free_ids = list(range(2 * max_sequences - 1, -1, -1))
         self._kept: OrderedDict[int, _Kept] = OrderedDict()
         self._turn = 0
+        self._holds_threads = True  # loading the model ran parallel work on the engine thread
         self.reused_tokens = 0  # prompt tokens served from kept caches, for tests and benchmarks
 
         self._inbox: Inbox[_Sequence] = Inbox()
@@ -243,7 +245,11 @@ class LlamaCppEngine:
                 self._admit(self._admitting[0])
                 self._admitting = []
             room = 0 if self._waiting else self._max_running - len(self._running)
-            admitted = self._inbox.take(room, busy=bool(self._running or self._waiting))
+            busy = bool(self._running or self._waiting)
+            if not busy and self._holds_threads and self._inbox.empty():
+                release_idle_threads()  # idle: no parked workers to slow the other models down (threads.py)
+                self._holds_threads = False
+            admitted = self._inbox.take(room, busy=busy)
             if admitted is None:
                 break
             self._admitting = admitted  # until they are running: a failure on the way fails them too
@@ -253,6 +259,7 @@ class LlamaCppEngine:
             for seq in admitted:
                 self._admit(seq)
             self._admitting = []
+            self._holds_threads = True
             self._step()
             self._outbox.flush()
 

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from gemserve.engine.constraints import Constraint, GrammarTokenizer
 from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance, rng_for
+from gemserve.engine.threads import release_idle_threads
 from gemserve.engine.types import (
     EngineError,
     Event,
@@ -211,6 +212,8 @@ class TransformersEngine:
         try:
             with torch.inference_mode():  # thread-local, so it is entered here and not in __init__
                 while True:
+                    if not self._running and self._inbox.empty():
+                        release_idle_threads()  # idle: torch's workers go (engine/threads.py)
                     admitted = self._inbox.take(self._max_sequences - len(self._running), busy=bool(self._running))
                     if admitted is None:
                         break

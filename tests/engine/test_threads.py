@@ -1,0 +1,53 @@
+"""Idle compute threads: a thread that ran OpenMP work lets its worker team go, so that an idle model leaves no
+parked workers behind to make libgomp stop spinning for the busy one (engine/threads.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from gemserve.engine.backends.output_head import _kernel
+from gemserve.engine.threads import release_idle_threads, releasing
+
+
+def threads_now() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def parallel_work() -> None:
+    """A parallel region of two threads (the output-layer kernel's packing, on a tiny matrix)."""
+    lib = _kernel()
+    rows, k = 64, 64
+    source = np.zeros(rows * k // 32 * 34, dtype=np.uint8)
+    packed = np.zeros(lib.output_head_packed_bytes(rows, k), dtype=np.uint8)  # type: ignore[union-attr]
+    assert lib.output_head_pack(source.ctypes.data, rows, k, packed.ctypes.data, 2) == 0  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(_kernel() is None or not os.path.isdir("/proc/self/task"),
+                    reason="needs the output-layer kernel (built with OpenMP) and /proc")
+def test_a_thread_that_ran_parallel_work_lets_its_workers_go() -> None:
+    counts: dict[str, int] = {}
+    ready, done = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        counts["before"] = threads_now()
+        parallel_work()
+        counts["holding"] = threads_now()  # the team's worker stays parked after the work
+        counts["released"] = int(release_idle_threads())
+        counts["after"] = threads_now()
+        releasing(parallel_work)()  # the next job makes a team anew and lets it go too
+        counts["after job"] = threads_now()
+        ready.set()
+        done.wait(5)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    ready.wait(10)
+    done.set()
+    thread.join()
+    assert counts["released"] == 1
+    assert counts["holding"] == counts["before"] + 1
+    assert counts["after"] == counts["before"] == counts["after job"]
