@@ -75,8 +75,9 @@ START_TIMEOUT_S = 300.0  # the warm-up start may assemble the model (hashing 250
 REQUEST_TIMEOUT_S = 300.0
 POLL_INTERVAL_S = 0.02
 
-# Plain text to continue: the start of an essay. Greedy decoding of it runs to the 128-token limit.
-DECODE_PROMPT = "The history of the printing press begins in the fifteenth century, when"
+# Greedy decoding of it runs to the 128-token limit with each built-in model (an instruction-tuned model answers
+# a bare sentence to continue in a few words).
+DECODE_PROMPT = "Write a long essay on the history of the printing press, from Gutenberg to the present day."
 JSON_PROMPT = ("Describe the history of the printing press as a list of ten events, each with its year, place, "
                "the people involved and a detailed description.")
 JSON_SCHEMA = {"type": "ARRAY", "items": {"type": "OBJECT", "properties": {

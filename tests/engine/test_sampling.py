@@ -3,6 +3,7 @@
 from collections import Counter
 
 import numpy as np
+import pytest
 
 from gemserve.engine.sampling import log_softmax, sample, top_ids
 from gemserve.engine.types import SamplingParams
@@ -77,3 +78,37 @@ def test_top_ids_is_exact_with_and_without_the_prefilter() -> None:
             expected = np.argsort(-scores, kind="stable")[:k]
             assert sorted(scores[top_ids(scores, k)], reverse=True) == sorted(scores[expected], reverse=True)
             assert list(scores[top_ids(scores, k)]) == sorted(scores[top_ids(scores, k)], reverse=True)
+
+
+class OnlyTokens:
+    """A constraint allowing a fixed set of tokens, counting how often its whole mask is built."""
+
+    def __init__(self, tokens: set[int]) -> None:
+        self.tokens = tokens
+        self.masks = 0
+
+    def permits(self, token: int) -> bool:
+        return token in self.tokens
+
+    def allowed(self, n_vocab: int) -> np.ndarray:
+        self.masks += 1
+        mask = np.zeros(n_vocab, dtype=bool)
+        mask[list(self.tokens)] = True
+        return mask
+
+
+def test_greedy_under_a_constraint_builds_the_mask_only_when_the_best_token_is_ruled_out() -> None:
+    greedy = SamplingParams(temperature=0.0)
+    best = int(np.argmax(LOGITS))
+    follows = OnlyTokens({best, 0})
+    assert sample(LOGITS, greedy, Counter(), np.random.default_rng(), follows).token == best
+    assert follows.masks == 0
+    ruled_out = OnlyTokens({0, 2})
+    expected = max((0, 2), key=lambda t: LOGITS[t])
+    assert sample(LOGITS, greedy, Counter(), np.random.default_rng(), ruled_out).token == expected
+    assert ruled_out.masks == 1
+    sampled = OnlyTokens({0})
+    assert sample(LOGITS, SamplingParams(temperature=1.0), Counter(), np.random.default_rng(), sampled).token == 0
+    assert sampled.masks == 1
+    with pytest.raises(ValueError, match="allows no token"):
+        sample(LOGITS, greedy, Counter(), np.random.default_rng(), OnlyTokens(set()))

@@ -46,6 +46,11 @@ class Constraint:
         allowed[:shared] = bits[:shared]
         return allowed
 
+    def permits(self, token: int) -> bool:
+        """Whether `token` may come next, without computing the whole mask (an end-of-generation token where the
+        grammar accepts)."""
+        return bool(self._matcher.validate_tokens([token]) == 1)
+
     def consume(self, token: int) -> None:
         if not self._matcher.consume_token(token):
             raise ConstraintError(self._matcher.get_error() or f"token {token} is not allowed here")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -36,16 +37,23 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def sample(logits: np.ndarray, params: SamplingParams, generated: Counter[int], rng: np.random.Generator,
-           allowed: np.ndarray | None = None) -> Choice:
+           constraint: Rule | None = None) -> Choice:
     """Pick a token from `logits` (shape [vocab]); `generated` counts the tokens this sequence produced so far;
-    `allowed` (bool, shape [vocab]), when given, holds the only tokens that may be drawn."""
+    `constraint`, when given, says which tokens may be drawn.
+
+    Greedy under a constraint, the best token is asked about first: when the constraint permits it (as it
+    nearly always does once a model follows the format), it is the masked argmax too, and the mask over the whole
+    vocabulary - the per-token work that grows with it - is never built."""
     scores = _penalized(logits, params, generated)
-    if allowed is not None:
-        if not allowed.any():
-            raise ValueError("the constraint allows no token here")
-        scores = np.where(allowed, scores, np.float32(-np.inf))
     greedy = params.temperature < MIN_TEMPERATURE or params.top_k == 1
-    token = int(np.argmax(scores)) if greedy else _draw(scores, params, rng)
+    if greedy:
+        token = int(np.argmax(scores))
+        if constraint is not None and not constraint.permits(token):
+            token = int(np.argmax(_masked(scores, constraint, logits.shape[0])))
+    else:
+        if constraint is not None:
+            scores = _masked(scores, constraint, logits.shape[0])
+        token = _draw(scores, params, rng)
     if params.logprobs is None:
         return Choice(token, None, ())
     logprobs = log_softmax(logits)
@@ -56,6 +64,21 @@ def sample(logits: np.ndarray, params: SamplingParams, generated: Counter[int], 
         best = top_ids(logits, min(params.logprobs, logits.shape[0]))
         top = tuple((int(t), float(logprobs[t])) for t in best)
     return Choice(token, float(logprobs[token]), top)
+
+
+class Rule(Protocol):
+    """What sampling needs of a constraint (`engine.constraints.Constraint`)."""
+
+    def permits(self, token: int) -> bool: ...
+
+    def allowed(self, n_vocab: int) -> np.ndarray: ...
+
+
+def _masked(scores: np.ndarray, constraint: Rule, n_vocab: int) -> np.ndarray:
+    allowed = constraint.allowed(n_vocab)
+    if not allowed.any():
+        raise ValueError("the constraint allows no token here")
+    return np.where(allowed, scores, np.float32(-np.inf))
 
 
 def _penalized(logits: np.ndarray, params: SamplingParams, generated: Counter[int]) -> np.ndarray:

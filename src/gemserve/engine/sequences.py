@@ -77,8 +77,7 @@ def advance(seq: Sequence, logits: np.ndarray, is_end: Callable[[int], bool], ou
     A failure here belongs to this sequence alone: it gets the error and ends; the engine goes on."""
     constraint = seq.request.constraint
     try:
-        allowed = constraint.allowed(logits.shape[0]) if constraint is not None else None
-        choice = sample(logits, seq.request.sampling, seq.generated, seq.rng, allowed)
+        choice = sample(logits, seq.request.sampling, seq.generated, seq.rng, constraint)
         if constraint is not None and not is_end(choice.token):
             constraint.consume(choice.token)
     except Exception as exc:
