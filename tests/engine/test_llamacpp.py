@@ -335,3 +335,13 @@ def test_a_seeded_request_without_room_for_its_context_fails_alone(engine: Llama
         assert not isinstance(served, BaseException) and served[1] == "MAX_TOKENS"
 
     asyncio.run(scenario())
+
+
+def test_plain_text_keeps_the_vocabularys_whitespace_tokens_and_spells_markup_out(engine: LlamaCppEngine) -> None:
+    text = "First paragraph.\n\nSecond one,    indented.\n\n\nThird."
+    plain = engine.tokenize(text, add_bos=False, parse_special=False)
+    assert plain == engine.tokenize(text, add_bos=False, parse_special=True)  # "\n\n" stays one token
+    assert engine.tokenize("\n\n", add_bos=False, parse_special=False) != engine.tokenize("\n", add_bos=False,
+                                                                                         parse_special=False) * 2
+    turn = engine.tokenize("<end_of_turn>", add_bos=False, parse_special=True)
+    assert turn[0] not in engine.tokenize("a <end_of_turn> b", add_bos=False, parse_special=False)

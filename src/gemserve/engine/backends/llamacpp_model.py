@@ -113,14 +113,15 @@ class LlamaModel:
 
     def tokenize(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
         """Token ids of `text`. Without `parse_special` the text is literal: llama.cpp still reads user-defined
-        tokens (Qwen's `<tool_call>`) out of plain text, so any it found are spelled out again, split."""
+        tokens (Qwen's `<tool_call>`) out of plain text, so any it found are spelled out again, split. Runs of
+        whitespace stay whole (Gemma's vocabulary has user-defined tokens for them, which it was trained with)."""
         ids = self._tokenize(text, add_bos, parse_special)
         if parse_special or not any(self._user_defined(t) for t in ids):
             return ids
         out: list[int] = []
         for token in ids:
             piece = self.token_bytes(token).decode("utf-8", errors="replace")
-            if self._user_defined(token) and len(piece) > 1:
+            if self._user_defined(token) and len(piece) > 1 and piece.strip():
                 out += self.tokenize(piece[:1], add_bos=False, parse_special=False)
                 out += self.tokenize(piece[1:], add_bos=False, parse_special=False)
             else:

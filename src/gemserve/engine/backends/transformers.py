@@ -118,7 +118,7 @@ class TransformersEngine:
             literal: list[int] = []
             for token in ids:
                 piece = self._added[token].content if token in self._added else ""
-                if len(piece) > 1:
+                if len(piece) > 1 and piece.strip():  # runs of whitespace (Gemma's) stay whole
                     literal += self.tokenize(piece[:1], add_bos=False, parse_special=False)
                     literal += self.tokenize(piece[1:], add_bos=False, parse_special=False)
                 else:
