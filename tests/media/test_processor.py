@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from gemserve.media.processor import MediaProcessor, Turns
+from gemserve.media.processor import MediaProcessor, Progress, Turns
 from tests.media.samples import ScriptedReaders, encoded, text_picture
 
 
@@ -29,8 +29,6 @@ def test_keys_take_turns_so_a_long_queue_delays_another_key_by_one_job() -> None
         jobs.append(asyncio.create_task(job(turns, "b", "b1")))
         jobs.append(asyncio.create_task(job(turns, "c", "c1")))
         await asyncio.sleep(0)
-        assert turns.ahead_of("d") == 4  # the running job, a1, b1 and c1
-        assert turns.ahead_of("b") == 5  # and a2, before b's second
         turns.release()
         await asyncio.gather(*jobs)
 
@@ -102,10 +100,38 @@ def test_progress_is_known_while_a_job_waits_and_runs_and_forgotten_when_it_ends
             await asyncio.sleep(0.05)
             running, waiting = processor.progress("one"), processor.progress("two")
             assert running is not None and running.step == "reading the image"
-            assert waiting is not None and waiting.done == 0 and waiting.step == "waiting: 1 job to go first"
+            assert waiting is not None and waiting.done == 0
+            assert waiting.step == "waiting for other files to be processed first"
             readers.release.set()
             await asyncio.gather(first, second)
             assert processor.progress("one") is None and processor.progress("two") is None
+        finally:
+            processor.close()
+
+    asyncio.run(go())
+
+
+def test_a_job_whose_caller_leaves_stops_at_its_next_report_and_only_then_passes_the_turn(tmp_path: Path) -> None:
+    readers = SlowReaders()
+    pdf = tmp_path / "scan.pdf"
+    scan = text_picture(["PAGE"])
+    scan.save(pdf, "PDF", resolution=100.0, save_all=True, append_images=[scan, scan])  # three scanned pages
+
+    async def go() -> None:
+        processor = MediaProcessor(tmp_path, readers=readers)  # type: ignore[arg-type]
+        try:
+            leaving = asyncio.create_task(processor.render_file(pdf, "application/pdf", "scan", "key-a", job="a"))
+            await asyncio.sleep(0.05)  # reading page 1, held in OCR
+            leaving.cancel()
+            await asyncio.gather(leaving, return_exceptions=True)
+            assert processor._turns.busy  # its thread still runs: the turn is not passed on yet
+            after = asyncio.create_task(processor.render_file(pdf, "application/pdf", "scan", "key-b", job="b"))
+            await asyncio.sleep(0.05)
+            assert processor.progress("b") == Progress(0.0, "waiting for other files to be processed first")
+            readers.release.set()  # page 1 ends; the cancelled job stops before page 2
+            rendering = await asyncio.wait_for(after, 10)
+            assert rendering.text.count("SIGN") == 3
+            assert readers.calls["ocr"] == 1 + 3
         finally:
             processor.close()
 

@@ -145,3 +145,11 @@ def test_sound_longer_than_the_limit_is_refused_before_it_is_transcribed(monkeyp
     with pytest.raises(MediaError, match=r"the video is 0:09 long; at most 0:05 is read"):
         rendered((MEDIA / "video.mp4").read_bytes(), "video/mp4", readers)
     assert readers.calls["transcribe"] == 0
+
+
+def test_sound_of_unknown_length_stops_at_the_limit_as_it_is_transcribed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(render, "MAX_MEDIA_SECONDS", 5)
+    monkeypatch.setattr(render, "_media_duration", lambda source: (0.0, True, False))  # a length nobody wrote down
+    readers = ScriptedReaders(speech=[(0.0, " One."), (4.0, " Two."), (6.0, " Three.")])
+    with pytest.raises(MediaError, match="longer than 0:05"):
+        rendered((MEDIA / "speech.mp3").read_bytes(), "audio/mpeg", readers)

@@ -7,9 +7,11 @@ sleep almost at once (100 spins instead of 300,000). llama.cpp meets hundreds of
 second loaded model - idle, its workers merely parked - made the busy one's decode 15-25% slower on two cores.
 
 `release_idle_threads()` ends the calling thread's team (OpenMP 5's `omp_pause_resource_all`); the next parallel
-work starts a new one, which costs microseconds. Every thread that runs parallel work calls it when its queue is
-empty: the llama.cpp engine threads before they wait for requests, the embedding and media threads after each
-job. So only busy models hold workers, and one busy model alone gets the full spinning budget.
+work starts a new one, which costs microseconds. Every thread that runs such parallel work calls it when its
+queue is empty: the llama.cpp and transformers engine threads before they wait for requests, the embedding and
+media threads after each job (torch's image classifier; Whisper's CTranslate2 and OCR's onnxruntime bring thread
+pools of their own, which do not count). So only busy models hold workers, and one busy model alone gets the
+full spinning budget.
 """
 
 from __future__ import annotations

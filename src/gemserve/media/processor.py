@@ -1,8 +1,9 @@
 """The media pool: renderings are made on one worker thread (the readers are heavy and this machine is small),
 never on the event loop, each reader loaded the first time it is needed and kept.
 
-Keys take turns: the next job is the oldest one of the key that was served least recently, so a key that sends a
-hundred videos delays another key's image by one job at most, not by a hundred.
+Keys take turns, round-robin: each key with jobs waiting gets one job done in its turn, so a key that sends a
+hundred videos delays another key's image by one job at most, not by a hundred. A job whose caller leaves (a
+file deleted while it is processed) stops at its next page, segment of speech or frame.
 
 A job's progress (a fraction and what is being done) can be read while it waits or runs (`progress`), which the
 Files API shows in a File being processed.
@@ -18,18 +19,19 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from gemserve.engine.threads import releasing
 from gemserve.media import render
 from gemserve.media.readers import Readers
-from gemserve.media.rendering import Rendering
+from gemserve.media.rendering import MediaError, Rendering
 
 log = logging.getLogger("gemserve.media")
 
@@ -43,6 +45,13 @@ class Progress:
     step: str
 
 
+class _Run:
+    """One job's identity (progress reports of an older run of the same job are ignored) and its stop signal."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+
 class Turns:
     """One job at a time, keys served in rotation (the event loop's side of the single worker)."""
 
@@ -50,11 +59,9 @@ class Turns:
         self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
         self._busy = False
 
-    def ahead_of(self, owner: str) -> int:
-        """Jobs that will run before a new job of `owner`'s (the one running included)."""
-        mine = len(self._waiting.get(owner, ()))
-        others = sum(min(len(queue), mine + 1) for key, queue in self._waiting.items() if key != owner)
-        return int(self._busy) + mine + others
+    @property
+    def busy(self) -> bool:
+        return self._busy or bool(self._waiting)
 
     async def take(self, owner: str) -> None:
         if not self._busy and not self._waiting:
@@ -95,7 +102,7 @@ class MediaProcessor:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gemserve-media")
         self._turns = Turns()
         self._recent: OrderedDict[str, Rendering] = OrderedDict()
-        self._progress: dict[Hashable, tuple[object, Progress]] = {}  # job -> (its run, how far it is)
+        self._progress: dict[Hashable, tuple[_Run, Progress]] = {}  # job -> (its run, how far it is)
 
     def progress(self, job: Hashable) -> Progress | None:
         """How far a job (`render_file`'s `job`) has come, while it waits or runs; None once it has ended."""
@@ -119,33 +126,44 @@ class MediaProcessor:
 
     async def _run(self, owner: str, job: Hashable | None, work: Callable[..., T]) -> T:
         loop = asyncio.get_running_loop()
-        run = object()
+        run = _Run()
         if job is not None:
-            ahead = self._turns.ahead_of(owner)
-            step = f"waiting: {ahead} job{'s' if ahead != 1 else ''} to go first" if ahead else "starting"
+            step = "waiting for other files to be processed first" if self._turns.busy else "starting"
             self._progress[job] = (run, Progress(0.0, step))
         try:
             await self._turns.take(owner)
             try:
-                report = None if job is None else partial(self._report, loop, job, run)
                 # torch's worker threads go after each job (engine/threads.py): idle readers slow no model.
+                report = partial(self._report, loop, job, run)
                 running = loop.run_in_executor(self._pool, releasing(partial(work, report=report)))
             except BaseException:
                 self._turns.release()
                 raise
-            # The turn passes on when the thread is done, not when a cancelled caller stops waiting for it.
-            running.add_done_callback(lambda _: self._turns.release())
-            return await running
+            running.add_done_callback(self._finished)  # the turn passes on when the thread is done
+            try:
+                return await asyncio.shield(running)
+            except asyncio.CancelledError:
+                run.cancelled.set()  # the rendering stops at its next report (page, segment of speech, frame)
+                raise
         finally:
             if job is not None and self._progress.get(job, (None,))[0] is run:
                 del self._progress[job]
 
-    def _report(self, loop: asyncio.AbstractEventLoop, job: Hashable, run: object, done: float, step: str) -> None:
-        """Called on the worker thread as a rendering goes on."""
-        with contextlib.suppress(RuntimeError):  # the loop has closed: the server is stopping
-            loop.call_soon_threadsafe(self._set_progress, job, run, Progress(min(1.0, max(0.0, done)), step))
+    def _finished(self, running: asyncio.Future[Any]) -> None:
+        self._turns.release()
+        if not running.cancelled():
+            running.exception()  # a job whose caller left ends quietly
 
-    def _set_progress(self, job: Hashable, run: object, progress: Progress) -> None:
+    def _report(self, loop: asyncio.AbstractEventLoop, job: Hashable | None, run: _Run, done: float,
+                step: str) -> None:
+        """Called on the worker thread as a rendering goes on; stops a rendering nobody waits for any more."""
+        if run.cancelled.is_set():
+            raise MediaError("the processing was cancelled.")
+        if job is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is stopping
+                loop.call_soon_threadsafe(self._set_progress, job, run, Progress(min(1.0, max(0.0, done)), step))
+
+    def _set_progress(self, job: Hashable, run: _Run, progress: Progress) -> None:
         if self._progress.get(job, (None,))[0] is run:  # this run's, and not after it ended
             self._progress[job] = (run, progress)
 

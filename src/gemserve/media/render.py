@@ -208,13 +208,19 @@ def _check_length(duration: float, what: str) -> None:
 def _transcript(source: IO[bytes], readers: Readers, duration: float, report: Report, share: float) -> list[str]:
     """The transcript, reporting progress from 0 to `share` as the speech is read."""
     def heard(seconds: float) -> None:
+        if seconds > MAX_MEDIA_SECONDS:  # a length the container did not tell (a recording in progress's WebM)
+            raise MediaError(f"the sound is longer than {clock(MAX_MEDIA_SECONDS)}, which is as much as is read.")
         if duration:
             report(share * seconds / duration, f"transcribing the sound: {clock(seconds)} of {clock(duration)}")
+        else:
+            report(0.0, f"transcribing the sound: {clock(seconds)}")
 
     report(0.0, "transcribing the sound")
     source.seek(0)
     try:
         segments = readers.transcribe(source, heard)
+    except MediaError:
+        raise
     except (ValueError, RuntimeError, OSError) as exc:
         raise MediaError(f"the sound cannot be decoded ({exc}).") from None
     return [f"[{clock(start)}] {words.strip()}" for start, words in segments if words.strip()]
@@ -235,9 +241,10 @@ def video(source: IO[bytes], mime_type: str, name: str, readers: Readers, report
     duration, has_audio, has_video = _media_duration(source)
     if not has_video and not has_audio:
         raise MediaError("the file holds neither pictures nor sound.")
-    _check_length(duration, "video")
+    if has_audio:  # only sound is read at its length; a silent video is read in its 16 frames
+        _check_length(duration, "video")
     lines = [f'[Video "{name}" ({clock(duration)} long)]']
-    sound_share = 0.7 if has_video else 1.0  # transcribing takes most of the time
+    sound_share = 0.7 if has_video and has_audio else 1.0  # transcribing takes most of the time
     if has_audio:
         lines.append("Transcript of the sound, each line with the time it starts:")
         lines += _transcript(source, readers, duration, report, sound_share) or ["(no speech)"]
@@ -246,10 +253,11 @@ def video(source: IO[bytes], mime_type: str, name: str, readers: Readers, report
     if has_video:
         lines.append("Frames, each with its time:")
         previous = None
-        report(sound_share if has_audio else 0.0, "decoding frames")
+        start = sound_share if has_audio else 0.0  # where the frames' share of the work begins
+        report(start, "decoding frames")
         frames = _frames(source, duration)
         for number, (moment, picture) in enumerate(frames):
-            report((sound_share if has_audio else 0.0) + (1 - sound_share) * number / len(frames),
+            report(start + (1 - start) * number / len(frames),
                    f"reading frame {number + 1} of {len(frames)}")
             seen = describe(picture, readers)
             if seen == previous:
