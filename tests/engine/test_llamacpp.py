@@ -345,3 +345,22 @@ def test_plain_text_keeps_the_vocabularys_whitespace_tokens_and_spells_markup_ou
                                                                                          parse_special=False) * 2
     turn = engine.tokenize("<end_of_turn>", add_bos=False, parse_special=True)
     assert turn[0] not in engine.tokenize("a <end_of_turn> b", add_bos=False, parse_special=False)
+
+
+def test_prompt_lookup_keeps_the_greedy_output_and_the_budget(default_gguf: Path) -> None:
+    text = "List the days of the week, then list them again in the same order: Monday, Tuesday,"
+    plain = LlamaCppEngine(default_gguf, context_size=2048, max_sequences=2, threads=2, lookup=False)
+    try:
+        expected, reason = asyncio.run(run(plain, request(plain, text, 96)))
+    finally:
+        plain.close()
+    looking = LlamaCppEngine(default_gguf, context_size=2048, max_sequences=2, threads=2)
+    try:
+        for budget in (96, 37):
+            tokens, finish = asyncio.run(run(looking, request(looking, text, budget)))
+            assert [t.token for t in tokens] == [t.token for t in expected][:budget]
+            assert finish == (reason if budget == 96 else "MAX_TOKENS")
+        assert looking.accepted_tokens > 10  # the answer repeats itself: proposals were kept
+        assert looking.proposed_tokens > looking.accepted_tokens  # and some were not, and were dropped
+    finally:
+        looking.close()

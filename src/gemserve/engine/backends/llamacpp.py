@@ -47,6 +47,7 @@ from pathlib import Path
 
 from gemserve.engine.backends.llamacpp_model import LlamaModel
 from gemserve.engine.constraints import Constraint, GrammarTokenizer
+from gemserve.engine.lookup import MAX_PROPOSED, Lookup
 from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance, rng_for
 from gemserve.engine.threads import release_idle_threads
 from gemserve.engine.types import EngineError, Event, GenerationRequest
@@ -67,6 +68,7 @@ class _Sequence(Sequence):
     seq_id: int = -1
     history: list[int] = field(default_factory=list)  # tokens whose keys and values are in the cache
     solo: LlamaModel | None = None  # a seeded sequence's own context (sequence id 0 there)
+    lookup: Lookup | None = None  # its n-gram index, once it has decoded alone
 
 
 @dataclass
@@ -93,7 +95,7 @@ class LlamaCppEngine:
 
     def __init__(self, path: Path, *, context_size: int | None = None, max_sequences: int = 8,
                  threads: int | None = None, ubatch: int = 512, own_output_layer: bool = True,
-                 kept_tokens: int = KEPT_TOKENS, pin_budget: int | None = None) -> None:
+                 kept_tokens: int = KEPT_TOKENS, pin_budget: int | None = None, lookup: bool = True) -> None:
         self._max_running = max_sequences
         self._kept_tokens = kept_tokens
         self._free_ids = list(range(2 * max_sequences - 1, -1, -1))
@@ -101,6 +103,9 @@ class LlamaCppEngine:
         self._turn = 0
         self._holds_threads = True  # loading the model ran parallel work on the engine thread
         self.reused_tokens = 0  # prompt tokens served from kept caches, for tests and benchmarks
+        self._lookup = lookup  # prompt-lookup decoding for a sequence that decodes alone (engine/lookup.py)
+        self.proposed_tokens = 0  # tokens prompt lookup proposed, and how many of them were kept
+        self.accepted_tokens = 0
 
         self._inbox: Inbox[_Sequence] = Inbox()
         self._outbox = Outbox()
@@ -449,8 +454,16 @@ class LlamaCppEngine:
             room -= len(chunk)
             if prompt:
                 prompt_room -= len(chunk)
+        # A sequence decoding alone also feeds the tokens prompt lookup proposes (engine/lookup.py), each with logits.
+        proposed = self._proposal(plan[0]) if len(group) == 1 and len(plan) == 1 and entries[0][3] else []
+        if proposed:
+            seq_id, start, chunk, _ = entries[0]
+            entries += [(seq_id, start + 1 + i, [token], True) for i, token in enumerate(proposed)]
         if not self._llm.decode(entries):
             self._make_room()
+            return
+        if proposed:
+            self._check_proposal(plan[0], entries[0][2], proposed)
             return
         row = 0
         for seq, (_, _, chunk, wants_logits) in zip(plan, entries, strict=True):
@@ -459,6 +472,40 @@ class LlamaCppEngine:
             row += len(chunk)
             if wants_logits:
                 self._advance(seq, row - 1)
+
+    def _proposal(self, seq: _Sequence) -> list[int]:
+        """Tokens prompt lookup proposes to feed after `seq`'s next one, within its budget and the cache's room."""
+        if not self._lookup or len(seq.pending) != 1 or not seq.history:
+            return []
+        if seq.lookup is None:
+            seq.lookup = Lookup()
+        seq.lookup.sync(seq.history, seq.pending)
+        kept = sum(len(k.tokens) for k in self._kept.values())
+        room = self._llm.n_ctx - len(seq.history) - 1 - kept - MAX_PROPOSED
+        limit = min(seq.request.max_new_tokens - seq.n_generated - 1, self._llm.ubatch - 1, room)
+        return seq.lookup.propose(limit)
+
+    def _check_proposal(self, seq: _Sequence, fed: list[int], proposed: list[int]) -> None:
+        """Choose `seq`'s tokens position by position, as one at a time would; keep each proposed token only while
+        it is the token chosen before it, and drop the cache of the rest."""
+        seq.history.extend(fed)
+        seq.pending.clear()
+        kept = 0
+        ended = False
+        for row in range(len(proposed) + 1):
+            ended = advance(seq, self._llm.logits(row), self._llm.is_end_of_generation, self._outbox)
+            if ended or row == len(proposed) or seq.pending[-1] != proposed[row]:
+                break
+            seq.history.append(seq.pending.pop())  # its keys and values were computed in this pass
+            kept += 1
+        if kept < len(proposed):
+            self._llm.forget(seq.seq_id, len(seq.history))
+        assert seq.lookup is not None
+        seq.lookup.learn(len(proposed), kept)
+        self.proposed_tokens += len(proposed)
+        self.accepted_tokens += kept
+        if ended:
+            self._finish(seq)
 
     def _solo_step(self, seq: _Sequence) -> None:
         """One forward pass of a seeded sequence in its own context: a prompt chunk of SOLO_CHUNK tokens (the same
