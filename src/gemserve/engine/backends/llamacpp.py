@@ -459,7 +459,10 @@ class LlamaCppEngine:
         if proposed:
             seq_id, start, chunk, _ = entries[0]
             entries += [(seq_id, start + 1 + i, [token], True) for i, token in enumerate(proposed)]
-        if not self._llm.decode(entries):
+        if proposed and not self._llm.decode(entries):
+            # No cells for the proposals: the step goes on without them (llama.cpp left the cache as it was).
+            entries, proposed = entries[:1], []
+        if not proposed and not self._llm.decode(entries):
             self._make_room()
             return
         if proposed:
@@ -475,7 +478,7 @@ class LlamaCppEngine:
 
     def _proposal(self, seq: _Sequence) -> list[int]:
         """Tokens prompt lookup proposes to feed after `seq`'s next one, within its budget and the cache's room."""
-        if not self._lookup or len(seq.pending) != 1 or not seq.history:
+        if not self._lookup or not self._llm.can_cut or len(seq.pending) != 1 or not seq.history:
             return []
         if seq.lookup is None:
             seq.lookup = Lookup()
@@ -498,8 +501,8 @@ class LlamaCppEngine:
                 break
             seq.history.append(seq.pending.pop())  # its keys and values were computed in this pass
             kept += 1
-        if kept < len(proposed):
-            self._llm.forget(seq.seq_id, len(seq.history))
+        if kept < len(proposed) and not self._llm.forget(seq.seq_id, len(seq.history)):
+            raise EngineError("the cache of rejected proposals could not be dropped")  # fails this step's requests
         assert seq.lookup is not None
         seq.lookup.learn(len(proposed), kept)
         self.proposed_tokens += len(proposed)

@@ -91,6 +91,8 @@ class LlamaModel:
         self._threads = threads
         self.ubatch = ubatch
         self.n_ctx = n_ctx  # KV cache cells, shared by all sequences
+        # Whether a sequence's cache can be cut at any position (not for recurrent state: Mamba, hybrids).
+        self.can_cut = not (llama.llama_model_is_recurrent(model) or llama.llama_model_is_hybrid(model))
         self._batch = llama.llama_batch_init(ubatch, 0, 1)
         self._adapters: dict[str, llama.llama_adapter_lora_p] = {}
         self._adapters_changing_output: set[str] = set()
