@@ -29,6 +29,10 @@ older ones only while together they stay within `kept_tokens` (512 by default).
 For Q8_0 output matrices, the output layer (hidden state -> logits) is gemserve's own (`output_head.py`): two
 thirds of the per-token work for Gemma 3 270M, and the part that batching speeds up most.
 
+A sequence that decodes alone feeds, beside its next token, the tokens prompt lookup proposes (`engine/lookup.py`)
+and keeps those that decoding one token at a time would have chosen. When the engine runs out of work, its thread
+lets its OpenMP workers go (`engine/threads.py`), so an idle model does not slow a busy one.
+
 ctypes releases the GIL during `llama_decode`, so the event loop keeps serving HTTP while a step runs.
 Not here: text, chat formats, stop sequences (the service layer).
 """
