@@ -4,6 +4,7 @@ readers that answer from a script instead of running OCR, a classifier or Whispe
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -74,3 +75,15 @@ class ScriptedReaders:
             if heard is not None:
                 heard(start)
         return list(self.speech)
+
+
+class HeldReaders(ScriptedReaders):
+    """Scripted readers whose OCR waits until `release` is set: a rendering stays in progress meanwhile."""
+
+    def __init__(self, ocr: list[str]) -> None:
+        super().__init__(ocr=ocr)
+        self.release = threading.Event()
+
+    def ocr(self, picture: Any) -> list[str]:
+        self.release.wait(10)
+        return super().ocr(picture)

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import hashlib
 import io
-import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from gemserve.service import files as files_service
 from gemserve.service.files import Files
 from gemserve.store.db import Database
 from gemserve.store.files import FileStore
-from tests.media.samples import ScriptedReaders, text_pdf, text_picture
+from tests.media.samples import HeldReaders, ScriptedReaders, text_pdf, text_picture
 
 KEY, OTHER = "key-one", "key-two"
 PDF = text_pdf(["The password is pineapple."])
@@ -310,22 +309,10 @@ def test_a_type_no_model_reads_is_stored_and_refused_when_used(tmp_path: Path) -
     drive(tmp_path, scenario)
 
 
-class HeldReaders(ScriptedReaders):
-    """OCR that waits until released: a file stays PROCESSING meanwhile."""
-
-    def __init__(self) -> None:
-        super().__init__(ocr=["FIRST FILE"])
-        self.release = threading.Event()
-
-    def ocr(self, picture: Any) -> list[str]:
-        self.release.wait(10)
-        return super().ocr(picture)
-
-
 def test_a_file_deleted_while_processing_and_uploaded_again_keeps_its_own_bytes_and_rendering(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(files_service, "FINALIZE_WAIT_SECONDS", 0.1)
-    readers = HeldReaders()
+    readers = HeldReaders(ocr=["FIRST FILE"])
     scan = io.BytesIO()
     text_picture(["FIRST FILE"]).save(scan, "PDF", resolution=100.0)
     second = text_pdf(["The second file says pineapple."])
@@ -351,7 +338,7 @@ def test_a_file_deleted_while_processing_and_uploaded_again_keeps_its_own_bytes_
 def test_a_file_being_processed_shows_its_progress(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(files_service, "FINALIZE_WAIT_SECONDS", 0.1)
-    readers = HeldReaders()
+    readers = HeldReaders(ocr=["FIRST FILE"])
     png = io.BytesIO()
     text_picture(["FIRST FILE"]).save(png, "PNG")
 

@@ -4,12 +4,10 @@ served to another."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
-from typing import Any
 
 from gemserve.media.processor import MediaProcessor, Progress, Turns
-from tests.media.samples import ScriptedReaders, encoded, text_picture
+from tests.media.samples import HeldReaders, ScriptedReaders, encoded, text_picture
 
 
 def test_keys_take_turns_so_a_long_queue_delays_another_key_by_one_job() -> None:
@@ -57,16 +55,6 @@ def test_a_waiter_that_leaves_gives_up_its_place_and_a_turn_given_as_it_leaves_p
     assert order == ["c"]
 
 
-class SlowReaders(ScriptedReaders):
-    def __init__(self) -> None:
-        super().__init__(ocr=["SIGN"])
-        self.release = threading.Event()
-
-    def ocr(self, picture: Any) -> list[str]:
-        self.release.wait(10)
-        return super().ocr(picture)
-
-
 def test_inline_renderings_are_kept_per_key(tmp_path: Path) -> None:
     readers = ScriptedReaders(ocr=["SIGN"])
     png = encoded(text_picture(["SIGN"]), "PNG")
@@ -86,7 +74,7 @@ def test_inline_renderings_are_kept_per_key(tmp_path: Path) -> None:
 
 
 def test_progress_is_known_while_a_job_waits_and_runs_and_forgotten_when_it_ends(tmp_path: Path) -> None:
-    readers = SlowReaders()
+    readers = HeldReaders(ocr=["SIGN"])
     png = encoded(text_picture(["SIGN"]), "PNG")
     path = tmp_path / "sign.png"
     path.write_bytes(png)
@@ -112,7 +100,7 @@ def test_progress_is_known_while_a_job_waits_and_runs_and_forgotten_when_it_ends
 
 
 def test_a_job_whose_caller_leaves_stops_at_its_next_report_and_only_then_passes_the_turn(tmp_path: Path) -> None:
-    readers = SlowReaders()
+    readers = HeldReaders(ocr=["SIGN"])
     pdf = tmp_path / "scan.pdf"
     scan = text_picture(["PAGE"])
     scan.save(pdf, "PDF", resolution=100.0, save_all=True, append_images=[scan, scan])  # three scanned pages
