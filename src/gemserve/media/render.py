@@ -69,7 +69,7 @@ def clock(seconds: float) -> str:
 # ---- text --------------------------------------------------------------------------------------------------
 
 
-def text(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report = _silent) -> Rendering:
+def text(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report) -> Rendering:
     data = source.read(MAX_TEXT_CHARS * 4 + 1)
     try:
         content = data.decode("utf-8-sig")
@@ -83,7 +83,7 @@ def text(source: IO[bytes], mime_type: str, name: str, readers: Readers, report:
 # ---- documents ---------------------------------------------------------------------------------------------
 
 
-def document(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report = _silent) -> Rendering:
+def document(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report) -> Rendering:
     import pypdfium2 as pdfium  # type: ignore[import-untyped]
 
     try:
@@ -170,7 +170,7 @@ def describe(picture: Any, readers: Readers) -> list[str]:
     return out
 
 
-def image(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report = _silent) -> Rendering:
+def image(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report) -> Rendering:
     report(0.0, "reading the image")
     picture = open_image(source)
     width, height = picture.size
@@ -226,7 +226,7 @@ def _transcript(source: IO[bytes], readers: Readers, duration: float, report: Re
     return [f"[{clock(start)}] {words.strip()}" for start, words in segments if words.strip()]
 
 
-def audio(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report = _silent) -> Rendering:
+def audio(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report) -> Rendering:
     duration, has_audio, _ = _media_duration(source)
     if not has_audio:
         raise MediaError("the file holds no sound.")
@@ -237,7 +237,7 @@ def audio(source: IO[bytes], mime_type: str, name: str, readers: Readers, report
     return Rendering("AUDIO", "\n".join(lines) + "\n", duration=duration)
 
 
-def video(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report = _silent) -> Rendering:
+def video(source: IO[bytes], mime_type: str, name: str, readers: Readers, report: Report) -> Rendering:
     duration, has_audio, has_video = _media_duration(source)
     if not has_video and not has_audio:
         raise MediaError("the file holds neither pictures nor sound.")

@@ -105,7 +105,6 @@ class LlamaCppEngine:
         self._free_ids = list(range(2 * max_sequences - 1, -1, -1))
         self._kept: OrderedDict[int, _Kept] = OrderedDict()
         self._turn = 0
-        self._holds_threads = True  # loading the model ran parallel work on the engine thread
         self.reused_tokens = 0  # prompt tokens served from kept caches, for tests and benchmarks
         self._lookup = lookup  # prompt-lookup decoding for a sequence that decodes alone (engine/lookup.py)
         self.proposed_tokens = 0  # tokens prompt lookup proposed, and how many of them were kept
@@ -255,9 +254,8 @@ class LlamaCppEngine:
                 self._admitting = []
             room = 0 if self._waiting else self._max_running - len(self._running)
             busy = bool(self._running or self._waiting)
-            if not busy and self._holds_threads and self._inbox.empty():
+            if not busy and self._inbox.empty():
                 release_idle_threads()  # idle: no parked workers to slow the other models down (threads.py)
-                self._holds_threads = False
             admitted = self._inbox.take(room, busy=busy)
             if admitted is None:
                 break
@@ -268,7 +266,6 @@ class LlamaCppEngine:
             for seq in admitted:
                 self._admit(seq)
             self._admitting = []
-            self._holds_threads = True
             self._step()
             self._outbox.flush()
 
