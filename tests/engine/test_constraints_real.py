@@ -58,3 +58,34 @@ def test_decoding_under_a_json_schema_gives_valid_json(qwen: LlamaCppEngine) -> 
     assert reason == "STOP"
     value = json.loads(text)
     assert set(value) == {"city", "population"} and isinstance(value["population"], int)
+
+
+def test_tokens_a_grammar_forces_are_fed_ahead_and_the_greedy_output_stays_the_same(data_dir: Path) -> None:
+    schema = {"type": "object", "properties": {
+        "name_of_the_largest_city_of_the_country": {"type": "string"},
+        "number_of_people_living_there_in_millions": {"type": "number"}},
+        "required": ["name_of_the_largest_city_of_the_country", "number_of_people_living_there_in_millions"],
+        "additionalProperties": False}
+    path = packaged_gguf(INSTRUCT_MODEL_ID, data_dir)
+    outputs, texts = [], []
+    for lookup in (False, True):
+        engine = LlamaCppEngine(path, context_size=1024, max_sequences=1, lookup=lookup)
+        try:
+            prompt = engine.tokenize("<|im_start|>user\nThe largest city of Japan, as JSON.<|im_end|>\n"
+                                     "<|im_start|>assistant\n", add_bos=False, parse_special=True)
+            request = GenerationRequest(tuple(prompt), SamplingParams(temperature=0.0), 60,
+                                        constraint=engine.compile_grammar("start: %json " + json.dumps(schema)))
+
+            async def run(engine: LlamaCppEngine = engine, request: GenerationRequest = request) -> list[int]:
+                return [e.token async for e in engine.generate(request) if isinstance(e, TokenEvent)]
+
+            outputs.append(asyncio.run(run()))
+            texts.append(b"".join(engine.token_bytes(t) for t in outputs[-1]).decode())
+            if lookup:
+                # The key names are in no text the model saw, so only the grammar could have proposed them.
+                assert engine.forced_tokens >= 8
+                assert engine.accepted_tokens >= engine.forced_tokens - 2
+        finally:
+            engine.close()
+    assert outputs[0] == outputs[1]
+    assert "number_of_people_living_there_in_millions" in json.loads(texts[1])

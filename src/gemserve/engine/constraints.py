@@ -51,6 +51,11 @@ class Constraint:
         grammar accepts)."""
         return bool(self._matcher.validate_tokens([token]) == 1)
 
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces next, whatever the model would prefer (a key name in a JSON object whose
+        keys come in a fixed order, the rest of a name once it is told apart); often none."""
+        return list(self._matcher.compute_ff_tokens())
+
     def consume(self, token: int) -> None:
         if not self._matcher.consume_token(token):
             raise ConstraintError(self._matcher.get_error() or f"token {token} is not allowed here")

@@ -29,9 +29,10 @@ older ones only while together they stay within `kept_tokens` (512 by default).
 For Q8_0 output matrices, the output layer (hidden state -> logits) is gemserve's own (`output_head.py`): two
 thirds of the per-token work for Gemma 3 270M, and the part that batching speeds up most.
 
-A sequence that decodes alone feeds, beside its next token, the tokens prompt lookup proposes (`engine/lookup.py`)
-and keeps those that decoding one token at a time would have chosen. When the engine runs out of work, its thread
-lets its OpenMP workers go (`engine/threads.py`), so an idle model does not slow a busy one.
+A sequence that decodes alone feeds, beside its next token, the tokens its grammar forces next or else those prompt
+lookup proposes (`engine/lookup.py`), and keeps those that decoding one token at a time would have chosen. When the
+engine runs out of work, its thread lets its OpenMP workers go (`engine/threads.py`), so an idle model does not
+slow a busy one.
 
 ctypes releases the GIL during `llama_decode`, so the event loop keeps serving HTTP while a step runs.
 Not here: text, chat formats, stop sequences (the service layer).
@@ -107,8 +108,9 @@ class LlamaCppEngine:
         self._turn = 0
         self.reused_tokens = 0  # prompt tokens served from kept caches, for tests and benchmarks
         self._lookup = lookup  # prompt-lookup decoding for a sequence that decodes alone (engine/lookup.py)
-        self.proposed_tokens = 0  # tokens prompt lookup proposed, and how many of them were kept
+        self.proposed_tokens = 0  # tokens proposed (by prompt lookup or a grammar), and how many of them were kept
         self.accepted_tokens = 0
+        self.forced_tokens = 0  # of those proposed, how many a grammar forced
 
         self._inbox: Inbox[_Sequence] = Inbox()
         self._outbox = Outbox()
@@ -455,8 +457,12 @@ class LlamaCppEngine:
             room -= len(chunk)
             if prompt:
                 prompt_room -= len(chunk)
-        # A sequence decoding alone also feeds the tokens prompt lookup proposes (engine/lookup.py), each with logits.
-        proposed = self._proposal(plan[0]) if len(group) == 1 and len(plan) == 1 and entries[0][3] else []
+        # A sequence decoding alone also feeds the tokens its grammar forces or prompt lookup proposes
+        # (engine/lookup.py), each with logits.
+        proposed: list[int] = []
+        forced = False
+        if len(group) == 1 and len(plan) == 1 and entries[0][3]:
+            proposed, forced = self._proposal(plan[0])
         if proposed:
             seq_id, start, chunk, _ = entries[0]
             entries += [(seq_id, start + 1 + i, [token], True) for i, token in enumerate(proposed)]
@@ -467,7 +473,7 @@ class LlamaCppEngine:
             self._make_room()
             return
         if proposed:
-            self._check_proposal(plan[0], entries[0][2], proposed)
+            self._check_proposal(plan[0], entries[0][2], proposed, forced)
             return
         row = 0
         for seq, (_, _, chunk, wants_logits) in zip(plan, entries, strict=True):
@@ -477,19 +483,24 @@ class LlamaCppEngine:
             if wants_logits:
                 self._advance(seq, row - 1)
 
-    def _proposal(self, seq: _Sequence) -> list[int]:
-        """Tokens prompt lookup proposes to feed after `seq`'s next one, within its budget and the cache's room."""
+    def _proposal(self, seq: _Sequence) -> tuple[list[int], bool]:
+        """Tokens to feed after `seq`'s next one, within its budget and the cache's room, and whether its grammar
+        forces them: those a constraint forces if any (nearly always kept), else those prompt lookup proposes."""
         if not self._lookup or not self._llm.can_cut or len(seq.pending) != 1 or not seq.history:
-            return []
+            return [], False
+        kept = sum(len(k.tokens) for k in self._kept.values())
+        room = self._llm.n_ctx - len(seq.history) - 1 - kept - MAX_PROPOSED
+        limit = min(seq.request.max_new_tokens - seq.n_generated - 1, self._llm.ubatch - 1, room, MAX_PROPOSED)
+        if limit <= 0:
+            return [], False
+        if seq.request.constraint is not None and (forced := seq.request.constraint.forced()):
+            return forced[:limit], True
         if seq.lookup is None:
             seq.lookup = Lookup()
         seq.lookup.sync(seq.history, seq.pending)
-        kept = sum(len(k.tokens) for k in self._kept.values())
-        room = self._llm.n_ctx - len(seq.history) - 1 - kept - MAX_PROPOSED
-        limit = min(seq.request.max_new_tokens - seq.n_generated - 1, self._llm.ubatch - 1, room)
-        return seq.lookup.propose(limit)
+        return seq.lookup.propose(limit), False
 
-    def _check_proposal(self, seq: _Sequence, fed: list[int], proposed: list[int]) -> None:
+    def _check_proposal(self, seq: _Sequence, fed: list[int], proposed: list[int], forced: bool) -> None:
         """Choose `seq`'s tokens position by position, as one at a time would; keep each proposed token only while
         it is the token chosen before it, and drop the cache of the rest."""
         seq.history.extend(fed)
@@ -504,10 +515,12 @@ class LlamaCppEngine:
             kept += 1
         if kept < len(proposed) and not self._llm.forget(seq.seq_id, len(seq.history)):
             raise EngineError("the cache of rejected proposals could not be dropped")  # fails this step's requests
-        assert seq.lookup is not None
-        seq.lookup.learn(len(proposed), kept)
+        if not forced:
+            assert seq.lookup is not None
+            seq.lookup.learn(len(proposed), kept)
         self.proposed_tokens += len(proposed)
         self.accepted_tokens += kept
+        self.forced_tokens += len(proposed) if forced else 0
         if ended:
             self._finish(seq)
 
