@@ -66,26 +66,38 @@ def test_tokens_a_grammar_forces_are_fed_ahead_and_the_greedy_output_stays_the_s
         "number_of_people_living_there_in_millions": {"type": "number"}},
         "required": ["name_of_the_largest_city_of_the_country", "number_of_people_living_there_in_millions"],
         "additionalProperties": False}
+    # The key names and choices are in no text the model sees, so only the grammar can propose them.
+    cases = [("The largest city of Japan, as JSON.", "start: %json " + json.dumps(schema), 60),
+             ("Pick one.", 'start: "extraordinarily_long_choice_alpha" | "extraordinarily_long_choice_beta"', 40),
+             ("Pick one.", 'start: "extraordinarily_long_choice_alpha" | "extraordinarily_long_choice_beta"', 3)]
     path = packaged_gguf(INSTRUCT_MODEL_ID, data_dir)
-    outputs, texts = [], []
+    outputs: dict[bool, list[tuple[list[int], str]]] = {}
     for lookup in (False, True):
         engine = LlamaCppEngine(path, context_size=1024, max_sequences=1, lookup=lookup)
         try:
-            prompt = engine.tokenize("<|im_start|>user\nThe largest city of Japan, as JSON.<|im_end|>\n"
-                                     "<|im_start|>assistant\n", add_bos=False, parse_special=True)
-            request = GenerationRequest(tuple(prompt), SamplingParams(temperature=0.0), 60,
-                                        constraint=engine.compile_grammar("start: %json " + json.dumps(schema)))
-
-            async def run(engine: LlamaCppEngine = engine, request: GenerationRequest = request) -> list[int]:
-                return [e.token async for e in engine.generate(request) if isinstance(e, TokenEvent)]
-
-            outputs.append(asyncio.run(run()))
-            texts.append(b"".join(engine.token_bytes(t) for t in outputs[-1]).decode())
+            for question, grammar, budget in cases:
+                prompt = engine.tokenize(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+                                         add_bos=False, parse_special=True)
+                request = GenerationRequest(tuple(prompt), SamplingParams(temperature=0.0), budget,
+                                            constraint=engine.compile_grammar(grammar))
+                outputs.setdefault(lookup, []).append(asyncio.run(_tokens(engine, request)))
             if lookup:
-                # The key names are in no text the model saw, so only the grammar could have proposed them.
-                assert engine.forced_tokens >= 8
-                assert engine.accepted_tokens >= engine.forced_tokens - 2
+                assert engine.forced_tokens >= 10 and engine.forced_accepted >= engine.forced_tokens - 3
+            texts = [b"".join(engine.token_bytes(t) for t in tokens).decode() for tokens, _ in outputs[lookup]]
         finally:
             engine.close()
-    assert outputs[0] == outputs[1]
-    assert "number_of_people_living_there_in_millions" in json.loads(texts[1])
+    assert outputs[False] == outputs[True]
+    assert "number_of_people_living_there_in_millions" in json.loads(texts[0])
+    assert texts[1].startswith("extraordinarily_long_choice_") and outputs[True][1][1] == "STOP"
+    assert len(outputs[True][2][0]) == 3 and outputs[True][2][1] == "MAX_TOKENS"  # the budget cut a forced run
+
+
+async def _tokens(engine: LlamaCppEngine, request: GenerationRequest) -> tuple[list[int], str]:
+    tokens: list[int] = []
+    async for event in engine.generate(request):
+        if isinstance(event, TokenEvent):
+            tokens.append(event.token)
+        else:
+            assert isinstance(event, FinishEvent)
+            return tokens, event.reason
+    raise AssertionError("no finish event")

@@ -53,8 +53,12 @@ class Constraint:
 
     def forced(self) -> list[int]:
         """The tokens the grammar forces next, whatever the model would prefer (a key name in a JSON object whose
-        keys come in a fixed order, the rest of a name once it is told apart); often none."""
-        return list(self._matcher.compute_ff_tokens())
+        keys come in a fixed order, the rest of a name once it is told apart); often none. Never raises: a
+        matcher in error says so at the next `allowed` or `consume`, where the failure is this sequence's alone."""
+        try:
+            return list(self._matcher.compute_ff_tokens())
+        except Exception:
+            return []
 
     def consume(self, token: int) -> None:
         if not self._matcher.consume_token(token):

@@ -74,6 +74,7 @@ class _Sequence(Sequence):
     history: list[int] = field(default_factory=list)  # tokens whose keys and values are in the cache
     solo: LlamaModel | None = None  # a seeded sequence's own context (sequence id 0 there)
     lookup: Lookup | None = None  # its n-gram index, once it has decoded alone
+    forcing: int = MAX_PROPOSED  # how many of the tokens its grammar forces it feeds ahead at most
 
 
 @dataclass
@@ -110,7 +111,8 @@ class LlamaCppEngine:
         self._lookup = lookup  # prompt-lookup decoding for a sequence that decodes alone (engine/lookup.py)
         self.proposed_tokens = 0  # tokens proposed (by prompt lookup or a grammar), and how many of them were kept
         self.accepted_tokens = 0
-        self.forced_tokens = 0  # of those proposed, how many a grammar forced
+        self.forced_tokens = 0  # of those proposed, how many a grammar forced, and how many of these were kept
+        self.forced_accepted = 0
 
         self._inbox: Inbox[_Sequence] = Inbox()
         self._outbox = Outbox()
@@ -485,7 +487,8 @@ class LlamaCppEngine:
 
     def _proposal(self, seq: _Sequence) -> tuple[list[int], bool]:
         """Tokens to feed after `seq`'s next one, within its budget and the cache's room, and whether its grammar
-        forces them: those a constraint forces if any (nearly always kept), else those prompt lookup proposes."""
+        forces them: those a constraint forces if any, else those prompt lookup proposes. The model may spell
+        forced text in other tokens than the grammar's, so forced tokens too are proposed adaptively."""
         if not self._lookup or not self._llm.can_cut or len(seq.pending) != 1 or not seq.history:
             return [], False
         kept = sum(len(k.tokens) for k in self._kept.values())
@@ -494,7 +497,7 @@ class LlamaCppEngine:
         if limit <= 0:
             return [], False
         if seq.request.constraint is not None and (forced := seq.request.constraint.forced()):
-            return forced[:limit], True
+            return forced[: min(limit, seq.forcing)], True
         if seq.lookup is None:
             seq.lookup = Lookup()
         seq.lookup.sync(seq.history, seq.pending)
@@ -515,12 +518,15 @@ class LlamaCppEngine:
             kept += 1
         if kept < len(proposed) and not self._llm.forget(seq.seq_id, len(seq.history)):
             raise EngineError("the cache of rejected proposals could not be dropped")  # fails this step's requests
-        if not forced:
+        if forced:
+            seq.forcing = min(MAX_PROPOSED, 2 * seq.forcing) if kept == len(proposed) else max(1, kept + 1)
+            self.forced_tokens += len(proposed)
+            self.forced_accepted += kept
+        else:
             assert seq.lookup is not None
             seq.lookup.learn(len(proposed), kept)
         self.proposed_tokens += len(proposed)
         self.accepted_tokens += kept
-        self.forced_tokens += len(proposed) if forced else 0
         if ended:
             self._finish(seq)
 
