@@ -101,3 +101,19 @@ async def _tokens(engine: LlamaCppEngine, request: GenerationRequest) -> tuple[l
             assert isinstance(event, FinishEvent)
             return tokens, event.reason
     raise AssertionError("no finish event")
+
+
+def test_text_a_grammar_forces_stays_text_where_it_spells_a_special_token(qwen: LlamaCppEngine) -> None:
+    # An enum value, a key or a literal written like Qwen's `<tool_call>` token: llama.cpp's tokenizer would read
+    # the token out of the text, and the constraint would then allow a token that the grammar's text cannot match.
+    prompt = qwen.tokenize("<|im_start|>user\nPick one.<|im_end|>\n<|im_start|>assistant\n", add_bos=False,
+                           parse_special=True)
+    special = qwen.tokenize("<tool_call>", add_bos=False, parse_special=True)[0]
+    for grammar in ('start: "say <tool_call> now"', 'start: "<tool_call>" | "</tool_call>"',
+                    'start: %json {"type": "object", "properties": {"<tool_call>": {"type": "boolean"}}, '
+                    '"required": ["<tool_call>"], "additionalProperties": false}'):
+        request = GenerationRequest(tuple(prompt), SamplingParams(temperature=0.0), 30,
+                                    constraint=qwen.compile_grammar(grammar))
+        tokens, reason = asyncio.run(_tokens(qwen, request))
+        assert reason == "STOP" and special not in tokens
+        assert "<tool_call>" in b"".join(qwen.token_bytes(t) for t in tokens).decode()

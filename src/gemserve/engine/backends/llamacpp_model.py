@@ -15,7 +15,6 @@ from pathlib import Path
 
 import llama_cpp as llama
 import llguidance
-import llguidance.llamacpp
 import numpy as np
 
 from gemserve.engine.backends.output_head import OutputHead, gguf_contents
@@ -160,9 +159,14 @@ class LlamaModel:
         return bool(llama.llama_vocab_is_eog(self._vocab, token))
 
     def grammar_tokenizer(self) -> llguidance.LLTokenizer:
-        """The vocabulary for llguidance, ending where llama.cpp ends a generation (about a second)."""
+        """The vocabulary for llguidance, ending where llama.cpp ends a generation (about a second).
+
+        Special tokens are marked as llguidance's own llama.cpp reader marks them (control tokens, and user-defined
+        ones written like `<tool_call>`), but text the grammar forces is tokenized here, as literal text: llama.cpp's
+        tokenizer would read Qwen's `<tool_call>` out of an enum value or a key of that spelling, and llguidance
+        would then allow a token that no text can match."""
         ends = [t for t in range(self.n_vocab) if self.is_end_of_generation(t)]
-        return llguidance.llamacpp.lltokenizer_from_vocab(self._vocab, eos_token=ends or None)
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_GrammarVocab(self)), eos_token=ends or None)
 
     # ---- forward passes (engine thread) -------------------------------------------------------------------
 
@@ -367,3 +371,31 @@ def _changes_output_layer(adapter: Path) -> bool:
     except OSError:
         return True  # unreadable here (llama.cpp read it): leave the output layer to llama.cpp
     return any(name.startswith(("output.", "token_embd.")) for name in names)
+
+
+class _GrammarVocab:
+    """A llama.cpp vocabulary as `llguidance.TokenizerWrapper` reads it: every token's bytes, special ones marked
+    with a leading 0xff, and a tokenizer of literal text."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        vocab = model._vocab
+        self._model = model
+        self.eos_token_id = llama.llama_vocab_eos(vocab)
+        bos = llama.llama_vocab_bos(vocab)
+        self.bos_token_id = bos if bos >= 0 else None
+        buf = ctypes.create_string_buffer(16 * 1024)
+        self.tokens: list[bytes] = []
+        self.special_token_ids: list[int] = []
+        for token in range(model.n_vocab):
+            n = llama.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+            piece = buf.raw[:max(n, 0)]
+            attr = llama.llama_vocab_get_attr(vocab, token)
+            if attr & llama.LLAMA_TOKEN_ATTR_CONTROL or (attr & llama.LLAMA_TOKEN_ATTR_USER_DEFINED
+                                                          and piece.startswith(b"<") and piece.endswith(b">")):
+                piece = b"\xff" + piece
+                self.special_token_ids.append(token)
+            self.tokens.append(piece)
+
+    def __call__(self, text: bytes) -> list[int]:
+        # TokenizerWrapper hands over text it has encoded itself, so it is always UTF-8.
+        return self._model.tokenize(text.decode("utf-8", errors="replace"), add_bos=False, parse_special=False)
