@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from gemserve.engine.backends.llamacpp import LlamaCppEngine
+from gemserve.engine.constraints import Constraint
 from gemserve.engine.sampling import log_softmax
 from gemserve.engine.types import EngineBusy, EngineError, FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 
@@ -364,3 +365,17 @@ def test_prompt_lookup_keeps_the_greedy_output_and_the_budget(default_gguf: Path
         assert looking.proposed_tokens > looking.accepted_tokens  # and some were not, and were dropped
     finally:
         looking.close()
+
+
+def test_forced_text_is_right_where_the_tokenizer_puts_a_space_before_text(engine: LlamaCppEngine,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Gemma's tokenizer adds no space before the text; make it look like one that does (Llama 2's, Mistral's).
+    llm = engine._llm
+    plain = llm.tokenize
+
+    def with_space(text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
+        return plain(" " + text, add_bos=add_bos, parse_special=parse_special)
+
+    monkeypatch.setattr(llm, "tokenize", with_space)
+    constraint = Constraint(llm.grammar_tokenizer(), 'start: "say it"')
+    assert b"".join(llm.token_bytes(t) for t in constraint.forced()) == b"say it"

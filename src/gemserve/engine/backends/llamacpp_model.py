@@ -15,6 +15,7 @@ from pathlib import Path
 
 import llama_cpp as llama
 import llguidance
+import llguidance.llamacpp
 import numpy as np
 
 from gemserve.engine.backends.output_head import OutputHead, gguf_contents
@@ -164,9 +165,14 @@ class LlamaModel:
         Special tokens are marked as llguidance's own llama.cpp reader marks them (control tokens, and user-defined
         ones written like `<tool_call>`), but text the grammar forces is tokenized here, as literal text: llama.cpp's
         tokenizer would read Qwen's `<tool_call>` out of an enum value or a key of that spelling, and llguidance
-        would then allow a token that no text can match."""
+        would then allow a token that no text can match. A vocabulary whose tokenizer puts a space before the text
+        (`add_space_prefix`, Llama 2 and Mistral's older ones) keeps llguidance's own reader, which knows how to
+        take that space off again."""
         ends = [t for t in range(self.n_vocab) if self.is_end_of_generation(t)]
-        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_GrammarVocab(self)), eos_token=ends or None)
+        spelled = b"".join(self.token_bytes(t) for t in self.tokenize("a", add_bos=False, parse_special=False))
+        if spelled != b"a":
+            return llguidance.llamacpp.lltokenizer_from_vocab(self._vocab, eos_token=ends or None)
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_GrammarVocab(self, ends)), eos_token=ends or None)
 
     # ---- forward passes (engine thread) -------------------------------------------------------------------
 
@@ -377,18 +383,21 @@ class _GrammarVocab:
     """A llama.cpp vocabulary as `llguidance.TokenizerWrapper` reads it: every token's bytes, special ones marked
     with a leading 0xff, and a tokenizer of literal text."""
 
-    def __init__(self, model: LlamaModel) -> None:
+    def __init__(self, model: LlamaModel, ends: list[int]) -> None:
         vocab = model._vocab
         self._model = model
-        self.eos_token_id = llama.llama_vocab_eos(vocab)
+        self.eos_token_id = ends[0] if ends else llama.llama_vocab_eos(vocab)
         bos = llama.llama_vocab_bos(vocab)
         self.bos_token_id = bos if bos >= 0 else None
-        buf = ctypes.create_string_buffer(16 * 1024)
+        buf = ctypes.create_string_buffer(256)
         self.tokens: list[bytes] = []
         self.special_token_ids: list[int] = []
         for token in range(model.n_vocab):
             n = llama.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
-            piece = buf.raw[:max(n, 0)]
+            if n < 0:  # longer than the buffer: -n is its length
+                buf = ctypes.create_string_buffer(-n)
+                n = llama.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+            piece = buf.raw[:n]
             attr = llama.llama_vocab_get_attr(vocab, token)
             if attr & llama.LLAMA_TOKEN_ATTR_CONTROL or (attr & llama.LLAMA_TOKEN_ATTR_USER_DEFINED
                                                           and piece.startswith(b"<") and piece.endswith(b">")):
@@ -396,6 +405,8 @@ class _GrammarVocab:
                 self.special_token_ids.append(token)
             self.tokens.append(piece)
 
-    def __call__(self, text: bytes) -> list[int]:
-        # TokenizerWrapper hands over text it has encoded itself, so it is always UTF-8.
-        return self._model.tokenize(text.decode("utf-8", errors="replace"), add_bos=False, parse_special=False)
+    def __call__(self, text: bytes | str) -> list[int]:
+        # TokenizerWrapper hands over text it has encoded itself (or the text itself), so it is always UTF-8.
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self._model.tokenize(text, add_bos=False, parse_special=False)
