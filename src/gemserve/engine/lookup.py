@@ -65,4 +65,9 @@ class Lookup:
     def learn(self, proposed: int, kept: int) -> None:
         if proposed == 0:
             return
-        self.proposing = min(MAX_PROPOSED, 2 * self.proposing) if kept == proposed else max(1, kept + 1)
+        self.proposing = adapted(self.proposing, proposed, kept)
+
+
+def adapted(proposing: int, proposed: int, kept: int) -> int:
+    """How many to propose next: twice as many after a pass that kept all `proposed`, else one past those kept."""
+    return min(MAX_PROPOSED, 2 * proposing) if kept == proposed else max(1, kept + 1)

@@ -52,7 +52,7 @@ from pathlib import Path
 
 from gemserve.engine.backends.llamacpp_model import LlamaModel
 from gemserve.engine.constraints import Constraint, GrammarTokenizer
-from gemserve.engine.lookup import MAX_PROPOSED, Lookup
+from gemserve.engine.lookup import MAX_PROPOSED, Lookup, adapted
 from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance, rng_for
 from gemserve.engine.threads import release_idle_threads
 from gemserve.engine.types import EngineError, Event, GenerationRequest
@@ -519,7 +519,7 @@ class LlamaCppEngine:
         if kept < len(proposed) and not self._llm.forget(seq.seq_id, len(seq.history)):
             raise EngineError("the cache of rejected proposals could not be dropped")  # fails this step's requests
         if forced:
-            seq.forcing = min(MAX_PROPOSED, 2 * seq.forcing) if kept == len(proposed) else max(1, kept + 1)
+            seq.forcing = adapted(seq.forcing, len(proposed), kept)
             self.forced_tokens += len(proposed)
             self.forced_accepted += kept
         else:
