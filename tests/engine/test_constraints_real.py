@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gemserve.engine.backends.llamacpp import LlamaCppEngine
+from gemserve.engine.lookup import PassCosts
 from gemserve.engine.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from gemserve.models.catalog import INSTRUCT_MODEL_ID, ModelSpec, packaged_gguf
 from gemserve.models.chat_format import ChatFormat
@@ -73,7 +74,8 @@ def test_tokens_a_grammar_forces_are_fed_ahead_and_the_greedy_output_stays_the_s
     path = packaged_gguf(INSTRUCT_MODEL_ID, data_dir)
     outputs: dict[bool, list[tuple[list[int], str]]] = {}
     for lookup in (False, True):
-        engine = LlamaCppEngine(path, context_size=1024, max_sequences=1, lookup=lookup)
+        engine = LlamaCppEngine(path, context_size=1024, max_sequences=1, lookup=lookup,
+                                pass_costs=PassCosts(0.1, learn=False))  # fed whatever passes cost here
         try:
             for question, grammar, budget in cases:
                 prompt = engine.tokenize(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",

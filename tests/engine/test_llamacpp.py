@@ -13,6 +13,7 @@ import pytest
 
 from gemserve.engine.backends.llamacpp import LlamaCppEngine
 from gemserve.engine.constraints import Constraint
+from gemserve.engine.lookup import PassCosts
 from gemserve.engine.sampling import log_softmax
 from gemserve.engine.types import EngineBusy, EngineError, FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 
@@ -355,7 +356,9 @@ def test_prompt_lookup_keeps_the_greedy_output_and_the_budget(default_gguf: Path
         expected, reason = asyncio.run(run(plain, request(plain, text, 96)))
     finally:
         plain.close()
-    looking = LlamaCppEngine(default_gguf, context_size=2048, max_sequences=2, threads=2)
+    # Proposals fed whatever this machine's passes cost (the engine would otherwise feed only those that pay).
+    looking = LlamaCppEngine(default_gguf, context_size=2048, max_sequences=2, threads=2,
+                             pass_costs=PassCosts(0.1, learn=False))
     try:
         for budget in (96, 37):
             tokens, finish = asyncio.run(run(looking, request(looking, text, budget)))

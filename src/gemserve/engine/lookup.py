@@ -9,15 +9,25 @@ only if it is the token chosen at the position before it, so every logit used wa
 tokens, and the first mismatch ends the step (the cache beyond it is dropped). Greedy output is therefore the
 same token for token, and sampled output is drawn from the same distributions.
 
-Checking proposals is not free: on two cores a pass over 1 + k tokens costs 1.2-1.3 (k = 1) to 2-3.5 (k = 8)
-single-token passes (`benchmarks/lookup.py`). So the number proposed adapts to how many were right: it doubles
-after a step that kept them all, and falls to one past the number kept after one that did not.
+Checking proposals is not free, and what it costs depends on the machine: on two cores a pass over 1 + k tokens
+costs 1.2-1.3 (k = 1) to 2-3.5 (k = 8) single-token passes on one (`benchmarks/lookup.py`), 1.9 to 5.3 on another
+for Qwen2.5-Coder-0.5B, whose layers there batch poorly. So the engine feeds only as many proposed tokens as pay,
+by what it measured (`PassCosts`: the median time of its latest passes of each size) and by how often this
+sequence's proposals were right (`Acceptance`, which also learns from proposals it looked at but did not feed):
+the number k that gives the most tokens per unit of time, 1 + a + ... + a^k expected against the cost of a pass
+over 1 + k tokens, and none where no k beats one token a pass.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 MAX_PROPOSED = 8
-FIRST_PROPOSED = 2
+GUESSED_COST = 0.3  # single-token passes each proposed token adds, assumed until a pass of that size has run
+COST_SAMPLES = 5  # the latest passes of each size whose median is its cost
+FIRST_ACCEPTANCE = 0.5  # a sequence's acceptance rate before any proposal of its was checked
+ACCEPTANCE_WEIGHT = 0.25  # the weight of each new observation in the rate
 
 
 class Lookup:
@@ -27,7 +37,7 @@ class Lookup:
         self._tokens: list[int] = []
         self._after3: dict[tuple[int, int, int], int] = {}  # last 3 tokens -> where what followed them starts
         self._after2: dict[tuple[int, int], int] = {}
-        self.proposing = FIRST_PROPOSED
+        self.acceptance = Acceptance(FIRST_ACCEPTANCE)
 
     def __len__(self) -> int:
         return len(self._tokens)
@@ -51,23 +61,69 @@ class Lookup:
         self.extend(pending[have - len(history):])
 
     def propose(self, limit: int) -> list[int]:
-        """Up to min(`proposing`, `limit`) tokens that followed the latest earlier occurrence of the last 3 (else
-        2) tokens."""
+        """Up to `limit` tokens that followed the latest earlier occurrence of the last 3 (else 2) tokens."""
         t, n = self._tokens, len(self._tokens)
-        k = min(self.proposing, limit)
-        if k <= 0 or n < 3:
+        if limit <= 0 or n < 3:
             return []
         start = self._after3.get((t[n - 3], t[n - 2], t[n - 1]))
         if start is None:
             start = self._after2.get((t[n - 2], t[n - 1]))
-        return [] if start is None else t[start : start + k]
-
-    def learn(self, proposed: int, kept: int) -> None:
-        if proposed == 0:
-            return
-        self.proposing = adapted(self.proposing, proposed, kept)
+        return [] if start is None else t[start : start + limit]
 
 
-def adapted(proposing: int, proposed: int, kept: int) -> int:
-    """How many to propose next: twice as many after a pass that kept all `proposed`, else one past those kept."""
-    return min(MAX_PROPOSED, 2 * proposing) if kept == proposed else max(1, kept + 1)
+class Acceptance:
+    """How often proposed tokens were the ones chosen at their positions: a moving average."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def observe(self, proposed: int, kept: int) -> None:
+        """Of `proposed` tokens checked in order (fed, or one looked at unfed), the first `kept` were chosen. The
+        ones after the first wrong one say nothing."""
+        for i in range(min(kept + 1, proposed)):
+            self.rate += ACCEPTANCE_WEIGHT * ((1.0 if i < kept else 0.0) - self.rate)
+
+
+class PassCosts:
+    """What a forward pass of one sequence decoding alone costs, by the number of tokens fed, as the engine
+    measured it: the median seconds of its latest passes of each size. Sizes that have not run yet are guessed
+    (GUESSED_COST), so they are tried once they look worth it; with `learn=False` the guesses are all there is
+    (for tests that need proposals fed whatever the machine)."""
+
+    def __init__(self, guessed: float = GUESSED_COST, *, learn: bool = True) -> None:
+        self._guessed = guessed
+        self._learn = learn
+        self._seconds: dict[int, deque[float]] = {}
+
+    def record(self, tokens: int, seconds: float) -> None:
+        if self._learn:
+            self._seconds.setdefault(tokens, deque(maxlen=COST_SAMPLES)).append(seconds)
+
+    def relative(self, tokens: int) -> float | None:
+        """A pass over `tokens` tokens in single-token passes; None while no single-token pass has been measured."""
+        if not self._learn:
+            return 1 + self._guessed * (tokens - 1)
+        one = self._seconds.get(1)
+        if not one:
+            return None
+        times = self._seconds.get(tokens)
+        if not times:
+            return 1 + self._guessed * (tokens - 1)
+        return statistics.median(times) / statistics.median(one)
+
+
+def worth_feeding(available: int, acceptance: float, costs: PassCosts) -> int:
+    """How many of `available` proposed tokens to feed beside the next one: the number k with the most tokens
+    per unit of time, 1 + a + ... + a^k expected (each kept with probability a = `acceptance` once those before
+    it were) against the cost of a pass over 1 + k tokens; 0 where no k beats one token a pass."""
+    best, best_rate = 0, 1.0
+    expected, kept_so_far = 1.0, 1.0
+    for k in range(1, available + 1):
+        cost = costs.relative(1 + k)
+        if cost is None:
+            return 0
+        kept_so_far *= acceptance
+        expected += kept_so_far
+        if expected / cost > best_rate:
+            best, best_rate = k, expected / cost
+    return best

@@ -30,7 +30,8 @@ For Q8_0 output matrices, the output layer (hidden state -> logits) is gemserve'
 thirds of the per-token work for Gemma 3 270M, and the part that batching speeds up most.
 
 A sequence that decodes alone feeds, beside its next token, the tokens its grammar forces next or else those prompt
-lookup proposes (`engine/lookup.py`), and keeps those that decoding one token at a time would have chosen. When the
+lookup proposes (`engine/lookup.py`), as many as pay by what this engine measured such passes to cost, and keeps
+those that decoding one token at a time would have chosen. When the
 engine runs out of work, its thread lets its OpenMP workers go (`engine/threads.py`), so an idle model does not
 slow a busy one.
 
@@ -52,7 +53,7 @@ from pathlib import Path
 
 from gemserve.engine.backends.llamacpp_model import LlamaModel
 from gemserve.engine.constraints import Constraint, GrammarTokenizer
-from gemserve.engine.lookup import MAX_PROPOSED, Lookup, adapted
+from gemserve.engine.lookup import MAX_PROPOSED, Acceptance, Lookup, PassCosts, worth_feeding
 from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance, rng_for
 from gemserve.engine.threads import release_idle_threads
 from gemserve.engine.types import EngineError, Event, GenerationRequest
@@ -66,6 +67,7 @@ MAX_RESTARTS = 3  # failed steps the engine starts afresh after, within RESTART_
 RESTART_WINDOW = 60.0
 SOLO_CELLS = 256  # a seeded sequence's own context is a whole number of these
 SOLO_CHUNK = PROMPT_TOKENS_BESIDE_DECODING  # a seeded prompt's tokens per step, always
+FORCED_ACCEPTANCE = 0.9  # how often a grammar's forced tokens are taken to be chosen, until checked
 
 
 @dataclass(eq=False)
@@ -74,7 +76,9 @@ class _Sequence(Sequence):
     history: list[int] = field(default_factory=list)  # tokens whose keys and values are in the cache
     solo: LlamaModel | None = None  # a seeded sequence's own context (sequence id 0 there)
     lookup: Lookup | None = None  # its n-gram index, once it has decoded alone
-    forcing: int = MAX_PROPOSED  # how many of the tokens its grammar forces it feeds ahead at most
+    # How often the tokens its grammar forced were the ones chosen (the model may spell forced text otherwise).
+    forced_acceptance: Acceptance = field(default_factory=lambda: Acceptance(FORCED_ACCEPTANCE))
+    unfed: tuple[int, Acceptance] | None = None  # a proposed token not fed this step, to check against the choice
 
 
 @dataclass
@@ -101,7 +105,8 @@ class LlamaCppEngine:
 
     def __init__(self, path: Path, *, context_size: int | None = None, max_sequences: int = 8,
                  threads: int | None = None, ubatch: int = 512, own_output_layer: bool = True,
-                 kept_tokens: int = KEPT_TOKENS, pin_budget: int | None = None, lookup: bool = True) -> None:
+                 kept_tokens: int = KEPT_TOKENS, pin_budget: int | None = None, lookup: bool = True,
+                 pass_costs: PassCosts | None = None) -> None:
         self._max_running = max_sequences
         self._kept_tokens = kept_tokens
         self._free_ids = list(range(2 * max_sequences - 1, -1, -1))
@@ -109,6 +114,7 @@ class LlamaCppEngine:
         self._turn = 0
         self.reused_tokens = 0  # prompt tokens served from kept caches, for tests and benchmarks
         self._lookup = lookup  # prompt-lookup decoding for a sequence that decodes alone (engine/lookup.py)
+        self._pass_costs = pass_costs or PassCosts()  # what passes of a sequence decoding alone cost here
         self.proposed_tokens = 0  # tokens proposed (by prompt lookup or a grammar), and how many of them were kept
         self.accepted_tokens = 0
         self.forced_tokens = 0  # of those proposed, how many a grammar forced, and how many of these were kept
@@ -460,23 +466,28 @@ class LlamaCppEngine:
             if prompt:
                 prompt_room -= len(chunk)
         # A sequence decoding alone also feeds the tokens its grammar forces or prompt lookup proposes
-        # (engine/lookup.py), each with logits.
+        # (engine/lookup.py), each with logits, as many as pay by what such passes cost.
+        lone = len(plan) == 1 and len(entries[0][2]) == 1 and bool(plan[0].history)
         proposed: list[int] = []
         forced = False
-        if len(group) == 1 and len(plan) == 1 and entries[0][3]:
+        if len(group) == 1 and lone and entries[0][3]:
             proposed, forced = self._proposal(plan[0])
         if proposed:
             seq_id, start, chunk, _ = entries[0]
             entries += [(seq_id, start + 1 + i, [token], True) for i, token in enumerate(proposed)]
-        if proposed and not self._llm.decode(entries):
+            started = time.perf_counter()
+            if self._llm.decode(entries):
+                self._pass_costs.record(len(entries), time.perf_counter() - started)
+                self._check_proposal(plan[0], chunk, proposed, forced)
+                return
             # No cells for the proposals: the step goes on without them (llama.cpp left the cache as it was).
-            entries, proposed = entries[:1], []
-        if not proposed and not self._llm.decode(entries):
+            entries = entries[:1]
+        started = time.perf_counter()
+        if not self._llm.decode(entries):
             self._make_room()
             return
-        if proposed:
-            self._check_proposal(plan[0], entries[0][2], proposed, forced)
-            return
+        if lone:
+            self._pass_costs.record(1, time.perf_counter() - started)
         row = 0
         for seq, (_, _, chunk, wants_logits) in zip(plan, entries, strict=True):
             seq.history.extend(chunk)
@@ -484,11 +495,17 @@ class LlamaCppEngine:
             row += len(chunk)
             if wants_logits:
                 self._advance(seq, row - 1)
+        if lone and plan[0].unfed is not None:
+            token, acceptance = plan[0].unfed
+            plan[0].unfed = None
+            if plan[0].pending:  # it goes on: the token chosen after the step's one is there
+                acceptance.observe(1, int(plan[0].pending[-1] == token))
 
     def _proposal(self, seq: _Sequence) -> tuple[list[int], bool]:
         """Tokens to feed after `seq`'s next one, within its budget and the cache's room, and whether its grammar
-        forces them: those a constraint forces if any, else those prompt lookup proposes. The model may spell
-        forced text in other tokens than the grammar's, so forced tokens too are proposed adaptively."""
+        forces them: those a constraint forces if any, else those prompt lookup proposes; of them, as many as pay
+        (`lookup.worth_feeding`). One that does not pay is still checked against the choice (`unfed`)."""
+        seq.unfed = None
         if not self._lookup or not self._llm.can_cut or len(seq.pending) != 1 or not seq.history:
             return [], False
         kept = sum(len(k.tokens) for k in self._kept.values())
@@ -496,12 +513,18 @@ class LlamaCppEngine:
         limit = min(seq.request.max_new_tokens - seq.n_generated - 1, self._llm.ubatch - 1, room, MAX_PROPOSED)
         if limit <= 0:
             return [], False
-        if seq.request.constraint is not None and (forced := seq.request.constraint.forced()):
-            return forced[: min(limit, seq.forcing)], True
-        if seq.lookup is None:
-            seq.lookup = Lookup()
-        seq.lookup.sync(seq.history, seq.pending)
-        return seq.lookup.propose(limit), False
+        forced = seq.request.constraint.forced() if seq.request.constraint is not None else []
+        if forced:
+            candidates, acceptance = forced[:limit], seq.forced_acceptance
+        else:
+            if seq.lookup is None:
+                seq.lookup = Lookup()
+            seq.lookup.sync(seq.history, seq.pending)
+            candidates, acceptance = seq.lookup.propose(limit), seq.lookup.acceptance
+        feeding = worth_feeding(len(candidates), acceptance.rate, self._pass_costs)
+        if candidates and not feeding:
+            seq.unfed = (candidates[0], acceptance)
+        return candidates[:feeding], bool(forced)
 
     def _check_proposal(self, seq: _Sequence, fed: list[int], proposed: list[int], forced: bool) -> None:
         """Choose `seq`'s tokens position by position, as one at a time would; keep each proposed token only while
@@ -519,12 +542,12 @@ class LlamaCppEngine:
         if kept < len(proposed) and not self._llm.forget(seq.seq_id, len(seq.history)):
             raise EngineError("the cache of rejected proposals could not be dropped")  # fails this step's requests
         if forced:
-            seq.forcing = adapted(seq.forcing, len(proposed), kept)
+            seq.forced_acceptance.observe(len(proposed), kept)
             self.forced_tokens += len(proposed)
             self.forced_accepted += kept
         else:
             assert seq.lookup is not None
-            seq.lookup.learn(len(proposed), kept)
+            seq.lookup.acceptance.observe(len(proposed), kept)
         self.proposed_tokens += len(proposed)
         self.accepted_tokens += kept
         if ended:
