@@ -368,6 +368,16 @@ def test_prompt_lookup_keeps_the_greedy_output_and_the_budget(default_gguf: Path
         assert looking.proposed_tokens > looking.accepted_tokens  # and some were not, and were dropped
     finally:
         looking.close()
+    # As the server runs it: the engine times its passes and feeds what pays, which a repeating answer does.
+    costs = PassCosts()
+    learning = LlamaCppEngine(default_gguf, context_size=2048, max_sequences=2, threads=2, pass_costs=costs)
+    try:
+        tokens, _ = asyncio.run(run(learning, request(learning, text, 96)))
+        assert len(tokens) == len(expected)
+        assert costs.samples(1) > 0 and any(costs.samples(n) > 0 for n in range(2, 10))
+        assert learning.accepted_tokens > 10
+    finally:
+        learning.close()
 
 
 def test_forced_text_is_right_where_the_tokenizer_puts_a_space_before_text(engine: LlamaCppEngine,

@@ -45,10 +45,10 @@ def test_acceptance_counts_the_tokens_up_to_the_first_wrong_one() -> None:
 
 
 def measured(costs: dict[int, float]) -> PassCosts:
-    """Pass costs as an engine would have measured them: seconds by tokens fed, with a little noise."""
+    """Pass costs as an engine would have measured them: seconds by tokens fed, three passes of each size."""
     passes = PassCosts()
     for tokens, seconds in costs.items():
-        for noise in (1.0, 1.02, 0.98, 5.0):  # one pass that something else slowed down: the median ignores it
+        for noise in (1.0, 1.02, 0.98):
             passes.record(tokens, seconds * noise)
     return passes
 
@@ -66,16 +66,38 @@ def test_proposals_are_fed_only_where_they_pay_on_the_machine_measured() -> None
     assert worth_feeding(8, 0.5, qwen) == 0
     assert worth_feeding(8, 0.5, gemma) == 1
     # Nearly always right: several, but not the most a pass can take where the largest passes cost most.
-    assert worth_feeding(8, 0.95, qwen) == 5  # the pass over six tokens is cheaper than the one over five
-    assert 3 <= worth_feeding(8, 0.95, gemma) <= 7
+    assert worth_feeding(8, 0.95, qwen) == 5  # past a dip: the pass over six tokens is cheaper than over five
+    assert worth_feeding(8, 0.95, gemma) == 5
     assert worth_feeding(2, 0.95, gemma) == 2  # no more than there are
     assert worth_feeding(0, 0.95, gemma) == 0
+    assert worth_feeding(8, 0.0, gemma) == 0
+
+
+def test_the_cost_is_the_median_of_the_latest_passes_of_a_size() -> None:
+    passes = PassCosts()
+    for seconds in (0.04, 0.04, 0.2, 0.04):  # one single-token pass that something else slowed down
+        passes.record(1, seconds)
+    for seconds in (0.1, 0.1, 0.1, 0.1, 0.1, 0.06, 0.06, 0.06):  # the machine got faster: the latest 5 count
+        passes.record(2, seconds)
+    assert passes.samples(2) == 5
+    assert passes.relative(2) == pytest.approx(1.5)
 
 
 def test_sizes_not_measured_yet_are_guessed_and_nothing_is_fed_before_one_token_passes_were() -> None:
     passes = PassCosts()
-    assert worth_feeding(8, 0.99, passes) == 0  # nothing to compare with yet
+    assert passes.relative(1) is None and worth_feeding(8, 0.99, passes) == 0  # nothing to compare with yet
     passes.record(1, 0.04)
     assert passes.relative(3) == pytest.approx(1.6)  # 0.3 single-token passes a proposed token, guessed
-    assert worth_feeding(8, 0.9, passes) > 0
+    assert worth_feeding(8, 0.9, passes) == 5
+    # Measured sizes set the slope of the guess beyond them, where it is lower than the guessed one.
+    for _ in range(3):
+        passes.record(2, 0.042)
+    assert passes.relative(9) == pytest.approx(1.05 + 7 * 0.05)
+    assert worth_feeding(8, 0.85, passes) == 8
+    # One slow pass does not rule a size out until enough confirm it: the guess counts where lower.
+    passes.record(3, 0.2)
+    assert passes.relative(3) == pytest.approx(1.1)
+    passes.record(3, 0.2)
+    passes.record(3, 0.2)
+    assert passes.relative(3) == pytest.approx(5.0)
     assert PassCosts(0.1, learn=False).relative(9) == pytest.approx(1.8)

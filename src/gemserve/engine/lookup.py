@@ -26,6 +26,7 @@ from collections import deque
 MAX_PROPOSED = 8
 GUESSED_COST = 0.3  # single-token passes each proposed token adds, assumed until a pass of that size has run
 COST_SAMPLES = 5  # the latest passes of each size whose median is its cost
+CONFIRMING_SAMPLES = 3  # passes of a size after which its measured cost counts even where a guess is lower
 FIRST_ACCEPTANCE = 0.5  # a sequence's acceptance rate before any proposal of its was checked
 ACCEPTANCE_WEIGHT = 0.25  # the weight of each new observation in the rate
 
@@ -86,9 +87,11 @@ class Acceptance:
 
 class PassCosts:
     """What a forward pass of one sequence decoding alone costs, by the number of tokens fed, as the engine
-    measured it: the median seconds of its latest passes of each size. Sizes that have not run yet are guessed
-    (GUESSED_COST), so they are tried once they look worth it; with `learn=False` the guesses are all there is
-    (for tests that need proposals fed whatever the machine)."""
+    measured it: the median seconds of its latest passes of each size. A size not measured yet is guessed from
+    the largest smaller one measured, at its cost per added token (at most GUESSED_COST), so that sizes are tried
+    once they look worth it; until CONFIRMING_SAMPLES passes of a size ran, the lower of its measured cost and the
+    guess counts, so one pass that something else slowed down does not rule a size out. With `learn=False` the
+    guesses are all there is (for tests that need proposals fed whatever the machine)."""
 
     def __init__(self, guessed: float = GUESSED_COST, *, learn: bool = True) -> None:
         self._guessed = guessed
@@ -99,17 +102,32 @@ class PassCosts:
         if self._learn:
             self._seconds.setdefault(tokens, deque(maxlen=COST_SAMPLES)).append(seconds)
 
+    def samples(self, tokens: int) -> int:
+        """How many passes of this size the cost is taken from."""
+        return len(self._seconds.get(tokens, ()))
+
     def relative(self, tokens: int) -> float | None:
         """A pass over `tokens` tokens in single-token passes; None while no single-token pass has been measured."""
         if not self._learn:
             return 1 + self._guessed * (tokens - 1)
         one = self._seconds.get(1)
-        if not one:
-            return None
+        if not one or tokens == 1:
+            return 1.0 if one else None
+        unit = max(statistics.median(one), 1e-9)
+        base, slope = 1.0, self._guessed
+        for smaller in range(tokens - 1, 1, -1):
+            if measured := self._seconds.get(smaller):
+                base = statistics.median(measured) / unit
+                slope = min(self._guessed, max(0.0, base - 1) / (smaller - 1))
+                break
+        else:
+            smaller = 1
+        guess = base + slope * (tokens - smaller)
         times = self._seconds.get(tokens)
         if not times:
-            return 1 + self._guessed * (tokens - 1)
-        return statistics.median(times) / statistics.median(one)
+            return guess
+        cost = statistics.median(times) / unit
+        return cost if len(times) >= CONFIRMING_SAMPLES else min(cost, guess)
 
 
 def worth_feeding(available: int, acceptance: float, costs: PassCosts) -> int:

@@ -78,7 +78,6 @@ class _Sequence(Sequence):
     lookup: Lookup | None = None  # its n-gram index, once it has decoded alone
     # How often the tokens its grammar forced were the ones chosen (the model may spell forced text otherwise).
     forced_acceptance: Acceptance = field(default_factory=lambda: Acceptance(FORCED_ACCEPTANCE))
-    unfed: tuple[int, Acceptance] | None = None  # a proposed token not fed this step, to check against the choice
 
 
 @dataclass
@@ -114,7 +113,9 @@ class LlamaCppEngine:
         self._turn = 0
         self.reused_tokens = 0  # prompt tokens served from kept caches, for tests and benchmarks
         self._lookup = lookup  # prompt-lookup decoding for a sequence that decodes alone (engine/lookup.py)
-        self._pass_costs = pass_costs or PassCosts()  # what passes of a sequence decoding alone cost here
+        # What passes of a sequence decoding alone cost here, by adapter (one may turn gemserve's output layer off).
+        self._pass_costs: dict[str | None, PassCosts] = {}
+        self._given_pass_costs = pass_costs
         self.proposed_tokens = 0  # tokens proposed (by prompt lookup or a grammar), and how many of them were kept
         self.accepted_tokens = 0
         self.forced_tokens = 0  # of those proposed, how many a grammar forced, and how many of these were kept
@@ -468,16 +469,18 @@ class LlamaCppEngine:
         # A sequence decoding alone also feeds the tokens its grammar forces or prompt lookup proposes
         # (engine/lookup.py), each with logits, as many as pay by what such passes cost.
         lone = len(plan) == 1 and len(entries[0][2]) == 1 and bool(plan[0].history)
+        costs = self._costs(adapter)
         proposed: list[int] = []
         forced = False
+        unfed: tuple[int, Acceptance] | None = None  # a proposal not fed, checked against the token chosen
         if len(group) == 1 and lone and entries[0][3]:
-            proposed, forced = self._proposal(plan[0])
+            proposed, forced, unfed = self._proposal(plan[0], costs)
         if proposed:
             seq_id, start, chunk, _ = entries[0]
             entries += [(seq_id, start + 1 + i, [token], True) for i, token in enumerate(proposed)]
             started = time.perf_counter()
             if self._llm.decode(entries):
-                self._pass_costs.record(len(entries), time.perf_counter() - started)
+                costs.record(len(entries), time.perf_counter() - started)
                 self._check_proposal(plan[0], chunk, proposed, forced)
                 return
             # No cells for the proposals: the step goes on without them (llama.cpp left the cache as it was).
@@ -487,7 +490,7 @@ class LlamaCppEngine:
             self._make_room()
             return
         if lone:
-            self._pass_costs.record(1, time.perf_counter() - started)
+            costs.record(1, time.perf_counter() - started)
         row = 0
         for seq, (_, _, chunk, wants_logits) in zip(plan, entries, strict=True):
             seq.history.extend(chunk)
@@ -495,24 +498,27 @@ class LlamaCppEngine:
             row += len(chunk)
             if wants_logits:
                 self._advance(seq, row - 1)
-        if lone and plan[0].unfed is not None:
-            token, acceptance = plan[0].unfed
-            plan[0].unfed = None
-            if plan[0].pending:  # it goes on: the token chosen after the step's one is there
-                acceptance.observe(1, int(plan[0].pending[-1] == token))
+        if unfed is not None and plan[0].pending:  # it goes on: the token chosen after the step's one is there
+            token, acceptance = unfed
+            acceptance.observe(1, int(plan[0].pending[-1] == token))
 
-    def _proposal(self, seq: _Sequence) -> tuple[list[int], bool]:
+    def _costs(self, adapter: str | None) -> PassCosts:
+        if self._given_pass_costs is not None:
+            return self._given_pass_costs
+        return self._pass_costs.setdefault(adapter, PassCosts())
+
+    def _proposal(self, seq: _Sequence,
+                  costs: PassCosts) -> tuple[list[int], bool, tuple[int, Acceptance] | None]:
         """Tokens to feed after `seq`'s next one, within its budget and the cache's room, and whether its grammar
         forces them: those a constraint forces if any, else those prompt lookup proposes; of them, as many as pay
-        (`lookup.worth_feeding`). One that does not pay is still checked against the choice (`unfed`)."""
-        seq.unfed = None
+        (`lookup.worth_feeding`); and, where none do, the first proposed with the rate it counts toward."""
         if not self._lookup or not self._llm.can_cut or len(seq.pending) != 1 or not seq.history:
-            return [], False
+            return [], False, None
         kept = sum(len(k.tokens) for k in self._kept.values())
         room = self._llm.n_ctx - len(seq.history) - 1 - kept - MAX_PROPOSED
         limit = min(seq.request.max_new_tokens - seq.n_generated - 1, self._llm.ubatch - 1, room, MAX_PROPOSED)
         if limit <= 0:
-            return [], False
+            return [], False, None
         forced = seq.request.constraint.forced() if seq.request.constraint is not None else []
         if forced:
             candidates, acceptance = forced[:limit], seq.forced_acceptance
@@ -521,10 +527,9 @@ class LlamaCppEngine:
                 seq.lookup = Lookup()
             seq.lookup.sync(seq.history, seq.pending)
             candidates, acceptance = seq.lookup.propose(limit), seq.lookup.acceptance
-        feeding = worth_feeding(len(candidates), acceptance.rate, self._pass_costs)
-        if candidates and not feeding:
-            seq.unfed = (candidates[0], acceptance)
-        return candidates[:feeding], bool(forced)
+        feeding = worth_feeding(len(candidates), acceptance.rate, costs)
+        unfed = (candidates[0], acceptance) if candidates and not feeding else None
+        return candidates[:feeding], bool(forced), unfed
 
     def _check_proposal(self, seq: _Sequence, fed: list[int], proposed: list[int], forced: bool) -> None:
         """Choose `seq`'s tokens position by position, as one at a time would; keep each proposed token only while
