@@ -97,10 +97,13 @@ class PassCosts:
         self._guessed = guessed
         self._learn = learn
         self._seconds: dict[int, deque[float]] = {}
+        self._median: dict[int, float] = {}  # of each size's seconds, kept as they come: asked for every step
 
     def record(self, tokens: int, seconds: float) -> None:
         if self._learn:
-            self._seconds.setdefault(tokens, deque(maxlen=COST_SAMPLES)).append(seconds)
+            times = self._seconds.setdefault(tokens, deque(maxlen=COST_SAMPLES))
+            times.append(seconds)
+            self._median[tokens] = statistics.median(times)
 
     def samples(self, tokens: int) -> int:
         """How many passes of this size the cost is taken from."""
@@ -110,24 +113,17 @@ class PassCosts:
         """A pass over `tokens` tokens in single-token passes; None while no single-token pass has been measured."""
         if not self._learn:
             return 1 + self._guessed * (tokens - 1)
-        one = self._seconds.get(1)
-        if not one or tokens == 1:
-            return 1.0 if one else None
-        unit = max(statistics.median(one), 1e-9)
-        base, slope = 1.0, self._guessed
-        for smaller in range(tokens - 1, 1, -1):
-            if measured := self._seconds.get(smaller):
-                base = statistics.median(measured) / unit
-                slope = min(self._guessed, max(0.0, base - 1) / (smaller - 1))
-                break
-        else:
-            smaller = 1
+        if 1 not in self._median or tokens == 1:
+            return 1.0 if 1 in self._median else None
+        unit = max(self._median[1], 1e-9)
+        smaller = max((n for n in self._median if 1 < n < tokens), default=1)
+        base = self._median[smaller] / unit if smaller > 1 else 1.0
+        slope = min(self._guessed, max(0.0, base - 1) / (smaller - 1)) if smaller > 1 else self._guessed
         guess = base + slope * (tokens - smaller)
-        times = self._seconds.get(tokens)
-        if not times:
+        if tokens not in self._median:
             return guess
-        cost = statistics.median(times) / unit
-        return cost if len(times) >= CONFIRMING_SAMPLES else min(cost, guess)
+        cost = self._median[tokens] / unit
+        return cost if self.samples(tokens) >= CONFIRMING_SAMPLES else min(cost, guess)
 
 
 def worth_feeding(available: int, acceptance: float, costs: PassCosts) -> int:

@@ -31,9 +31,8 @@ thirds of the per-token work for Gemma 3 270M, and the part that batching speeds
 
 A sequence that decodes alone feeds, beside its next token, the tokens its grammar forces next or else those prompt
 lookup proposes (`engine/lookup.py`), as many as pay by what this engine measured such passes to cost, and keeps
-those that decoding one token at a time would have chosen. When the
-engine runs out of work, its thread lets its OpenMP workers go (`engine/threads.py`), so an idle model does not
-slow a busy one.
+those that decoding one token at a time would have chosen. When the engine runs out of work, its thread lets its
+OpenMP workers go (`engine/threads.py`), so an idle model does not slow a busy one.
 
 ctypes releases the GIL during `llama_decode`, so the event loop keeps serving HTTP while a step runs.
 Not here: text, chat formats, stop sequences (the service layer).
