@@ -75,7 +75,7 @@ def test_tokens_a_grammar_forces_are_fed_ahead_and_the_greedy_output_stays_the_s
     outputs: dict[bool, list[tuple[list[int], str]]] = {}
     for lookup in (False, True):
         engine = LlamaCppEngine(path, context_size=1024, max_sequences=1, lookup=lookup,
-                                pass_costs=PassCosts(0.1, learn=False))  # fed whatever passes cost here
+                                pass_costs=PassCosts.guessed(0.1))  # fed whatever passes cost here
         try:
             for question, grammar, budget in cases:
                 prompt = engine.tokenize(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",

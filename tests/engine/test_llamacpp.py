@@ -358,7 +358,7 @@ def test_prompt_lookup_keeps_the_greedy_output_and_the_budget(default_gguf: Path
         plain.close()
     # Proposals fed whatever this machine's passes cost (the engine would otherwise feed only those that pay).
     looking = LlamaCppEngine(default_gguf, context_size=2048, max_sequences=2, threads=2,
-                             pass_costs=PassCosts(0.1, learn=False))
+                             pass_costs=PassCosts.guessed(0.1))
     try:
         for budget in (96, 37):
             tokens, finish = asyncio.run(run(looking, request(looking, text, budget)))
@@ -368,16 +368,20 @@ def test_prompt_lookup_keeps_the_greedy_output_and_the_budget(default_gguf: Path
         assert looking.proposed_tokens > looking.accepted_tokens  # and some were not, and were dropped
     finally:
         looking.close()
-    # As the server runs it: the engine times its passes and feeds what pays, which a repeating answer does.
-    costs = PassCosts()
-    learning = LlamaCppEngine(default_gguf, context_size=2048, max_sequences=2, threads=2, pass_costs=costs)
+    # As the server runs it: the engine times passes of each size as it loads and feeds what pays, which a
+    # repeating answer does; what it measured stays as it was, so a request answers the same the next time.
+    measuring = LlamaCppEngine(default_gguf, context_size=2048, max_sequences=2, threads=2)
     try:
-        tokens, _ = asyncio.run(run(learning, request(learning, text, 96)))
+        costs = str(measuring._pass_costs)
+        assert costs != str(PassCosts.guessed()) and costs.startswith("1:1.00 2:")
+        tokens, _ = asyncio.run(run(measuring, request(measuring, text, 96)))
         assert len(tokens) == len(expected)
-        assert costs.samples(1) > 0 and any(costs.samples(n) > 0 for n in range(2, 10))
-        assert learning.accepted_tokens > 10
+        assert measuring.accepted_tokens > 10
+        again, _ = asyncio.run(run(measuring, request(measuring, text, 96)))
+        assert [t.token for t in again] == [t.token for t in tokens]
+        assert str(measuring._pass_costs) == costs
     finally:
-        learning.close()
+        measuring.close()
 
 
 def test_forced_text_is_right_where_the_tokenizer_puts_a_space_before_text(engine: LlamaCppEngine,

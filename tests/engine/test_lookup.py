@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from gemserve.engine.lookup import Acceptance, Lookup, PassCosts, worth_feeding
@@ -44,13 +46,9 @@ def test_acceptance_counts_the_tokens_up_to_the_first_wrong_one() -> None:
     assert rate.rate == pytest.approx((before + 0.25 * (1 - before)) * 0.75)
 
 
-def measured(costs: dict[int, float]) -> PassCosts:
-    """Pass costs as an engine would have measured them: seconds by tokens fed, three passes of each size."""
-    passes = PassCosts()
-    for tokens, seconds in costs.items():
-        for noise in (1.0, 1.02, 0.98):
-            passes.record(tokens, seconds * noise)
-    return passes
+def measured(seconds: dict[int, float]) -> PassCosts:
+    """Pass costs as an engine measures them as it loads, from seconds by tokens fed."""
+    return PassCosts.measure(lambda n: seconds[n])
 
 
 # Seconds per pass over 1 + k tokens on two machines (benchmarks/lookup.py): Qwen2.5-Coder-0.5B where its
@@ -73,31 +71,18 @@ def test_proposals_are_fed_only_where_they_pay_on_the_machine_measured() -> None
     assert worth_feeding(8, 0.0, gemma) == 0
 
 
-def test_the_cost_is_the_median_of_the_latest_passes_of_a_size() -> None:
-    passes = PassCosts()
-    for seconds in (0.04, 0.04, 0.2, 0.04):  # one single-token pass that something else slowed down
-        passes.record(1, seconds)
-    for seconds in (0.1, 0.1, 0.1, 0.1, 0.1, 0.06, 0.06, 0.06):  # the machine got faster: the latest 5 count
-        passes.record(2, seconds)
-    assert passes.samples(2) == 5
-    assert passes.relative(2) == pytest.approx(1.5)
+def test_each_size_costs_its_fastest_pass_after_a_warm_up() -> None:
+    passes: list[int] = []
+    slowed = {0: 9.0, 1: 9.0, 4: 0.5}  # the two warm-up passes, and one that something else slowed down
 
+    def run(n: int) -> float:
+        passes.append(n)
+        return slowed.get(len(passes) - 1, 0.04 * (1 + 0.25 * (n - 1)))
 
-def test_sizes_not_measured_yet_are_guessed_and_nothing_is_fed_before_one_token_passes_were() -> None:
-    passes = PassCosts()
-    assert passes.relative(1) is None and worth_feeding(8, 0.99, passes) == 0  # nothing to compare with yet
-    passes.record(1, 0.04)
-    assert passes.relative(3) == pytest.approx(1.6)  # 0.3 single-token passes a proposed token, guessed
-    assert worth_feeding(8, 0.9, passes) == 5
-    # Measured sizes set the slope of the guess beyond them, where it is lower than the guessed one.
-    for _ in range(3):
-        passes.record(2, 0.042)
-    assert passes.relative(9) == pytest.approx(1.05 + 7 * 0.05)
-    assert worth_feeding(8, 0.85, passes) == 8
-    # One slow pass does not rule a size out until enough confirm it: the guess counts where lower.
-    passes.record(3, 0.2)
-    assert passes.relative(3) == pytest.approx(1.1)
-    passes.record(3, 0.2)
-    passes.record(3, 0.2)
-    assert passes.relative(3) == pytest.approx(5.0)
-    assert PassCosts(0.1, learn=False).relative(9) == pytest.approx(1.8)
+    costs = PassCosts.measure(run, rounds=2)
+    assert passes == [9, 1, *range(1, 10), *range(9, 0, -1)]  # alternating: a slow spell does not hit one end only
+    assert [costs.relative(n) for n in range(1, 10)] == pytest.approx([1 + 0.25 * k for k in range(9)])
+    assert costs.relative(10) == math.inf  # beyond what was measured, never fed
+    assert worth_feeding(12, 0.99, costs) == 8
+    assert str(PassCosts.guessed(0.1)).startswith("1:1.00 2:1.10 3:1.20")
+    assert PassCosts.guessed(0.1).relative(9) == pytest.approx(1.8)

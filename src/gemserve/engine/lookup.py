@@ -12,21 +12,26 @@ same token for token, and sampled output is drawn from the same distributions.
 Checking proposals is not free, and what it costs depends on the machine: on two cores a pass over 1 + k tokens
 costs 1.2-1.3 (k = 1) to 2-3.5 (k = 8) single-token passes on one (`benchmarks/lookup.py`), 1.9 to 5.3 on another
 for Qwen2.5-Coder-0.5B, whose layers there batch poorly. So the engine feeds only as many proposed tokens as pay,
-by what it measured (`PassCosts`: the median time of its latest passes of each size) and by how often this
-sequence's proposals were right (`Acceptance`, which also learns from proposals it looked at but did not feed):
-the number k that gives the most tokens per unit of time, 1 + a + ... + a^k expected against the cost of a pass
-over 1 + k tokens, and none where no k beats one token a pass.
+by what passes of each size cost on this machine (`PassCosts`, measured when the model loads) and by how often
+this sequence's proposals were right (`Acceptance`, which also learns from proposals it looked at but did not
+feed): the number k that gives the most tokens per unit of time, 1 + a + ... + a^k expected against the cost of a
+pass over 1 + k tokens, and none where no k beats one token a pass.
+
+The costs stay as measured at load, and do not follow the timing of later passes: llama.cpp's kernels for
+passes of different sizes round differently, so which passes are fed can decide a greedy token where two are
+nearly tied, and a choice that moved with timing would make the same request answer differently from one call
+to the next.
 """
 
 from __future__ import annotations
 
-import statistics
-from collections import deque
+import math
+from collections.abc import Callable, Mapping
 
 MAX_PROPOSED = 8
-GUESSED_COST = 0.3  # single-token passes each proposed token adds, assumed until a pass of that size has run
-COST_SAMPLES = 5  # the latest passes of each size whose median is its cost
-CONFIRMING_SAMPLES = 3  # passes of a size after which its measured cost counts even where a guess is lower
+GUESSED_COST = 0.3  # single-token passes each proposed token adds, where the engine was not left to measure them
+MEASURING_ROUNDS = 2  # passes of each size timed at load; the fastest counts
+PASS_SIZES = tuple(range(1, MAX_PROPOSED + 2))
 FIRST_ACCEPTANCE = 0.5  # a sequence's acceptance rate before any proposal of its was checked
 ACCEPTANCE_WEIGHT = 0.25  # the weight of each new observation in the rate
 
@@ -86,44 +91,37 @@ class Acceptance:
 
 
 class PassCosts:
-    """What a forward pass of one sequence decoding alone costs, by the number of tokens fed, as the engine
-    measured it: the median seconds of its latest passes of each size. A size not measured yet is guessed from
-    the largest smaller one measured, at its cost per added token (at most GUESSED_COST), so that sizes are tried
-    once they look worth it; until CONFIRMING_SAMPLES passes of a size ran, the lower of its measured cost and the
-    guess counts, so one pass that something else slowed down does not rule a size out. With `learn=False` the
-    guesses are all there is (for tests that need proposals fed whatever the machine)."""
+    """What a forward pass of one sequence decoding alone costs, in single-token passes, by the number of tokens
+    fed (1 to MAX_PROPOSED + 1): measured once (`measure`), then fixed."""
 
-    def __init__(self, guessed: float = GUESSED_COST, *, learn: bool = True) -> None:
-        self._guessed = guessed
-        self._learn = learn
-        self._seconds: dict[int, deque[float]] = {}
-        self._median: dict[int, float] = {}  # of each size's seconds, kept as they come: asked for every step
+    def __init__(self, relative: Mapping[int, float]) -> None:
+        self._relative = dict(relative)
 
-    def record(self, tokens: int, seconds: float) -> None:
-        if self._learn:
-            times = self._seconds.setdefault(tokens, deque(maxlen=COST_SAMPLES))
-            times.append(seconds)
-            self._median[tokens] = statistics.median(times)
+    @classmethod
+    def guessed(cls, per_token: float = GUESSED_COST) -> PassCosts:
+        """Each token beyond the first adds `per_token` (for tests that need proposals fed whatever the machine)."""
+        return cls({n: 1 + per_token * (n - 1) for n in PASS_SIZES})
 
-    def samples(self, tokens: int) -> int:
-        """How many passes of this size the cost is taken from."""
-        return len(self._seconds.get(tokens, ()))
+    @classmethod
+    def measure(cls, run: Callable[[int], float], rounds: int = MEASURING_ROUNDS) -> PassCosts:
+        """Time `run(n)`, one pass over n tokens that returns its seconds, for every size: once each for the
+        smallest and the largest to warm up, then `rounds` times in alternating order. A size costs its fastest
+        pass: whatever else runs on the machine only ever adds time."""
+        run(PASS_SIZES[-1])
+        run(PASS_SIZES[0])
+        fastest = dict.fromkeys(PASS_SIZES, math.inf)
+        for i in range(rounds):
+            for n in PASS_SIZES if i % 2 == 0 else PASS_SIZES[::-1]:
+                fastest[n] = min(fastest[n], run(n))
+        unit = max(fastest[1], 1e-9)
+        return cls({n: seconds / unit for n, seconds in fastest.items()})
 
-    def relative(self, tokens: int) -> float | None:
-        """A pass over `tokens` tokens in single-token passes; None while no single-token pass has been measured."""
-        if not self._learn:
-            return 1 + self._guessed * (tokens - 1)
-        if 1 not in self._median or tokens == 1:
-            return 1.0 if 1 in self._median else None
-        unit = max(self._median[1], 1e-9)
-        smaller = max((n for n in self._median if 1 < n < tokens), default=1)
-        base = self._median[smaller] / unit if smaller > 1 else 1.0
-        slope = min(self._guessed, max(0.0, base - 1) / (smaller - 1)) if smaller > 1 else self._guessed
-        guess = base + slope * (tokens - smaller)
-        if tokens not in self._median:
-            return guess
-        cost = self._median[tokens] / unit
-        return cost if self.samples(tokens) >= CONFIRMING_SAMPLES else min(cost, guess)
+    def relative(self, tokens: int) -> float:
+        """A pass over `tokens` tokens in single-token passes (infinite beyond the sizes measured)."""
+        return self._relative.get(tokens, math.inf)
+
+    def __str__(self) -> str:
+        return " ".join(f"{n}:{cost:.2f}" for n, cost in sorted(self._relative.items()))
 
 
 def worth_feeding(available: int, acceptance: float, costs: PassCosts) -> int:
@@ -134,8 +132,6 @@ def worth_feeding(available: int, acceptance: float, costs: PassCosts) -> int:
     expected, kept_so_far = 1.0, 1.0
     for k in range(1, available + 1):
         cost = costs.relative(1 + k)
-        if cost is None:
-            return 0
         kept_so_far *= acceptance
         expected += kept_so_far
         if expected / cost > best_rate:

@@ -68,7 +68,11 @@ class ModelRegistry:
         self._embedders: dict[str, ServedEmbedder] = {}
 
     def load_all(self) -> None:
-        for spec in self.catalog.models.values():
+        """Generation models one after another, then what loads in the background: their grammar vocabularies and
+        the embedding models. An engine times its passes as it loads (engine/lookup.py), on a machine that nothing
+        else of gemserve's keeps busy meanwhile."""
+        specs = sorted(self.catalog.models.values(), key=lambda spec: spec.kind == "embed")
+        for spec in specs:
             started = time.perf_counter()
             path = model_path(spec, self._data_dir)
             if spec.kind == "embed":
@@ -76,12 +80,13 @@ class ModelRegistry:
                 log.info("embedding model loading in the background", extra={"model": spec.id, "path": str(path)})
                 continue
             engine = self._factory(path, spec)
-            engine.prepare_grammar()
             meta = engine.metadata
             chat = ChatFormat(meta.chat_template, meta.architecture, meta.bos_text, meta.eos_text)
             self._served[spec.id] = ServedModel(spec, engine, chat)
             log.info("model loaded", extra={"model": spec.id, "path": str(path),
                                             "seconds": round(time.perf_counter() - started, 2)})
+        for served in self._served.values():
+            served.engine.prepare_grammar()
 
     def get(self, name: str, method: str = "generateContent", api_version: str = "v1beta") -> ServedModel:
         """The generation model `name` names; a 404 in Google's words for anything else."""

@@ -30,8 +30,8 @@ For Q8_0 output matrices, the output layer (hidden state -> logits) is gemserve'
 thirds of the per-token work for Gemma 3 270M, and the part that batching speeds up most.
 
 A sequence that decodes alone feeds, beside its next token, the tokens its grammar forces next or else those prompt
-lookup proposes (`engine/lookup.py`), as many as pay by what this engine measured such passes to cost, and keeps
-those that decoding one token at a time would have chosen. When the engine runs out of work, its thread lets its
+lookup proposes (`engine/lookup.py`), as many as pay by what such passes cost (timed as the model loads), and
+keeps those that decoding one token at a time would have chosen. When the engine runs out of work, its thread lets its
 OpenMP workers go (`engine/threads.py`), so an idle model does not slow a busy one.
 
 ctypes releases the GIL during `llama_decode`, so the event loop keeps serving HTTP while a step runs.
@@ -112,9 +112,8 @@ class LlamaCppEngine:
         self._turn = 0
         self.reused_tokens = 0  # prompt tokens served from kept caches, for tests and benchmarks
         self._lookup = lookup  # prompt-lookup decoding for a sequence that decodes alone (engine/lookup.py)
-        # What passes of a sequence decoding alone cost here, by adapter (one may turn gemserve's output layer off).
-        self._pass_costs: dict[str | None, PassCosts] = {}
-        self._given_pass_costs = pass_costs
+        # What passes of a sequence decoding alone cost here: measured as the model loads, unless given.
+        self._pass_costs = pass_costs if pass_costs is not None else PassCosts.guessed()
         self.proposed_tokens = 0  # tokens proposed (by prompt lookup or a grammar), and how many of them were kept
         self.accepted_tokens = 0
         self.forced_tokens = 0  # of those proposed, how many a grammar forced, and how many of these were kept
@@ -142,6 +141,8 @@ class LlamaCppEngine:
                 # Twice as many llama.cpp sequence ids as running sequences: the other half holds kept prefixes.
                 self._llm = LlamaModel(path, context_size=context_size, sequences=2 * max_sequences,
                                        threads=threads, ubatch=ubatch, own_output_layer=own_output_layer)
+                if pass_costs is None and lookup and self._llm.can_cut:
+                    self._pass_costs = self._measure_pass_costs()
             except BaseException as exc:
                 loaded.set_exception(exc)
                 return
@@ -216,6 +217,37 @@ class LlamaCppEngine:
         self._llm.close()
 
     # ---- the engine thread --------------------------------------------------------------------------------
+
+    def _measure_pass_costs(self) -> PassCosts:
+        """Time passes like the ones `_step` feeds with proposals, over 1 to MAX_PROPOSED + 1 tokens of sequence
+        0 after a short prompt, each with logits (lookup.PassCosts.measure; about a second for Gemma 3 270M and
+        two for Qwen2.5-Coder-0.5B on two cores). LoRA adapters are served with the base model's costs."""
+        prompt = self._llm.tokenize("Passes of one to nine tokens are timed here, each with its logits.",
+                                    add_bos=True, parse_special=False)
+        tokens = (prompt * MAX_PROPOSED)[1 : MAX_PROPOSED + 2]
+        start = len(prompt)
+
+        def run(n: int) -> float:
+            entries = [(0, start + i, [token], True) for i, token in enumerate(tokens[:n])]
+            began = time.perf_counter()
+            fitted = self._llm.decode(entries)
+            seconds = time.perf_counter() - began
+            self._llm.forget(0, start)
+            if not fitted:
+                raise EngineError("the cache has no room to time passes in")
+            return seconds
+
+        try:
+            if not self._llm.decode([(0, 0, prompt, False)]):
+                raise EngineError("the cache has no room to time passes in")
+            costs = PassCosts.measure(run)
+        except EngineError as exc:
+            log.warning("pass costs not measured (%s): proposals are fed at guessed costs", exc)
+            costs = PassCosts.guessed()
+        finally:
+            self._llm.forget(0)
+        log.info("pass costs, in single-token passes by tokens fed: %s", costs)
+        return costs
 
     def _loop(self) -> None:
         """Runs steps until closed. A step that fails fails the requests it had; the engine starts afresh (an
@@ -468,28 +500,22 @@ class LlamaCppEngine:
         # A sequence decoding alone also feeds the tokens its grammar forces or prompt lookup proposes
         # (engine/lookup.py), each with logits, as many as pay by what such passes cost.
         lone = len(plan) == 1 and len(entries[0][2]) == 1 and bool(plan[0].history)
-        costs = self._costs(adapter)
         proposed: list[int] = []
         forced = False
         unfed: tuple[int, Acceptance] | None = None  # a proposal not fed, checked against the token chosen
         if len(group) == 1 and lone and entries[0][3]:
-            proposed, forced, unfed = self._proposal(plan[0], costs)
+            proposed, forced, unfed = self._proposal(plan[0])
         if proposed:
             seq_id, start, chunk, _ = entries[0]
             entries += [(seq_id, start + 1 + i, [token], True) for i, token in enumerate(proposed)]
-            started = time.perf_counter()
             if self._llm.decode(entries):
-                costs.record(len(entries), time.perf_counter() - started)
                 self._check_proposal(plan[0], chunk, proposed, forced)
                 return
             # No cells for the proposals: the step goes on without them (llama.cpp left the cache as it was).
             entries = entries[:1]
-        started = time.perf_counter()
         if not self._llm.decode(entries):
             self._make_room()
             return
-        if lone:
-            costs.record(1, time.perf_counter() - started)
         row = 0
         for seq, (_, _, chunk, wants_logits) in zip(plan, entries, strict=True):
             seq.history.extend(chunk)
@@ -501,13 +527,7 @@ class LlamaCppEngine:
             token, acceptance = unfed
             acceptance.observe(1, int(plan[0].pending[-1] == token))
 
-    def _costs(self, adapter: str | None) -> PassCosts:
-        if self._given_pass_costs is not None:
-            return self._given_pass_costs
-        return self._pass_costs.setdefault(adapter, PassCosts())
-
-    def _proposal(self, seq: _Sequence,
-                  costs: PassCosts) -> tuple[list[int], bool, tuple[int, Acceptance] | None]:
+    def _proposal(self, seq: _Sequence) -> tuple[list[int], bool, tuple[int, Acceptance] | None]:
         """Tokens to feed after `seq`'s next one, within its budget and the cache's room, and whether its grammar
         forces them: those a constraint forces if any, else those prompt lookup proposes; of them, as many as pay
         (`lookup.worth_feeding`); and, where none do, the first proposed with the rate it counts toward."""
@@ -526,7 +546,7 @@ class LlamaCppEngine:
                 seq.lookup = Lookup()
             seq.lookup.sync(seq.history, seq.pending)
             candidates, acceptance = seq.lookup.propose(limit), seq.lookup.acceptance
-        feeding = worth_feeding(len(candidates), acceptance.rate, costs)
+        feeding = worth_feeding(len(candidates), acceptance.rate, self._pass_costs)
         unfed = (candidates[0], acceptance) if candidates and not feeding else None
         return candidates[:feeding], bool(forced), unfed
 
