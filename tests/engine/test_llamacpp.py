@@ -384,6 +384,20 @@ def test_prompt_lookup_keeps_the_greedy_output_and_the_budget(default_gguf: Path
         measuring.close()
 
 
+def test_proposals_looked_at_but_not_fed_teach_the_acceptance_rate(default_gguf: Path) -> None:
+    # Passes cost 1 + 0.8 k here: one proposed token pays only once proposals are right more than 80% of the time,
+    # above the rate a sequence starts from (0.5). Only the proposals the engine looks at without feeding them can
+    # raise it there, which the answer's repeats do ("The first day of the week is ...", and so on).
+    text = "List the days of the week, then list them again in the same order: Monday, Tuesday,"
+    engine = LlamaCppEngine(default_gguf, context_size=2048, max_sequences=2, threads=2,
+                            pass_costs=PassCosts.guessed(0.8))
+    try:
+        asyncio.run(run(engine, request(engine, text, 96)))
+        assert engine.proposed_tokens > 0
+    finally:
+        engine.close()
+
+
 def test_forced_text_is_right_where_the_tokenizer_puts_a_space_before_text(engine: LlamaCppEngine,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # Gemma's tokenizer adds no space before the text; make it look like one that does (Llama 2's, Mistral's).
