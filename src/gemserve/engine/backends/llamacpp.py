@@ -31,8 +31,8 @@ thirds of the per-token work for Gemma 3 270M, and the part that batching speeds
 
 A sequence that decodes alone feeds, beside its next token, the tokens its grammar forces next or else those prompt
 lookup proposes (`engine/lookup.py`), as many as pay by what such passes cost (timed as the model loads), and
-keeps those that decoding one token at a time would have chosen. When the engine runs out of work, its thread lets its
-OpenMP workers go (`engine/threads.py`), so an idle model does not slow a busy one.
+keeps those that decoding one token at a time would have chosen. When the engine runs out of work, its thread
+lets its OpenMP workers go (`engine/threads.py`), so an idle model does not slow a busy one.
 
 ctypes releases the GIL during `llama_decode`, so the event loop keeps serving HTTP while a step runs.
 Not here: text, chat formats, stop sequences (the service layer).
@@ -220,8 +220,8 @@ class LlamaCppEngine:
 
     def _measure_pass_costs(self) -> PassCosts:
         """Time passes like the ones `_step` feeds with proposals, over 1 to MAX_PROPOSED + 1 tokens of sequence
-        0 after a short prompt, each with logits (lookup.PassCosts.measure; about a second for Gemma 3 270M and
-        two for Qwen2.5-Coder-0.5B on two cores). LoRA adapters are served with the base model's costs."""
+        0 after a short prompt, each with logits (lookup.PassCosts.measure; about 1 s for Gemma 3 270M and 2.5 s
+        for Qwen2.5-Coder-0.5B on two cores). LoRA adapters are served with the base model's costs."""
         prompt = self._llm.tokenize("Passes of one to nine tokens are timed here, each with its logits.",
                                     add_bos=True, parse_special=False)
         tokens = (prompt * MAX_PROPOSED)[1 : MAX_PROPOSED + 2]
