@@ -238,10 +238,12 @@ class LlamaCppEngine:
             return seconds
 
         try:
+            if max(len(prompt), MAX_PROPOSED + 1) > self._llm.ubatch:
+                raise EngineError(f"a batch holds {self._llm.ubatch} tokens, too few to time passes with")
             if not self._llm.decode([(0, 0, prompt, False)]):
                 raise EngineError("the cache has no room to time passes in")
             costs = PassCosts.measure(run)
-        except EngineError as exc:
+        except Exception as exc:  # the model serves all the same, with proposals fed by a guess
             log.warning("pass costs not measured (%s): proposals are fed at guessed costs", exc)
             costs = PassCosts.guessed()
         finally:
