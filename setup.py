@@ -1,7 +1,8 @@
-"""Builds gemserve's one C extension; everything else about the package is in pyproject.toml.
+"""Builds gemserve's two C extensions; everything else about the package is in pyproject.toml.
 
-`_output_head` is the output-layer kernel for Q8_0 models (src/gemserve/engine/backends/_output_head.c). It is
-optional: without a C compiler the package installs without it and llama.cpp computes the logits itself.
+`_output_head` is the output-layer kernel for Q8_0 models (src/gemserve/engine/backends/_output_head.c), `_q5_0`
+the kernel for products of Q5_0 matrices inside llama.cpp (`_q5_0.c`). Both are optional: without a C compiler
+the package installs without them and llama.cpp computes those products itself.
 """
 
 from setuptools import Extension, setup
@@ -14,6 +15,12 @@ setup(
             extra_compile_args=["-O3", "-fopenmp"],
             extra_link_args=["-fopenmp"],
             optional=True,
-        )
+        ),
+        Extension(
+            "gemserve.engine.backends._q5_0",
+            sources=["src/gemserve/engine/backends/_q5_0.c"],
+            extra_compile_args=["-O3"],
+            optional=True,
+        ),
     ]
 )

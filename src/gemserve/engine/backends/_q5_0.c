@@ -1,0 +1,433 @@
+/* Products of Q5_0 weight matrices with tokens, in place of llama.cpp's.
+
+Qwen2.5's 896-wide rows are not a multiple of 256, so its Q4_K_M file keeps attention and the feed-forward gate
+and up matrices in Q5_0 (173 of the 250 MB a token reads); Gemma 3's 640-wide ones likewise. llama.cpp multiplies
+a Q5_0 matrix by one token with `ggml_vec_dot_q5_0_q8_0` (per row, unpacking the 5-bit weights for each product)
+and by two or more with llamafile's tinyBLAS, which unpacks each weight block again for every column of the batch
+and applies the sign trick to every product: on a 2-core AMD EPYC a batch of 2 tokens cost 3 single ones.
+
+For two or more tokens this kernel unpacks each matrix once, on first use, into a packed copy: per group of 8
+rows and per block of 32 columns, 8 vectors of 32 unsigned bytes (the 5-bit values 0..31, rows' 4-column chunks
+interleaved, so that a vector holds chunk c of rows 0..7) and the 8 rows' scales as floats (288 bytes). One
+product of a block is then 8 `maddubs` of a packed vector with the token's 4 activations broadcast, whose lanes
+are the 8 rows: no unpacking, no horizontal sums, and every token of a batch reuses the same loads. The 5-bit
+values are stored unsigned (Q5_0 subtracts 16), so a block's integer sum is sum(u * x) - 16 * sum(x).
+
+A lone token gains nothing from the copy (it shares no loads, and the copy is 36 bytes a block row against
+Q5_0's 22), so it reads llama.cpp's rows, at the speed of llama.cpp's own loop, but it computes the same integer
+sums and the same float steps in the same order: its result is bit for bit what it would be in any batch. So
+a token's Q5_0 products do not depend on the size of the pass it is in (prompt lookup's passes, other
+sequences). The arithmetic is llama.cpp's: activations quantized to Q8_0 by llama.cpp, each block's products
+summed exactly in integers, then scaled in float (in another order than llama.cpp's, so results differ from
+llama.cpp's by float rounding).
+
+How it takes over: llama.cpp's CPU backend calls `llamafile_sgemm` through its PLT for every matrix product, once
+with the float activations and, when that declines, again with them quantized. This library defines a function
+of that name; loaded with RTLD_GLOBAL before llama.cpp computes anything, it is found first. It computes Q5_0
+products itself and hands everything else to llama.cpp's own function (`q5_0_set_original`).
+
+Only matrices inside address ranges registered as a model's weights (`q5_0_add_range`: the model file's
+mappings) are packed, since a packed copy is valid only while the original never changes; `q5_0_release_range`
+frees the copies when the model is gone. Matrices whose rows are not a multiple of 8 stay with llama.cpp.
+
+Plain C functions, called through ctypes; the module init only makes the file importable as an extension.
+*/
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define HAVE_X86 1
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define HAVE_X86 0
+#define AVX2
+#endif
+
+enum { TYPE_F32 = 0, TYPE_Q5_0 = 6, TYPE_Q8_0 = 8 }; /* ggml_type */
+#define QK 32
+#define ROWS 8
+#define GROUP_BYTES (ROWS * QK + ROWS * 4)
+
+typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[QK / 2]; } block_q5_0;
+typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
+
+/* What llama.cpp passes; only ith and nth are read. */
+struct compute_params { int ith, nth; };
+
+typedef bool (*sgemm_fn)(const struct compute_params *, int64_t, int64_t, int64_t, const void *, int64_t,
+                         const void *, int64_t, void *, int64_t, int, int, int);
+
+int q5_0_supported(void) {
+#if HAVE_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+/* ---- packing ------------------------------------------------------------------------------------------------ */
+
+int64_t q5_0_packed_bytes(int64_t rows, int64_t k) { return rows / ROWS * k * GROUP_BYTES; }
+
+#if HAVE_X86
+AVX2 static void pack_group(const block_q5_0 *a, int64_t lda, int64_t k, uint8_t *out) {
+    for (int64_t l = 0; l < k; l++) {
+        uint8_t *dst = out + l * GROUP_BYTES;
+        float *scales = (float *)(dst + ROWS * QK);
+        for (int r = 0; r < ROWS; r++) {
+            const block_q5_0 *b = a + r * lda + l;
+            uint32_t qh;
+            memcpy(&qh, b->qh, 4);
+            uint8_t u[QK];
+            for (int j = 0; j < QK / 2; j++) {
+                u[j] = (uint8_t)((b->qs[j] & 15) | (((qh >> j) & 1) << 4));
+                u[j + QK / 2] = (uint8_t)((b->qs[j] >> 4) | (((qh >> (j + QK / 2)) & 1) << 4));
+            }
+            for (int c = 0; c < QK / 4; c++) memcpy(dst + c * 32 + r * 4, u + 4 * c, 4);
+            scales[r] = _cvtsh_ss(b->d);
+        }
+    }
+}
+#endif
+
+/* Packs all of a matrix (m a multiple of 8) into `out` (q5_0_packed_bytes, 32-byte aligned). For tests. */
+int q5_0_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
+#if HAVE_X86
+    if (!q5_0_supported() || m % ROWS || ((uintptr_t)out & 31)) return 0;
+    for (int64_t g = 0; g < m / ROWS; g++) pack_group((const block_q5_0 *)a + g * ROWS * lda, lda, k, out + g * k * GROUP_BYTES);
+    return 1;
+#else
+    (void)a; (void)m; (void)k; (void)lda; (void)out;
+    return 0;
+#endif
+}
+
+/* ---- products ----------------------------------------------------------------------------------------------- */
+
+#if HAVE_X86
+/* The 8 rows' integer sums over one block, sum(u * x), for one token's block x. */
+AVX2 static inline __m256i block_dot(const uint8_t *w, const int8_t *x) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+    /* 4 products of at most 2 * 31 * 127 stay within int16 */
+    for (int c = 0; c < 4; c++) {
+        int32_t xc;
+        memcpy(&xc, x + 4 * c, 4);
+        lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(w + 32 * c)),
+                                                       _mm256_set1_epi32(xc)));
+        memcpy(&xc, x + 16 + 4 * c, 4);
+        hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(w + 128 + 32 * c)),
+                                                       _mm256_set1_epi32(xc)));
+    }
+    return _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones));
+}
+
+/* Per token block: its scale, and 16 times the sum of its quants (Q5_0's offset). */
+AVX2 static void prepare_tokens(int64_t n, int64_t k, const block_q8_0 *x, int64_t ldx, float *xd, float *xs) {
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int64_t j = 0; j < n; j++) {
+        for (int64_t l = 0; l < k; l++) {
+            const block_q8_0 *b = x + j * ldx + l;
+            const __m256i s = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)b->qs)), ones16);
+            __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+            t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+            xd[j * k + l] = _cvtsh_ss(b->d);
+            xs[j * k + l] = 16.0f * (float)_mm_cvtsi128_si32(t);
+        }
+    }
+}
+
+/* Output rows of groups [g0, g1) for all n tokens: out[j * ldo + row]. */
+AVX2 static void multiply_groups(const uint8_t *packed, int64_t g0, int64_t g1, int64_t k, int64_t n,
+                                 const block_q8_0 *x, int64_t ldx, const float *xd, const float *xs, float *out,
+                                 int64_t ldo) {
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *group = packed + g * k * GROUP_BYTES;
+        for (int64_t j0 = 0; j0 < n; j0 += 4) {
+            const int cols = n - j0 < 4 ? (int)(n - j0) : 4;
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t l = 0; l < k; l++) {
+                const uint8_t *w = group + l * GROUP_BYTES;
+                const __m256 wd = _mm256_load_ps((const float *)(w + ROWS * QK));
+                for (int c = 0; c < cols; c++) {
+                    const int64_t j = j0 + c, b = j * k + l;
+                    const __m256 sum = _mm256_sub_ps(_mm256_cvtepi32_ps(block_dot(w, x[j * ldx + l].qs)),
+                                                     _mm256_broadcast_ss(xs + b));
+                    acc[c] = _mm256_fmadd_ps(sum, _mm256_mul_ps(wd, _mm256_broadcast_ss(xd + b)), acc[c]);
+                }
+            }
+            for (int c = 0; c < cols; c++) _mm256_storeu_ps(out + (j0 + c) * ldo + g * ROWS, acc[c]);
+        }
+    }
+}
+
+/* One block of one row, unpacked: the 5-bit values 0..31 in element order. */
+AVX2 static inline __m256i unpack_block(const block_q5_0 *b) {
+    const __m128i qs = _mm_loadu_si128((const __m128i *)b->qs);
+    const __m256i low = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0F));
+    uint32_t qh;
+    memcpy(&qh, b->qh, 4);
+    /* byte e all ones where bit e of qh is set */
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
+        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+    const __m256i bits = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                                           _mm256_set1_epi64x(-1));
+    return _mm256_or_si256(low, _mm256_and_si256(bits, _mm256_set1_epi8(0x10)));
+}
+
+/* One token, straight from llama.cpp's Q5_0 rows, a row at a time. The integer sums are the packed path's, laid
+   out in the same lanes (8 rows a group), and the float steps are the same in the same order: the result is
+   bit for bit the packed path's. */
+AVX2 static void multiply_one(const block_q5_0 *a, int64_t lda, int64_t g0, int64_t g1, int64_t k,
+                              const block_q8_0 *x, const float *xd, const float *xs, float *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    int32_t *dots = malloc(sizeof(int32_t) * (size_t)(k * ROWS));
+    float *wd = malloc(sizeof(float) * (size_t)(k * ROWS));
+    if (!dots || !wd) { free(dots); free(wd); return; }
+    for (int64_t g = g0; g < g1; g++) {
+        for (int r = 0; r < ROWS; r++) {
+            const block_q5_0 *row = a + (g * ROWS + r) * lda;
+            for (int64_t l = 0; l < k; l++) {
+                const __m256i v = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(unpack_block(row + l), _mm256_loadu_si256((const __m256i *)x[l].qs)), ones);
+                __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+                dots[l * ROWS + r] = _mm_cvtsi128_si32(t);
+                wd[l * ROWS + r] = _cvtsh_ss(row[l].d);
+            }
+        }
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t l = 0; l < k; l++) {
+            const __m256 sum = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(dots + l * ROWS))),
+                                             _mm256_broadcast_ss(xs + l));
+            acc = _mm256_fmadd_ps(sum, _mm256_mul_ps(_mm256_loadu_ps(wd + l * ROWS), _mm256_broadcast_ss(xd + l)), acc);
+        }
+        _mm256_storeu_ps(out + g * ROWS, acc);
+    }
+    free(dots);
+    free(wd);
+}
+#endif
+
+/* out[i] = row i of matrix `a` (Q5_0, m rows of k blocks, lda apart) times one token x, for this thread's share of
+   rows, without a packed copy. For tests. */
+int q5_0_multiply_one(const void *a, int64_t m, int64_t k, int64_t lda, const void *x, float *out, int ith,
+                      int nth) {
+#if HAVE_X86
+    if (m % ROWS) return 0;
+    float *xd = malloc(sizeof(float) * (size_t)(2 * k));
+    if (!xd) return 0;
+    prepare_tokens(1, k, x, k, xd, xd + k);
+    const int64_t groups = m / ROWS;
+    multiply_one(a, lda, groups * ith / nth, groups * (ith + 1) / nth, k, x, xd, xd + k, out);
+    free(xd);
+    return 1;
+#else
+    (void)a; (void)m; (void)k; (void)lda; (void)x; (void)out; (void)ith; (void)nth;
+    return 0;
+#endif
+}
+
+/* out[j * ldo + i] = row i of the packed matrix (m rows, k blocks) times token j of x (Q8_0, ldx blocks apart),
+   for rows of this thread's share (ith of nth). For tests and for the takeover below. */
+int q5_0_multiply(const uint8_t *packed, int64_t m, int64_t k, int64_t n, const void *x, int64_t ldx, float *out,
+                  int64_t ldo, int ith, int nth) {
+#if HAVE_X86
+    if (m % ROWS) return 0;
+    float *xd = malloc(sizeof(float) * (size_t)(2 * n * k));
+    if (!xd) return 0;
+    prepare_tokens(n, k, x, ldx, xd, xd + n * k);
+    const int64_t groups = m / ROWS;
+    multiply_groups(packed, groups * ith / nth, groups * (ith + 1) / nth, k, n, x, ldx, xd, xd + n * k, out, ldo);
+    free(xd);
+    return 1;
+#else
+    (void)packed; (void)m; (void)k; (void)n; (void)x; (void)ldx; (void)out; (void)ldo; (void)ith; (void)nth;
+    return 0;
+#endif
+}
+
+/* ---- matrices llama.cpp multiplies ---------------------------------------------------------------------------- */
+
+enum { UNPACKED = 0, PACKING = 1, PACKED = 2 };
+
+typedef struct {
+    const void *weights;
+    int64_t m, k, lda;
+    uint8_t *packed;
+    _Atomic uint8_t *state; /* per group of rows */
+} matrix;
+
+typedef struct { uintptr_t start, end; } range;
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static matrix **matrices; /* each entry its own allocation, so that growing the list moves none */
+static int64_t n_matrices, cap_matrices;
+static range *ranges;
+static int64_t n_ranges, cap_ranges;
+static sgemm_fn original;
+static atomic_int enabled = 1;
+static atomic_llong products; /* token-rows multiplied here, for logs and tests */
+static atomic_llong calls;    /* products llama.cpp asked for, of any type: whether it calls this at all */
+
+int q5_0_set_original(void *fn) {
+    original = (sgemm_fn)fn;
+    return 1;
+}
+
+void q5_0_set_enabled(int on) { atomic_store(&enabled, on); }
+int64_t q5_0_products(void) { return atomic_load(&products); }
+int64_t q5_0_calls(void) { return atomic_load(&calls); }
+
+int64_t q5_0_packed_matrices(void) {
+    pthread_mutex_lock(&lock);
+    const int64_t n = n_matrices;
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
+int q5_0_add_range(uintptr_t start, uintptr_t end) {
+    pthread_mutex_lock(&lock);
+    if (n_ranges == cap_ranges) {
+        const int64_t cap = cap_ranges ? 2 * cap_ranges : 16;
+        range *grown = realloc(ranges, sizeof(range) * (size_t)cap);
+        if (!grown) { pthread_mutex_unlock(&lock); return 0; }
+        ranges = grown;
+        cap_ranges = cap;
+    }
+    ranges[n_ranges++] = (range){start, end};
+    pthread_mutex_unlock(&lock);
+    return 1;
+}
+
+/* Forgets a range and frees the packed copies of matrices inside it. Only once nothing multiplies them. */
+int64_t q5_0_release_range(uintptr_t start, uintptr_t end) {
+    int64_t freed = 0;
+    pthread_mutex_lock(&lock);
+    for (int64_t i = 0; i < n_ranges;) {
+        if (ranges[i].start == start && ranges[i].end == end) ranges[i] = ranges[--n_ranges];
+        else i++;
+    }
+    for (int64_t i = 0; i < n_matrices;) {
+        const uintptr_t w = (uintptr_t)matrices[i]->weights;
+        if (w >= start && w < end) {
+            free(matrices[i]->packed);
+            free((void *)matrices[i]->state);
+            free(matrices[i]);
+            matrices[i] = matrices[--n_matrices];
+            freed++;
+        } else {
+            i++;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return freed;
+}
+
+static bool in_ranges(uintptr_t start, uintptr_t end) {
+    for (int64_t i = 0; i < n_ranges; i++)
+        if (start >= ranges[i].start && end <= ranges[i].end) return true;
+    return false;
+}
+
+/* The matrix's entry, made on first sight; NULL where it is not a registered model's weights. */
+static matrix *find(const void *weights, int64_t m, int64_t k, int64_t lda) {
+    matrix *found = NULL;
+    pthread_mutex_lock(&lock);
+    for (int64_t i = 0; i < n_matrices; i++) {
+        matrix *e = matrices[i];
+        if (e->weights == weights && e->m == m && e->k == k && e->lda == lda) { found = e; break; }
+    }
+    const uintptr_t start = (uintptr_t)weights, end = start + (uintptr_t)(m * lda) * sizeof(block_q5_0);
+    if (!found && in_ranges(start, end)) {
+        if (n_matrices == cap_matrices) {
+            const int64_t cap = cap_matrices ? 2 * cap_matrices : 64;
+            matrix **grown = realloc(matrices, sizeof(matrix *) * (size_t)cap);
+            if (!grown) goto done;
+            matrices = grown;
+            cap_matrices = cap;
+        }
+        matrix *e = malloc(sizeof(matrix));
+        uint8_t *packed = aligned_alloc(32, (size_t)q5_0_packed_bytes(m, k));
+        _Atomic uint8_t *state = calloc((size_t)(m / ROWS), 1);
+        if (!e || !packed || !state) { free(e); free(packed); free((void *)state); goto done; }
+        *e = (matrix){weights, m, k, lda, packed, state};
+        matrices[n_matrices++] = found = e;
+    }
+done:
+    /* an entry is freed only on release, once its model is gone, so it outlives this product */
+    pthread_mutex_unlock(&lock);
+    return found;
+}
+
+#if HAVE_X86
+/* Packs this thread's groups where no thread has yet; waits for groups another thread is packing. */
+static void ensure_packed(matrix *e, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++) {
+        uint8_t s = atomic_load_explicit(&e->state[g], memory_order_acquire);
+        if (s == PACKED) continue;
+        uint8_t expected = UNPACKED;
+        if (atomic_compare_exchange_strong(&e->state[g], &expected, PACKING)) {
+            pack_group((const block_q5_0 *)e->weights + g * ROWS * e->lda, e->lda, e->k,
+                       e->packed + g * e->k * GROUP_BYTES);
+            atomic_store_explicit(&e->state[g], PACKED, memory_order_release);
+        } else {
+            while (atomic_load_explicit(&e->state[g], memory_order_acquire) != PACKED) sched_yield();
+        }
+    }
+}
+#endif
+
+bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, int64_t k, const void *a,
+                     int64_t lda, const void *b, int64_t ldb, void *c, int64_t ldc, int atype, int btype,
+                     int ctype) {
+    if (params->ith == 0) atomic_fetch_add_explicit(&calls, 1, memory_order_relaxed);
+#if HAVE_X86
+    if (atype == TYPE_Q5_0 && btype == TYPE_Q8_0 && ctype == TYPE_F32 && m % ROWS == 0 && n > 0 &&
+        atomic_load_explicit(&enabled, memory_order_relaxed)) {
+        matrix *e = find(a, m, k, lda);
+        if (e) {
+            const int64_t groups = m / ROWS;
+            const int64_t g0 = groups * params->ith / params->nth, g1 = groups * (params->ith + 1) / params->nth;
+            /* malloc per product: llama.cpp's worker threads end whenever an engine idles, so a buffer kept
+               per thread would be lost with each of them */
+            float *xd = malloc(sizeof(float) * (size_t)(2 * n * k));
+            if (xd) {
+                prepare_tokens(n, k, b, ldb, xd, xd + n * k);
+                if (n == 1) {
+                    multiply_one(a, lda, g0, g1, k, b, xd, xd + k, c);
+                } else {
+                    ensure_packed(e, g0, g1);
+                    multiply_groups(e->packed, g0, g1, k, n, b, ldb, xd, xd + n * k, c, ldc);
+                }
+                free(xd);
+                atomic_fetch_add_explicit(&products, (long long)((g1 - g0) * ROWS * n), memory_order_relaxed);
+                return true;
+            }
+        }
+    }
+#endif
+    return original ? original(params, m, n, k, a, lda, b, ldb, c, ldc, atype, btype, ctype) : false;
+}
+
+/* ---- module ------------------------------------------------------------------------------------------------- */
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_q5_0",
+                                    "Q5_0 matrix products for llama.cpp; called through ctypes.", -1, NULL, NULL,
+                                    NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__q5_0(void) { return PyModule_Create(&module); }

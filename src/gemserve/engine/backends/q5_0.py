@@ -1,0 +1,154 @@
+"""gemserve's Q5_0 matrix products inside llama.cpp (`_q5_0.c` says how and why).
+
+`load()` puts the kernel where llama.cpp's CPU backend will find it: llama-cpp-python loads its libraries with
+RTLD_NOW, which binds every function they call as they load, so the kernel must be in the process's global scope
+before `llama_cpp` is imported. `gemserve/__init__.py` calls it first thing, so importing any part of gemserve
+does. `install()` then hands the kernel llama.cpp's own function, for the products it leaves to llama.cpp.
+`ModelWeights` registers the memory a model's file is mapped at while the model is loaded, and frees the
+kernel's packed copies when it is gone. Without the built kernel, without AVX2, where `llama_cpp` was imported
+first, or where the model's file is not mapped (no /proc), the products stay llama.cpp's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger("gemserve.engine")
+
+_I64, _PTR, _UPTR = ctypes.c_int64, ctypes.c_void_p, ctypes.c_size_t
+
+# Model loads that register weights run one at a time: a model's weights are the mappings of its file that
+# appeared while it loaded, which another load of the same file at the same time would blur.
+_loading = threading.Lock()
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The kernel's library, loaded into the global scope; None where llama.cpp cannot be made to call it."""
+    if os.environ.get("GEMSERVE_Q5_0_KERNEL", "1") == "0" or "llama_cpp" in sys.modules:
+        return None
+    spec = importlib.util.find_spec("gemserve.engine.backends._q5_0")
+    if spec is None or spec.origin is None:
+        return None
+    lib = ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL)
+    lib.q5_0_supported.restype = ctypes.c_int
+    return lib if lib.q5_0_supported() else None
+
+
+@functools.cache
+def install() -> ctypes.CDLL | None:
+    """The kernel, given llama.cpp's own `llamafile_sgemm` for the products it hands back; None where it is
+    not in use."""
+    lib = load()
+    if lib is None:
+        return None
+    import llama_cpp
+
+    lib.q5_0_set_original.argtypes = [_PTR]
+    lib.q5_0_set_enabled.argtypes = [ctypes.c_int]
+    lib.q5_0_products.restype = _I64
+    lib.q5_0_calls.restype = _I64
+    lib.q5_0_packed_matrices.restype = _I64
+    lib.q5_0_add_range.argtypes = [_UPTR, _UPTR]
+    lib.q5_0_release_range.restype = _I64
+    lib.q5_0_release_range.argtypes = [_UPTR, _UPTR]
+    lib.q5_0_packed_bytes.restype = _I64
+    lib.q5_0_packed_bytes.argtypes = [_I64, _I64]
+    lib.q5_0_pack.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
+    lib.q5_0_multiply.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
+    lib.q5_0_multiply_one.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int, ctypes.c_int]
+    # The copy llama.cpp itself loaded (by the name libllama asks for), not a second one from another file name.
+    cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so.0"), mode=os.RTLD_NOLOAD)
+    theirs = ctypes.cast(cpu.llamafile_sgemm, _PTR).value
+    if theirs is None or theirs == ctypes.cast(lib.llamafile_sgemm, _PTR).value:
+        log.warning("Q5_0 kernel not used: llama.cpp's llamafile_sgemm was not found apart from gemserve's")
+        return None
+    lib.q5_0_set_original(theirs)
+    return lib
+
+
+def set_enabled(on: bool) -> None:
+    """Turns the kernel on or off for the whole process (benchmarks and tests compare both)."""
+    lib = install()
+    if lib is not None:
+        lib.q5_0_set_enabled(int(on))
+
+
+def products() -> int:
+    """Token-rows multiplied by the kernel so far in this process."""
+    lib = install()
+    return int(lib.q5_0_products()) if lib is not None else 0
+
+
+def called() -> bool:
+    """Whether llama.cpp has called the kernel at all (for any product) in this process."""
+    lib = install()
+    return lib is not None and lib.q5_0_calls() > 0
+
+
+def describe() -> str:
+    """Who multiplies Q5_0 matrices in this process, for the log."""
+    if os.environ.get("GEMSERVE_Q5_0_KERNEL", "1") == "0":
+        return "llama.cpp (GEMSERVE_Q5_0_KERNEL=0)"
+    lib = install()
+    if lib is None:
+        return "llama.cpp (gemserve's kernel is not built, this CPU lacks AVX2, or llama_cpp was imported first)"
+    return f"gemserve's kernel ({lib.q5_0_packed_matrices()} matrices packed in this process)"
+
+
+def _mappings(path: Path) -> set[tuple[int, int]]:
+    """The address ranges at which `path` is mapped into this process."""
+    target = str(path.resolve())
+    found = set()
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.rstrip("\n").split(maxsplit=5)
+                if len(fields) == 6 and fields[5] == target:
+                    start, end = fields[0].split("-")
+                    found.add((int(start, 16), int(end, 16)))
+    except OSError:
+        pass
+    return found
+
+
+class ModelWeights:
+    """The memory of one loaded model's file, registered with the kernel while the model lives.
+
+    Use: `with ModelWeights.loading(path) as weights: model = load(path)`, then `weights.release()` once the model
+    is freed and nothing computes with it any more.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._ranges: set[tuple[int, int]] = set()
+        self._before: set[tuple[int, int]] = set()
+
+    def __enter__(self) -> ModelWeights:
+        _loading.acquire()
+        self._before = _mappings(self._path)
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        try:
+            lib = install()
+            if exc_type is None and lib is not None:
+                self._ranges = _mappings(self._path) - self._before
+                for start, end in self._ranges:
+                    lib.q5_0_add_range(start, end)
+        finally:
+            _loading.release()
+
+    def release(self) -> None:
+        lib = install()
+        if lib is not None:
+            for start, end in self._ranges:
+                lib.q5_0_release_range(start, end)
+        self._ranges = set()
