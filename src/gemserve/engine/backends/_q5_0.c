@@ -21,10 +21,12 @@ sequences). The arithmetic is llama.cpp's: activations quantized to Q8_0 by llam
 summed exactly in integers, then scaled in float (in another order than llama.cpp's, so results differ from
 llama.cpp's by float rounding).
 
-How it takes over: llama.cpp's CPU backend calls `llamafile_sgemm` through its PLT for every matrix product, once
-with the float activations and, when that declines, again with them quantized. This library defines a function
-of that name; loaded with RTLD_GLOBAL before llama.cpp computes anything, it is found first. It computes Q5_0
-products itself and hands everything else to llama.cpp's own function (`q5_0_set_original`).
+How it takes over: llama.cpp's CPU backend calls `llamafile_sgemm` through its PLT for matrix products (those
+its tiled K-quant path does not take), once with the float activations and, when that declines, again with them
+quantized. This library defines a function of that name; loaded with RTLD_GLOBAL before llama.cpp's libraries
+are loaded (llama-cpp-python loads them with RTLD_NOW, which binds the call then), it is found first. It computes Q5_0
+products itself and hands everything else to llama.cpp's own function, which it looks up in the libggml-cpu that
+llama.cpp loaded. On other CPUs than x86 the library defines no such function and llama.cpp runs untouched.
 
 Only matrices inside address ranges registered as a model's weights (`q5_0_add_range`: the model file's
 mappings) are packed, since a packed copy is valid only while the original never changes; `q5_0_release_range`
@@ -36,6 +38,7 @@ Plain C functions, called through ctypes; the module init only makes the file im
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -66,6 +69,10 @@ struct compute_params { int ith, nth; };
 
 typedef bool (*sgemm_fn)(const struct compute_params *, int64_t, int64_t, int64_t, const void *, int64_t,
                          const void *, int64_t, void *, int64_t, int, int, int);
+#if HAVE_X86
+bool llamafile_sgemm(const struct compute_params *, int64_t, int64_t, int64_t, const void *, int64_t, const void *,
+                     int64_t, void *, int64_t, int, int, int);
+#endif
 
 int q5_0_supported(void) {
 #if HAVE_X86
@@ -188,38 +195,42 @@ AVX2 static inline __m256i unpack_block(const block_q5_0 *b) {
     return _mm256_or_si256(low, _mm256_and_si256(bits, _mm256_set1_epi8(0x10)));
 }
 
-/* One token, straight from llama.cpp's Q5_0 rows, a row at a time. The integer sums are the packed path's, laid
-   out in the same lanes (8 rows a group), and the float steps are the same in the same order: the result is
-   bit for bit the packed path's. */
+/* One token, straight from llama.cpp's Q5_0 rows, a row at a time, in chunks of CHUNK blocks (no allocation).
+   The integer sums are the packed path's, laid out in the same lanes (8 rows a group), and the float steps are
+   the same in the same order: the result is bit for bit the packed path's. */
+#define CHUNK 64
 AVX2 static void multiply_one(const block_q5_0 *a, int64_t lda, int64_t g0, int64_t g1, int64_t k,
-                              const block_q8_0 *x, const float *xd, const float *xs, float *out) {
+                              const block_q8_0 *x, float *out) {
     const __m256i ones = _mm256_set1_epi16(1);
-    int32_t *dots = malloc(sizeof(int32_t) * (size_t)(k * ROWS));
-    float *wd = malloc(sizeof(float) * (size_t)(k * ROWS));
-    if (!dots || !wd) { free(dots); free(wd); return; }
+    int32_t dots[CHUNK * ROWS];
+    float wd[CHUNK * ROWS], xd[CHUNK], xs[CHUNK];
     for (int64_t g = g0; g < g1; g++) {
-        for (int r = 0; r < ROWS; r++) {
-            const block_q5_0 *row = a + (g * ROWS + r) * lda;
-            for (int64_t l = 0; l < k; l++) {
-                const __m256i v = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(unpack_block(row + l), _mm256_loadu_si256((const __m256i *)x[l].qs)), ones);
-                __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-                dots[l * ROWS + r] = _mm_cvtsi128_si32(t);
-                wd[l * ROWS + r] = _cvtsh_ss(row[l].d);
-            }
-        }
         __m256 acc = _mm256_setzero_ps();
-        for (int64_t l = 0; l < k; l++) {
-            const __m256 sum = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(dots + l * ROWS))),
-                                             _mm256_broadcast_ss(xs + l));
-            acc = _mm256_fmadd_ps(sum, _mm256_mul_ps(_mm256_loadu_ps(wd + l * ROWS), _mm256_broadcast_ss(xd + l)), acc);
+        for (int64_t l0 = 0; l0 < k; l0 += CHUNK) {
+            const int64_t blocks = k - l0 < CHUNK ? k - l0 : CHUNK;
+            prepare_tokens(1, blocks, x + l0, blocks, xd, xs);
+            for (int r = 0; r < ROWS; r++) {
+                const block_q5_0 *row = a + (g * ROWS + r) * lda + l0;
+                for (int64_t l = 0; l < blocks; l++) {
+                    const __m256i v = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(unpack_block(row + l), _mm256_loadu_si256((const __m256i *)x[l0 + l].qs)),
+                        ones);
+                    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+                    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+                    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+                    dots[l * ROWS + r] = _mm_cvtsi128_si32(t);
+                    wd[l * ROWS + r] = _cvtsh_ss(row[l].d);
+                }
+            }
+            for (int64_t l = 0; l < blocks; l++) {
+                const __m256 sum = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(dots + l * ROWS))),
+                                                 _mm256_broadcast_ss(xs + l));
+                acc = _mm256_fmadd_ps(sum, _mm256_mul_ps(_mm256_loadu_ps(wd + l * ROWS), _mm256_broadcast_ss(xd + l)),
+                                      acc);
+            }
         }
         _mm256_storeu_ps(out + g * ROWS, acc);
     }
-    free(dots);
-    free(wd);
 }
 #endif
 
@@ -229,12 +240,8 @@ int q5_0_multiply_one(const void *a, int64_t m, int64_t k, int64_t lda, const vo
                       int nth) {
 #if HAVE_X86
     if (m % ROWS) return 0;
-    float *xd = malloc(sizeof(float) * (size_t)(2 * k));
-    if (!xd) return 0;
-    prepare_tokens(1, k, x, k, xd, xd + k);
     const int64_t groups = m / ROWS;
-    multiply_one(a, lda, groups * ith / nth, groups * (ith + 1) / nth, k, x, xd, xd + k, out);
-    free(xd);
+    multiply_one(a, lda, groups * ith / nth, groups * (ith + 1) / nth, k, x, out);
     return 1;
 #else
     (void)a; (void)m; (void)k; (void)lda; (void)x; (void)out; (void)ith; (void)nth;
@@ -279,15 +286,28 @@ static matrix **matrices; /* each entry its own allocation, so that growing the 
 static int64_t n_matrices, cap_matrices;
 static range *ranges;
 static int64_t n_ranges, cap_ranges;
-static sgemm_fn original;
+static _Atomic(sgemm_fn) original;
 static atomic_int enabled = 1;
 static atomic_llong products; /* token-rows multiplied here, for logs and tests */
 static atomic_llong calls;    /* products llama.cpp asked for, of any type: whether it calls this at all */
 
-int q5_0_set_original(void *fn) {
-    original = (sgemm_fn)fn;
-    return 1;
+/* llama.cpp's own llamafile_sgemm: looked up in the libggml-cpu that llama.cpp loaded (by the name libllama asks
+   for), whose own definition a lookup through its handle finds first. NULL where there is none. */
+static sgemm_fn llama_cpps(void) {
+    sgemm_fn fn = atomic_load_explicit(&original, memory_order_acquire);
+    if (fn) return fn;
+    void *cpu = dlopen("libggml-cpu.so.0", RTLD_LAZY | RTLD_NOLOAD);
+    if (!cpu) return NULL;
+    fn = (sgemm_fn)dlsym(cpu, "llamafile_sgemm");
+    dlclose(cpu);
+#if HAVE_X86
+    if (fn == (sgemm_fn)llamafile_sgemm) return NULL;
+#endif
+    atomic_store_explicit(&original, fn, memory_order_release);
+    return fn;
 }
+
+int q5_0_original_found(void) { return llama_cpps() != NULL; }
 
 void q5_0_set_enabled(int on) { atomic_store(&enabled, on); }
 int64_t q5_0_products(void) { return atomic_load(&products); }
@@ -318,9 +338,11 @@ int q5_0_add_range(uintptr_t start, uintptr_t end) {
 int64_t q5_0_release_range(uintptr_t start, uintptr_t end) {
     int64_t freed = 0;
     pthread_mutex_lock(&lock);
-    for (int64_t i = 0; i < n_ranges;) {
-        if (ranges[i].start == start && ranges[i].end == end) ranges[i] = ranges[--n_ranges];
-        else i++;
+    for (int64_t i = 0; i < n_ranges; i++) {
+        if (ranges[i].start == start && ranges[i].end == end) {
+            ranges[i] = ranges[--n_ranges];
+            break;
+        }
     }
     for (int64_t i = 0; i < n_matrices;) {
         const uintptr_t w = (uintptr_t)matrices[i]->weights;
@@ -344,16 +366,20 @@ static bool in_ranges(uintptr_t start, uintptr_t end) {
     return false;
 }
 
-/* The matrix's entry, made on first sight; NULL where it is not a registered model's weights. */
-static matrix *find(const void *weights, int64_t m, int64_t k, int64_t lda) {
+/* Whether the matrix lies in a registered model's weights; if so *entry is its entry, made on first sight (NULL
+   if memory ran out: then the lone-token path serves, which needs none and gives the same bits). That every
+   thread of a product decides alike matters: a share computed here and another by llama.cpp would not fit. */
+static bool registered(const void *weights, int64_t m, int64_t k, int64_t lda, matrix **entry) {
     matrix *found = NULL;
+    bool inside = false;
     pthread_mutex_lock(&lock);
     for (int64_t i = 0; i < n_matrices; i++) {
         matrix *e = matrices[i];
         if (e->weights == weights && e->m == m && e->k == k && e->lda == lda) { found = e; break; }
     }
     const uintptr_t start = (uintptr_t)weights, end = start + (uintptr_t)(m * lda) * sizeof(block_q5_0);
-    if (!found && in_ranges(start, end)) {
+    inside = found != NULL || in_ranges(start, end);
+    if (!found && inside) {
         if (n_matrices == cap_matrices) {
             const int64_t cap = cap_matrices ? 2 * cap_matrices : 64;
             matrix **grown = realloc(matrices, sizeof(matrix *) * (size_t)cap);
@@ -371,7 +397,8 @@ static matrix *find(const void *weights, int64_t m, int64_t k, int64_t lda) {
 done:
     /* an entry is freed only on release, once its model is gone, so it outlives this product */
     pthread_mutex_unlock(&lock);
-    return found;
+    *entry = found;
+    return inside;
 }
 
 #if HAVE_X86
@@ -392,37 +419,33 @@ static void ensure_packed(matrix *e, int64_t g0, int64_t g1) {
 }
 #endif
 
+#if HAVE_X86
 bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, int64_t k, const void *a,
                      int64_t lda, const void *b, int64_t ldb, void *c, int64_t ldc, int atype, int btype,
                      int ctype) {
     if (params->ith == 0) atomic_fetch_add_explicit(&calls, 1, memory_order_relaxed);
-#if HAVE_X86
+    matrix *e = NULL;
     if (atype == TYPE_Q5_0 && btype == TYPE_Q8_0 && ctype == TYPE_F32 && m % ROWS == 0 && n > 0 &&
-        atomic_load_explicit(&enabled, memory_order_relaxed)) {
-        matrix *e = find(a, m, k, lda);
-        if (e) {
-            const int64_t groups = m / ROWS;
-            const int64_t g0 = groups * params->ith / params->nth, g1 = groups * (params->ith + 1) / params->nth;
-            /* malloc per product: llama.cpp's worker threads end whenever an engine idles, so a buffer kept
-               per thread would be lost with each of them */
-            float *xd = malloc(sizeof(float) * (size_t)(2 * n * k));
-            if (xd) {
-                prepare_tokens(n, k, b, ldb, xd, xd + n * k);
-                if (n == 1) {
-                    multiply_one(a, lda, g0, g1, k, b, xd, xd + k, c);
-                } else {
-                    ensure_packed(e, g0, g1);
-                    multiply_groups(e->packed, g0, g1, k, n, b, ldb, xd, xd + n * k, c, ldc);
-                }
-                free(xd);
-                atomic_fetch_add_explicit(&products, (long long)((g1 - g0) * ROWS * n), memory_order_relaxed);
-                return true;
-            }
+        atomic_load_explicit(&enabled, memory_order_relaxed) && registered(a, m, k, lda, &e)) {
+        const int64_t groups = m / ROWS;
+        const int64_t g0 = groups * params->ith / params->nth, g1 = groups * (params->ith + 1) / params->nth;
+        float *xd = n > 1 && e ? malloc(sizeof(float) * (size_t)(2 * n * k)) : NULL;
+        if (xd) {
+            prepare_tokens(n, k, b, ldb, xd, xd + n * k);
+            ensure_packed(e, g0, g1);
+            multiply_groups(e->packed, g0, g1, k, n, b, ldb, xd, xd + n * k, c, ldc);
+            free(xd);
+        } else { /* one token, or no memory for the packed path: token by token, the same bits */
+            for (int64_t j = 0; j < n; j++)
+                multiply_one(a, lda, g0, g1, k, (const block_q8_0 *)b + j * ldb, (float *)c + j * ldc);
         }
+        atomic_fetch_add_explicit(&products, (long long)((g1 - g0) * ROWS * n), memory_order_relaxed);
+        return true;
     }
-#endif
-    return original ? original(params, m, n, k, a, lda, b, ldb, c, ldc, atype, btype, ctype) : false;
+    const sgemm_fn theirs = llama_cpps();
+    return theirs ? theirs(params, m, n, k, a, lda, b, ldb, c, ldc, atype, btype, ctype) : false;
 }
+#endif
 
 /* ---- module ------------------------------------------------------------------------------------------------- */
 

@@ -28,7 +28,6 @@ _backend_lock = threading.Lock()
 _backend_ready = False
 
 
-
 @llama.llama_log_callback
 def _forward_log(level: int, text: bytes, _: ctypes.c_void_p) -> None:
     """llama.cpp talks a lot while loading; its lines go to our log at debug level (warnings and errors at theirs)."""
@@ -89,8 +88,8 @@ class LlamaModel:
             params.cb_eval_user_data = ctypes.cast(ctypes.pointer(self._head.state), ctypes.c_void_p)
         ctx = llama.llama_init_from_model(model, params)
         if not ctx:
-            llama.llama_model_free(model)
             weights.release()
+            llama.llama_model_free(model)
             raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
         self._ctx = ctx
         self._memory = llama.llama_get_memory(ctx)
@@ -355,8 +354,8 @@ class LlamaModel:
         llama.llama_batch_free(self._batch)
         llama.llama_free(self._ctx)
         if self._owns_model:
+            self._weights.release()  # before the model's memory is unmapped (see q5_0.ModelWeights)
             llama.llama_model_free(self._model)
-            self._weights.release()
 
     # ---- model facts --------------------------------------------------------------------------------------
 

@@ -37,9 +37,14 @@ def load() -> ctypes.CDLL | None:
     spec = importlib.util.find_spec("gemserve.engine.backends._q5_0")
     if spec is None or spec.origin is None:
         return None
-    lib = ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL)
-    lib.q5_0_supported.restype = ctypes.c_int
-    return lib if lib.q5_0_supported() else None
+    try:
+        # Asked first privately: once in the global scope, its llamafile_sgemm stands in for llama.cpp's.
+        if not ctypes.CDLL(spec.origin).q5_0_supported():
+            return None
+        return ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL)
+    except (OSError, AttributeError) as exc:  # a broken or stale build: llama.cpp keeps its own products
+        log.warning("Q5_0 kernel not loaded (%s); run scripts/setup.sh", exc)
+        return None
 
 
 @functools.cache
@@ -49,9 +54,9 @@ def install() -> ctypes.CDLL | None:
     lib = load()
     if lib is None:
         return None
-    import llama_cpp
+    import llama_cpp  # noqa: F401 - loads llama.cpp's libraries, in which the kernel finds llama.cpp's own function
 
-    lib.q5_0_set_original.argtypes = [_PTR]
+    lib.q5_0_original_found.restype = ctypes.c_int
     lib.q5_0_set_enabled.argtypes = [ctypes.c_int]
     lib.q5_0_products.restype = _I64
     lib.q5_0_calls.restype = _I64
@@ -64,13 +69,9 @@ def install() -> ctypes.CDLL | None:
     lib.q5_0_pack.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
     lib.q5_0_multiply.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
     lib.q5_0_multiply_one.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int, ctypes.c_int]
-    # The copy llama.cpp itself loaded (by the name libllama asks for), not a second one from another file name.
-    cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so.0"), mode=os.RTLD_NOLOAD)
-    theirs = ctypes.cast(cpu.llamafile_sgemm, _PTR).value
-    if theirs is None or theirs == ctypes.cast(lib.llamafile_sgemm, _PTR).value:
-        log.warning("Q5_0 kernel not used: llama.cpp's llamafile_sgemm was not found apart from gemserve's")
+    if not lib.q5_0_original_found():
+        log.warning("Q5_0 kernel not used: llama.cpp's own llamafile_sgemm was not found")
         return None
-    lib.q5_0_set_original(theirs)
     return lib
 
 
@@ -87,12 +88,6 @@ def products() -> int:
     return int(lib.q5_0_products()) if lib is not None else 0
 
 
-def called() -> bool:
-    """Whether llama.cpp has called the kernel at all (for any product) in this process."""
-    lib = install()
-    return lib is not None and lib.q5_0_calls() > 0
-
-
 def describe() -> str:
     """Who multiplies Q5_0 matrices in this process, for the log."""
     if os.environ.get("GEMSERVE_Q5_0_KERNEL", "1") == "0":
@@ -100,7 +95,7 @@ def describe() -> str:
     lib = install()
     if lib is None:
         return "llama.cpp (gemserve's kernel is not built, this CPU lacks AVX2, or llama_cpp was imported first)"
-    return f"gemserve's kernel ({lib.q5_0_packed_matrices()} matrices packed in this process)"
+    return f"gemserve's kernel ({lib.q5_0_packed_matrices()} matrices of loaded models seen so far)"
 
 
 def _mappings(path: Path) -> set[tuple[int, int]]:
@@ -122,8 +117,9 @@ def _mappings(path: Path) -> set[tuple[int, int]]:
 class ModelWeights:
     """The memory of one loaded model's file, registered with the kernel while the model lives.
 
-    Use: `with ModelWeights.loading(path) as weights: model = load(path)`, then `weights.release()` once the model
-    is freed and nothing computes with it any more.
+    Use: `with ModelWeights(path) as weights: model = load(path)`, then `weights.release()` once nothing computes
+    with the model any more and before its memory is unmapped (freeing the model), so that no other model can be
+    mapped at those addresses while the copies remain.
     """
 
     def __init__(self, path: Path) -> None:
@@ -133,7 +129,11 @@ class ModelWeights:
 
     def __enter__(self) -> ModelWeights:
         _loading.acquire()
-        self._before = _mappings(self._path)
+        try:
+            self._before = _mappings(self._path)
+        except BaseException:
+            _loading.release()
+            raise
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
