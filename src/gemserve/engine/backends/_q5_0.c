@@ -289,7 +289,6 @@ static int64_t n_ranges, cap_ranges;
 static _Atomic(sgemm_fn) original;
 static atomic_int enabled = 1;
 static atomic_llong products; /* token-rows multiplied here, for logs and tests */
-static atomic_llong calls;    /* products llama.cpp asked for, of any type: whether it calls this at all */
 
 /* llama.cpp's own llamafile_sgemm: looked up in the libggml-cpu that llama.cpp loaded (by the name libllama asks
    for), whose own definition a lookup through its handle finds first. NULL where there is none. */
@@ -311,7 +310,6 @@ int q5_0_original_found(void) { return llama_cpps() != NULL; }
 
 void q5_0_set_enabled(int on) { atomic_store(&enabled, on); }
 int64_t q5_0_products(void) { return atomic_load(&products); }
-int64_t q5_0_calls(void) { return atomic_load(&calls); }
 
 int64_t q5_0_packed_matrices(void) {
     pthread_mutex_lock(&lock);
@@ -423,7 +421,6 @@ static void ensure_packed(matrix *e, int64_t g0, int64_t g1) {
 bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, int64_t k, const void *a,
                      int64_t lda, const void *b, int64_t ldb, void *c, int64_t ldc, int atype, int btype,
                      int ctype) {
-    if (params->ith == 0) atomic_fetch_add_explicit(&calls, 1, memory_order_relaxed);
     matrix *e = NULL;
     if (atype == TYPE_Q5_0 && btype == TYPE_Q8_0 && ctype == TYPE_F32 && m % ROWS == 0 && n > 0 &&
         atomic_load_explicit(&enabled, memory_order_relaxed) && registered(a, m, k, lda, &e)) {

@@ -59,7 +59,6 @@ def install() -> ctypes.CDLL | None:
     lib.q5_0_original_found.restype = ctypes.c_int
     lib.q5_0_set_enabled.argtypes = [ctypes.c_int]
     lib.q5_0_products.restype = _I64
-    lib.q5_0_calls.restype = _I64
     lib.q5_0_packed_matrices.restype = _I64
     lib.q5_0_add_range.argtypes = [_UPTR, _UPTR]
     lib.q5_0_release_range.restype = _I64
