@@ -6,8 +6,9 @@ before `llama_cpp` is imported. `gemserve/__init__.py` calls it first thing, so 
 does. `install()` then hands the kernel llama.cpp's own function, for the products it leaves to llama.cpp.
 The same library declines llama.cpp's tiled path for K-quant products of fewer than 32 tokens, slower there
 than llama.cpp's plain one (`_q5_0.c`). `ModelWeights` registers the memory a model's file is mapped at while
-the model is loaded, and frees the kernel's packed copies when it is gone. Without the built kernel, without AVX2, where `llama_cpp` was imported
-first, or where the model's file is not mapped (no /proc), the products stay llama.cpp's.
+the model is loaded, and frees the kernel's packed copies when it is gone. Without the built kernel, without
+AVX2, where `llama_cpp` was imported first, or where the model's file is not mapped (no /proc), the products stay
+llama.cpp's.
 """
 
 from __future__ import annotations
