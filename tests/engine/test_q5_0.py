@@ -124,11 +124,12 @@ def test_extreme_values_do_not_overflow_the_16_bit_sums() -> None:
 
 
 @needs_kernel
-def test_a_tokens_result_does_not_depend_on_the_rest_of_the_batch() -> None:
+@pytest.mark.parametrize("k", [28, 70])  # 70: the lone-token path goes over its rows in chunks of 32 blocks
+def test_a_tokens_result_does_not_depend_on_the_rest_of_the_batch(k: int) -> None:
     """Bit for bit: in a batch or alone, from the packed copy or (a lone token's path) from llama.cpp's rows."""
     assert KERNEL is not None
     rng = np.random.default_rng(1)
-    rows, k = 64, 28
+    rows = 64
     a, x = q5_0_matrix(rng, rows, k), q8_0_tokens(rng, 7, k)
     packed = pack(a)
     together = multiply(packed, rows, k, x)
@@ -141,6 +142,30 @@ def test_a_tokens_result_does_not_depend_on_the_rest_of_the_batch() -> None:
                                             ith, 3)
         assert np.array_equal(alone[0], together[j])
         assert np.array_equal(unpacked, together[j])
+
+
+@needs_kernel
+def test_avx512_vnni_and_avx2_give_the_same_bits() -> None:
+    """Where the CPU has AVX-512 VNNI the kernel uses it; AVX2 computes the same integer sums and float steps."""
+    assert KERNEL is not None
+    if not KERNEL.q5_0_use_vnni(1):
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    rng = np.random.default_rng(5)
+    rows, k = 48, 70
+    a, x = q5_0_matrix(rng, rows, k), q8_0_tokens(rng, 6, k)
+    packed = pack(a)
+    results = {}
+    try:
+        for vnni in (1, 0):
+            assert KERNEL.q5_0_use_vnni(vnni) == vnni
+            alone = np.full(rows, np.nan, np.float32)
+            assert KERNEL.q5_0_multiply_one(a.ctypes.data, rows, k, k, x[:1].ctypes.data, alone.ctypes.data, 0, 1)
+            results[vnni] = (multiply(packed, rows, k, x, threads=2), alone)
+    finally:
+        KERNEL.q5_0_use_vnni(1)
+    assert np.abs(results[1][0] - expected(a, x)).max() <= 1e-5 * np.abs(results[1][0]).max()
+    for with_vnni, without in zip(results[1], results[0], strict=True):
+        assert np.array_equal(with_vnni, without)
 
 
 class _Params(ctypes.Structure):

@@ -13,9 +13,12 @@ product of a block is then 8 `maddubs` of a packed vector with the token's 4 act
 are the 8 rows: no unpacking, no horizontal sums, and every token of a batch reuses the same loads. The 5-bit
 values are stored unsigned (Q5_0 subtracts 16), so a block's integer sum is sum(u * x) - 16 * sum(x).
 
-A lone token gains nothing from the copy (it shares no loads, and the copy is 36 bytes a block row against
-Q5_0's 22), so it reads llama.cpp's rows, at the speed of llama.cpp's own loop, but it computes the same integer
-sums and the same float steps in the same order: its result is bit for bit what it would be in any batch. So
+A lone token reads llama.cpp's rows (the copy is 36 bytes a block row against Q5_0's 22), 8 rows at a time: each
+block's sums for 8 rows are added across lanes together (one transposing tree of `hadd`s where llama.cpp's loop
+sums each row's vector alone), which makes it faster than llama.cpp's loop. It computes the same integer sums and
+the same float steps in the same order as the packed path: its result is bit for bit what it would be in any
+batch. The arithmetic is in _q5_0_kernels.h, compiled for AVX2 and for AVX-512 VNNI (used where the CPU has
+it); both give the same bits. So
 a token's Q5_0 products do not depend on the size of the pass it is in (prompt lookup's passes, other
 sequences). The arithmetic is llama.cpp's: activations quantized to Q8_0 by llama.cpp, each block's products
 summed exactly in integers, then scaled in float (in another order than llama.cpp's, so results differ from
@@ -123,116 +126,72 @@ int q5_0_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
 /* ---- products ----------------------------------------------------------------------------------------------- */
 
 #if HAVE_X86
-/* The 8 rows' integer sums over one block, sum(u * x), for one token's block x. */
-AVX2 static inline __m256i block_dot(const uint8_t *w, const int8_t *x) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-    /* 4 products of at most 2 * 31 * 127 stay within int16 */
-    for (int c = 0; c < 4; c++) {
-        int32_t xc;
-        memcpy(&xc, x + 4 * c, 4);
-        lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(w + 32 * c)),
-                                                       _mm256_set1_epi32(xc)));
-        memcpy(&xc, x + 16 + 4 * c, 4);
-        hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(w + 128 + 32 * c)),
-                                                       _mm256_set1_epi32(xc)));
+#define CONCAT_(a, b) a##_##b
+#define CONCAT(a, b) CONCAT_(a, b)
+
+#define TARGET AVX2
+#define NAME(x) CONCAT(x, avx2)
+#define VNNI 0
+#include "_q5_0_kernels.h"
+#undef TARGET
+#undef NAME
+#undef VNNI
+
+#define TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#define NAME(x) CONCAT(x, vnni)
+#define VNNI 1
+#include "_q5_0_kernels.h"
+#undef TARGET
+#undef NAME
+#undef VNNI
+
+/* The instruction set in use: AVX-512 VNNI where the CPU has it (and q5_0_use_vnni did not turn it off), else
+   AVX2; both give the same bits. */
+static atomic_int vnni = -1;
+
+static bool use_vnni(void) {
+    int on = atomic_load_explicit(&vnni, memory_order_relaxed);
+    if (on < 0) {
+        __builtin_cpu_init();
+        on = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512bw");
+        atomic_store_explicit(&vnni, on, memory_order_relaxed);
     }
-    return _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones));
+    return on;
 }
 
-/* Per token block: its scale, and 16 times the sum of its quants (Q5_0's offset). */
-AVX2 static void prepare_tokens(int64_t n, int64_t k, const block_q8_0 *x, int64_t ldx, float *xd, float *xs) {
-    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-    for (int64_t j = 0; j < n; j++) {
-        for (int64_t l = 0; l < k; l++) {
-            const block_q8_0 *b = x + j * ldx + l;
-            const __m256i s = _mm256_madd_epi16(
-                _mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)b->qs)), ones16);
-            __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-            t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-            t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-            xd[j * k + l] = _cvtsh_ss(b->d);
-            xs[j * k + l] = 16.0f * (float)_mm_cvtsi128_si32(t);
-        }
-    }
+static void prepare_tokens(int64_t n, int64_t k, const block_q8_0 *x, int64_t ldx, float *xd, float *xs) {
+    (use_vnni() ? prepare_tokens_vnni : prepare_tokens_avx2)(n, k, x, ldx, xd, xs);
 }
 
-/* Output rows of groups [g0, g1) for all n tokens: out[j * ldo + row]. */
-AVX2 static void multiply_groups(const uint8_t *packed, int64_t g0, int64_t g1, int64_t k, int64_t n,
-                                 const block_q8_0 *x, int64_t ldx, const float *xd, const float *xs, float *out,
-                                 int64_t ldo) {
-    for (int64_t g = g0; g < g1; g++) {
-        const uint8_t *group = packed + g * k * GROUP_BYTES;
-        for (int64_t j0 = 0; j0 < n; j0 += 4) {
-            const int cols = n - j0 < 4 ? (int)(n - j0) : 4;
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int64_t l = 0; l < k; l++) {
-                const uint8_t *w = group + l * GROUP_BYTES;
-                const __m256 wd = _mm256_load_ps((const float *)(w + ROWS * QK));
-                for (int c = 0; c < cols; c++) {
-                    const int64_t j = j0 + c, b = j * k + l;
-                    const __m256 sum = _mm256_sub_ps(_mm256_cvtepi32_ps(block_dot(w, x[j * ldx + l].qs)),
-                                                     _mm256_broadcast_ss(xs + b));
-                    acc[c] = _mm256_fmadd_ps(sum, _mm256_mul_ps(wd, _mm256_broadcast_ss(xd + b)), acc[c]);
-                }
-            }
-            for (int c = 0; c < cols; c++) _mm256_storeu_ps(out + (j0 + c) * ldo + g * ROWS, acc[c]);
-        }
-    }
+static void multiply_groups(const uint8_t *packed, int64_t g0, int64_t g1, int64_t k, int64_t n,
+                            const block_q8_0 *x, int64_t ldx, const float *xd, const float *xs, float *out,
+                            int64_t ldo) {
+    (use_vnni() ? multiply_groups_vnni : multiply_groups_avx2)(packed, g0, g1, k, n, x, ldx, xd, xs, out, ldo);
 }
 
-/* One block of one row, unpacked: the 5-bit values 0..31 in element order. */
-AVX2 static inline __m256i unpack_block(const block_q5_0 *b) {
-    const __m128i qs = _mm_loadu_si128((const __m128i *)b->qs);
-    const __m256i low = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0F));
-    uint32_t qh;
-    memcpy(&qh, b->qh, 4);
-    /* byte e all ones where bit e of qh is set */
-    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
-        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
-    const __m256i bits = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
-                                           _mm256_set1_epi64x(-1));
-    return _mm256_or_si256(low, _mm256_and_si256(bits, _mm256_set1_epi8(0x10)));
-}
-
-/* One token, straight from llama.cpp's Q5_0 rows, a row at a time, in chunks of CHUNK blocks (no allocation).
-   The integer sums are the packed path's, laid out in the same lanes (8 rows a group), and the float steps are
-   the same in the same order: the result is bit for bit the packed path's. */
-#define CHUNK 64
-AVX2 static void multiply_one(const block_q5_0 *a, int64_t lda, int64_t g0, int64_t g1, int64_t k,
-                              const block_q8_0 *x, float *out) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    int32_t dots[CHUNK * ROWS];
-    float wd[CHUNK * ROWS], xd[CHUNK], xs[CHUNK];
-    for (int64_t g = g0; g < g1; g++) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t l0 = 0; l0 < k; l0 += CHUNK) {
-            const int64_t blocks = k - l0 < CHUNK ? k - l0 : CHUNK;
-            prepare_tokens(1, blocks, x + l0, blocks, xd, xs);
-            for (int r = 0; r < ROWS; r++) {
-                const block_q5_0 *row = a + (g * ROWS + r) * lda + l0;
-                for (int64_t l = 0; l < blocks; l++) {
-                    const __m256i v = _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(unpack_block(row + l), _mm256_loadu_si256((const __m256i *)x[l0 + l].qs)),
-                        ones);
-                    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-                    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-                    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-                    dots[l * ROWS + r] = _mm_cvtsi128_si32(t);
-                    wd[l * ROWS + r] = _cvtsh_ss(row[l].d);
-                }
-            }
-            for (int64_t l = 0; l < blocks; l++) {
-                const __m256 sum = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(dots + l * ROWS))),
-                                                 _mm256_broadcast_ss(xs + l));
-                acc = _mm256_fmadd_ps(sum, _mm256_mul_ps(_mm256_loadu_ps(wd + l * ROWS), _mm256_broadcast_ss(xd + l)),
-                                      acc);
-            }
-        }
-        _mm256_storeu_ps(out + g * ROWS, acc);
-    }
+static void multiply_one(const block_q5_0 *a, int64_t lda, int64_t g0, int64_t g1, int64_t k, const block_q8_0 *x,
+                         float *out) {
+    (use_vnni() ? multiply_one_vnni : multiply_one_avx2)(a, lda, g0, g1, k, x, out);
 }
 #endif
+
+/* Whether AVX-512 VNNI is used; `on` 0 turns it off, 1 on where the CPU has it, -1 leaves it. For tests and
+   benchmarks, which compare both. */
+int q5_0_use_vnni(int on) {
+#if HAVE_X86
+    if (on >= 0) {
+        atomic_store(&vnni, -1);
+        if (on && use_vnni()) return 1;
+        atomic_store(&vnni, 0);
+        return 0;
+    }
+    return use_vnni();
+#else
+    (void)on;
+    return 0;
+#endif
+}
 
 /* out[i] = row i of matrix `a` (Q5_0, m rows of k blocks, lda apart) times one token x, for this thread's share of
    rows, without a packed copy. For tests. */

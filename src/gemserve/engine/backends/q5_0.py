@@ -68,6 +68,7 @@ def install() -> ctypes.CDLL | None:
     lib.q5_0_pack.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
     lib.q5_0_multiply.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
     lib.q5_0_multiply_one.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int, ctypes.c_int]
+    lib.q5_0_use_vnni.argtypes = [ctypes.c_int]
     if not lib.q5_0_original_found():
         log.warning("Q5_0 kernel not used: llama.cpp's own llamafile_sgemm was not found")
         return None
