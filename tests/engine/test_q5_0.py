@@ -265,3 +265,20 @@ def test_the_real_model_gives_the_same_logits_with_the_kernel_as_without(default
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max()
     return shifted - np.log(np.exp(shifted).sum())
+
+
+@needs_kernel
+def test_llama_cpps_tiled_path_is_declined_for_small_batches() -> None:
+    """Below 32 tokens the stand-in for llama.cpp's tiled K-quant path says no (llama.cpp then runs its plain
+    path); it reads nothing of the tensor but its token count."""
+    assert KERNEL is not None
+
+    class TensorHead(ctypes.Structure):
+        _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4)]
+
+    tiled = KERNEL.ggml_compute_forward_mul_mat_tiled
+    tiled.restype = ctypes.c_bool
+    tiled.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    for tokens in (8, 16, 31):
+        head = TensorHead(0, None, (896, tokens, 1, 1))
+        assert not tiled(None, ctypes.byref(head))

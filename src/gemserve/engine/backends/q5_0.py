@@ -2,11 +2,12 @@
 
 `load()` puts the kernel where llama.cpp's CPU backend will find it: llama-cpp-python loads its libraries with
 RTLD_NOW, which binds every function they call as they load, so the kernel must be in the process's global scope
-before `llama_cpp` is imported. `gemserve/__init__.py` calls it first thing, so importing any part of gemserve
-does. `install()` then hands the kernel llama.cpp's own function, for the products it leaves to llama.cpp.
-`ModelWeights` registers the memory a model's file is mapped at while the model is loaded, and frees the
-kernel's packed copies when it is gone. Without the built kernel, without AVX2, where `llama_cpp` was imported
-first, or where the model's file is not mapped (no /proc), the products stay llama.cpp's.
+before `llama_cpp` is imported. `gemserve/__init__.py` calls it first thing, so importing any part of gemserve does.
+`install()` then hands the kernel llama.cpp's own function, for the products it leaves to llama.cpp. The same
+library declines llama.cpp's tiled path for K-quant products of fewer than 32 tokens, slower there than llama.cpp's
+plain one (`_q5_0.c`). `ModelWeights` registers the memory a model's file is mapped at while the model is loaded,
+and frees the kernel's packed copies when it is gone. Without the built kernel, without AVX2, where `llama_cpp` was
+imported first, or where the model's file is not mapped (no /proc), the products stay llama.cpp's.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def install() -> ctypes.CDLL | None:
 
     lib.q5_0_original_found.restype = ctypes.c_int
     lib.q5_0_set_enabled.argtypes = [ctypes.c_int]
+    lib.q5_0_set_tiled_from.argtypes = [_I64]
     lib.q5_0_products.restype = _I64
     lib.q5_0_packed_matrices.restype = _I64
     lib.q5_0_add_range.argtypes = [_UPTR, _UPTR]
