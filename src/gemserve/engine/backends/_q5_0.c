@@ -6,23 +6,23 @@ a Q5_0 matrix by one token with `ggml_vec_dot_q5_0_q8_0` (per row, unpacking the
 and by two or more with llamafile's tinyBLAS, which unpacks each weight block again for every column of the batch
 and applies the sign trick to every product: on a 2-core AMD EPYC a batch of 2 tokens cost 3 single ones.
 
-For two or more tokens this kernel unpacks each matrix once, on first use, into a packed copy: per group of 8
-rows and per block of 32 columns, 8 vectors of 32 unsigned bytes (the 5-bit values 0..31, rows' 4-column chunks
-interleaved, so that a vector holds chunk c of rows 0..7) and the 8 rows' scales as floats (288 bytes). One
-product of a block is then 8 `maddubs` of a packed vector with the token's 4 activations broadcast, whose lanes
-are the 8 rows: no unpacking, no horizontal sums, and every token of a batch reuses the same loads. The 5-bit
-values are stored unsigned (Q5_0 subtracts 16), so a block's integer sum is sum(u * x) - 16 * sum(x).
+This kernel repacks each matrix once, on first use, in groups of 8 rows: per group and block of 32 columns, the 8
+rows' 4-bit values interleaved 4 columns at a time (128 bytes: `and` and a shift give 8 vectors, vector c holding
+columns 4c..4c+3 of rows 0..7), their fifth bits as 8 masks of 32 bits and their 8 scales (fp16), 176 bytes, as
+many as in Q5_0, in one sequential stream. One product of a block is then 8 `dpbusd` (AVX-512 VNNI) or
+`maddubs` (AVX2) of those vectors with the token's 4 activations broadcast, whose lanes are the 8 rows: no
+horizontal sums, and the tokens of a batch reuse each unpacked block. The 5-bit values are used unsigned (Q5_0
+subtracts 16), so a block's integer sum is sum(u * x) - 16 * sum(x). On a 2-core AMD EPYC a lone token's products
+take half the time of llama.cpp's loop, 8 tokens' a quarter of tinyBLAS's (`benchmarks/q5_0.py`).
 
-A lone token reads llama.cpp's rows (the copy is 36 bytes a block row against Q5_0's 22), 8 rows at a time: each
-block's sums for 8 rows are added across lanes together (one transposing tree of `hadd`s where llama.cpp's loop
-sums each row's vector alone), which makes it faster than llama.cpp's loop. It computes the same integer sums and
-the same float steps in the same order as the packed path: its result is bit for bit what it would be in any
-batch. The arithmetic is in _q5_0_kernels.h, compiled for AVX2 and for AVX-512 VNNI (used where the CPU has
-it); both give the same bits. So
-a token's Q5_0 products do not depend on the size of the pass it is in (prompt lookup's passes, other
-sequences). The arithmetic is llama.cpp's: activations quantized to Q8_0 by llama.cpp, each block's products
-summed exactly in integers, then scaled in float (in another order than llama.cpp's, so results differ from
-llama.cpp's by float rounding).
+Where there is no memory for the copy, the products are computed token by token from llama.cpp's rows
+(`multiply_one`, 8 rows at a time, each block's sums for the 8 rows added across lanes together). Both paths
+compute the same exact integer sums and the same float steps in the same order, so a token's result is bit for
+bit the same whatever the path and the size of the pass (prompt lookup's passes, other sequences). The
+arithmetic is in _q5_0_kernels.h, compiled for AVX2 and for AVX-512 VNNI (used where the CPU has it), which give
+the same bits too. It is llama.cpp's: activations quantized to Q8_0 by llama.cpp, each block's products summed
+exactly in integers, then scaled in float (in another order than llama.cpp's, so results differ from llama.cpp's
+by float rounding).
 
 How it takes over: llama.cpp's CPU backend calls `llamafile_sgemm` through its PLT for matrix products (those
 its tiled K-quant path does not take), once with the float activations and, when that declines, again with them
@@ -62,7 +62,13 @@ Plain C functions, called through ctypes; the module init only makes the file im
 enum { TYPE_F32 = 0, TYPE_Q5_0 = 6, TYPE_Q8_0 = 8 }; /* ggml_type */
 #define QK 32
 #define ROWS 8
-#define GROUP_BYTES (ROWS * QK + ROWS * 4)
+/* The packed copy, per group of 8 rows and block of 32 columns: the 4-bit values (128 bytes), the fifth bits (8
+   masks of 32 bits) and the 8 rows' scales (fp16), BLOCK_BYTES in all: as many bytes as the rows in Q5_0, read
+   in one sequential stream. */
+#define NIB_BYTES (ROWS * QK / 2)
+#define HIGH_BYTES (ROWS * 4)
+#define SCALE_BYTES (ROWS * 2)
+#define GROUP_BYTES (NIB_BYTES + HIGH_BYTES + SCALE_BYTES) /* per block of a group */
 
 typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[QK / 2]; } block_q5_0;
 typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
@@ -93,20 +99,19 @@ int64_t q5_0_packed_bytes(int64_t rows, int64_t k) { return rows / ROWS * k * GR
 #if HAVE_X86
 AVX2 static void pack_group(const block_q5_0 *a, int64_t lda, int64_t k, uint8_t *out) {
     for (int64_t l = 0; l < k; l++) {
-        uint8_t *dst = out + l * GROUP_BYTES;
-        float *scales = (float *)(dst + ROWS * QK);
+        uint8_t *nib = out + l * GROUP_BYTES, *high = nib + NIB_BYTES, *scales = high + HIGH_BYTES;
+        uint32_t masks[QK / 4] = {0};
         for (int r = 0; r < ROWS; r++) {
             const block_q5_0 *b = a + r * lda + l;
             uint32_t qh;
             memcpy(&qh, b->qh, 4);
-            uint8_t u[QK];
-            for (int j = 0; j < QK / 2; j++) {
-                u[j] = (uint8_t)((b->qs[j] & 15) | (((qh >> j) & 1) << 4));
-                u[j + QK / 2] = (uint8_t)((b->qs[j] >> 4) | (((qh >> (j + QK / 2)) & 1) << 4));
-            }
-            for (int c = 0; c < QK / 4; c++) memcpy(dst + c * 32 + r * 4, u + 4 * c, 4);
-            scales[r] = _cvtsh_ss(b->d);
+            /* vector v, row r: bytes 4v..4v+3 of qs (columns 4v.. in the low nibbles, 16 + 4v.. in the high) */
+            for (int v = 0; v < QK / 8; v++) memcpy(nib + v * 32 + r * 4, b->qs + 4 * v, 4);
+            /* chunk c (columns 4c..4c+3), row r: bits 4r..4r+3 of mask c */
+            for (int c = 0; c < QK / 4; c++) masks[c] |= ((qh >> (4 * c)) & 15u) << (4 * r);
+            memcpy(scales + r * 2, &b->d, 2);
         }
+        memcpy(high, masks, HIGH_BYTES);
     }
 }
 #endif
@@ -345,7 +350,7 @@ static bool registered(const void *weights, int64_t m, int64_t k, int64_t lda, m
             cap_matrices = cap;
         }
         matrix *e = malloc(sizeof(matrix));
-        uint8_t *packed = aligned_alloc(32, (size_t)q5_0_packed_bytes(m, k));
+        uint8_t *packed = aligned_alloc(32, ((size_t)q5_0_packed_bytes(m, k) + 31) / 32 * 32);
         _Atomic uint8_t *state = calloc((size_t)(m / ROWS), 1);
         if (!e || !packed || !state) { free(e); free(packed); free((void *)state); goto done; }
         *e = (matrix){weights, m, k, lda, packed, state};
@@ -385,13 +390,13 @@ bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, 
         atomic_load_explicit(&enabled, memory_order_relaxed) && registered(a, m, k, lda, &e)) {
         const int64_t groups = m / ROWS;
         const int64_t g0 = groups * params->ith / params->nth, g1 = groups * (params->ith + 1) / params->nth;
-        float *xd = n > 1 && e ? malloc(sizeof(float) * (size_t)(2 * n * k)) : NULL;
+        float *xd = e ? malloc(sizeof(float) * (size_t)(2 * n * k)) : NULL;
         if (xd) {
             prepare_tokens(n, k, b, ldb, xd, xd + n * k);
             ensure_packed(e, g0, g1);
             multiply_groups(e->packed, g0, g1, k, n, b, ldb, xd, xd + n * k, c, ldc);
             free(xd);
-        } else { /* one token, or no memory for the packed path: token by token, the same bits */
+        } else { /* no memory for the packed path: token by token from llama.cpp's rows, the same bits */
             for (int64_t j = 0; j < n; j++)
                 multiply_one(a, lda, g0, g1, k, (const block_q8_0 *)b + j * ldb, (float *)c + j * ldc);
         }

@@ -14,32 +14,52 @@ TARGET static inline __m256i NAME(dot4)(__m256i acc, __m256i u, __m256i x) {
 #endif
 }
 
-/* The 8 rows' integer sums over one packed block, sum(u * x), for one token's block x. */
-TARGET static inline __m256i NAME(block_dot)(const uint8_t *w, const int8_t *x) {
+/* A block of a packed group, unpacked: w[c] holds columns 4c..4c+3 of the 8 rows (row r in bytes 4r..4r+3) as
+   the unsigned 5-bit values 0..31. */
+TARGET static inline void NAME(unpack_packed)(const uint8_t *block, __m256i w[QK / 4]) {
+    const uint8_t *nib = block, *high = block + NIB_BYTES;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi8(0x10);
+    for (int v = 0; v < QK / 8; v++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(nib + 32 * v));
+        w[v] = _mm256_and_si256(q, m4);
+        w[v + QK / 8] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+    }
+    for (int c = 0; c < QK / 4; c++) {
+        uint32_t mask;
+        memcpy(&mask, high + 4 * c, 4);
 #if VNNI
-    __m256i acc = _mm256_setzero_si256();
-    for (int c = 0; c < 4; c++) {
-        int32_t xc;
-        memcpy(&xc, x + 4 * c, 4);
-        acc = _mm256_dpbusd_epi32(acc, _mm256_load_si256((const __m256i *)(w + 32 * c)), _mm256_set1_epi32(xc));
-        memcpy(&xc, x + 16 + 4 * c, 4);
-        acc = _mm256_dpbusd_epi32(acc, _mm256_load_si256((const __m256i *)(w + 128 + 32 * c)), _mm256_set1_epi32(xc));
-    }
-    return acc;
+        w[c] = _mm256_mask_add_epi8(w[c], (__mmask32)mask, w[c], sixteen);
 #else
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-    /* 4 products of at most 2 * 31 * 127 stay within int16 */
-    for (int c = 0; c < 4; c++) {
+        /* byte e all ones where bit e of the mask is set */
+        const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)mask),
+            _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+        const __m256i bits = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                                               _mm256_set1_epi64x(-1));
+        w[c] = _mm256_or_si256(w[c], _mm256_and_si256(bits, sixteen));
+#endif
+    }
+}
+
+/* The 8 rows' integer sums over one unpacked block, sum(u * x), for one token's block x. */
+TARGET static inline __m256i NAME(block_dot)(const __m256i w[QK / 4], const int8_t *x) {
+#if VNNI
+    __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}; /* two chains, half as long */
+    for (int c = 0; c < QK / 4; c++) {
         int32_t xc;
         memcpy(&xc, x + 4 * c, 4);
-        lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(w + 32 * c)),
-                                                       _mm256_set1_epi32(xc)));
-        memcpy(&xc, x + 16 + 4 * c, 4);
-        hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(w + 128 + 32 * c)),
-                                                       _mm256_set1_epi32(xc)));
+        acc[c & 1] = _mm256_dpbusd_epi32(acc[c & 1], w[c], _mm256_set1_epi32(xc));
     }
-    return _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones));
+    return _mm256_add_epi32(acc[0], acc[1]);
+#else
+    /* 4 products of at most 2 * 31 * 127 stay within int16 */
+    __m256i half[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int c = 0; c < QK / 4; c++) {
+        int32_t xc;
+        memcpy(&xc, x + 4 * c, 4);
+        half[c / 4] = _mm256_add_epi16(half[c / 4], _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(xc)));
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    return _mm256_add_epi32(_mm256_madd_epi16(half[0], ones), _mm256_madd_epi16(half[1], ones));
 #endif
 }
 
@@ -60,18 +80,48 @@ TARGET static void NAME(prepare_tokens)(int64_t n, int64_t k, const block_q8_0 *
     }
 }
 
-/* Output rows of groups [g0, g1) for all n tokens: out[j * ldo + row]. */
+/* Output rows of groups [g0, g1) for all n tokens: out[j * ldo + row]. Tokens go COLS at a time, their sums in
+   registers, each block unpacked again for each COLS; with AVX2, whose unpacking costs more, more than COLS tokens
+   reuse each unpacked block for all of them instead, their sums kept in `out` (floats, exact). */
+#if VNNI
+#define COLS 8
+#define ONE_UNPACKING_FROM INT64_MAX
+#else
+#define COLS 4
+#define ONE_UNPACKING_FROM (COLS + 1)
+#endif
 TARGET static void NAME(multiply_groups)(const uint8_t *packed, int64_t g0, int64_t g1, int64_t k, int64_t n,
                                          const block_q8_0 *x, int64_t ldx, const float *xd, const float *xs,
                                          float *out, int64_t ldo) {
     for (int64_t g = g0; g < g1; g++) {
         const uint8_t *group = packed + g * k * GROUP_BYTES;
-        for (int64_t j0 = 0; j0 < n; j0 += 4) {
-            const int cols = n - j0 < 4 ? (int)(n - j0) : 4;
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        float *dst = out + g * ROWS;
+        if (n >= ONE_UNPACKING_FROM) {
+            for (int64_t j = 0; j < n; j++) _mm256_storeu_ps(dst + j * ldo, _mm256_setzero_ps());
             for (int64_t l = 0; l < k; l++) {
-                const uint8_t *w = group + l * GROUP_BYTES;
-                const __m256 wd = _mm256_load_ps((const float *)(w + ROWS * QK));
+                const uint8_t *block = group + l * GROUP_BYTES;
+                __m256i w[QK / 4];
+                NAME(unpack_packed)(block, w);
+                const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + NIB_BYTES + HIGH_BYTES)));
+                for (int64_t j = 0; j < n; j++) {
+                    const int64_t b = j * k + l;
+                    const __m256 sum = _mm256_sub_ps(_mm256_cvtepi32_ps(NAME(block_dot)(w, x[j * ldx + l].qs)),
+                                                     _mm256_broadcast_ss(xs + b));
+                    _mm256_storeu_ps(dst + j * ldo, _mm256_fmadd_ps(sum, _mm256_mul_ps(wd, _mm256_broadcast_ss(xd + b)),
+                                                                    _mm256_loadu_ps(dst + j * ldo)));
+                }
+            }
+            continue;
+        }
+        for (int64_t j0 = 0; j0 < n; j0 += COLS) {
+            const int cols = n - j0 < COLS ? (int)(n - j0) : COLS;
+            __m256 acc[COLS];
+            for (int c = 0; c < COLS; c++) acc[c] = _mm256_setzero_ps();
+            for (int64_t l = 0; l < k; l++) {
+                const uint8_t *block = group + l * GROUP_BYTES;
+                __m256i w[QK / 4];
+                NAME(unpack_packed)(block, w);
+                const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + NIB_BYTES + HIGH_BYTES)));
                 for (int c = 0; c < cols; c++) {
                     const int64_t j = j0 + c, b = j * k + l;
                     const __m256 sum = _mm256_sub_ps(_mm256_cvtepi32_ps(NAME(block_dot)(w, x[j * ldx + l].qs)),
@@ -79,10 +129,12 @@ TARGET static void NAME(multiply_groups)(const uint8_t *packed, int64_t g0, int6
                     acc[c] = _mm256_fmadd_ps(sum, _mm256_mul_ps(wd, _mm256_broadcast_ss(xd + b)), acc[c]);
                 }
             }
-            for (int c = 0; c < cols; c++) _mm256_storeu_ps(out + (j0 + c) * ldo + g * ROWS, acc[c]);
+            for (int c = 0; c < cols; c++) _mm256_storeu_ps(dst + (j0 + c) * ldo, acc[c]);
         }
     }
 }
+#undef COLS
+#undef ONE_UNPACKING_FROM
 
 /* One block of one row, unpacked: the 5-bit values 0..31 in element order. */
 TARGET static inline __m256i NAME(unpack_block)(const block_q5_0 *b) {
