@@ -4,6 +4,7 @@ of registered weights, handing the rest back), and the real model's logits with 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -229,6 +230,51 @@ def test_only_registered_weights_are_packed_and_the_rest_goes_back_to_llama_cpp(
     finally:
         assert KERNEL.q5_0_release_range(start, start + a.nbytes) == 1
     assert KERNEL.q5_0_packed_matrices() == matrices
+
+
+def _resident_kib(start: int) -> int:
+    """Rss of this process's mapping that begins at `start`, from /proc/self/smaps."""
+    found = False
+    with open("/proc/self/smaps", encoding="utf-8") as smaps:
+        for line in smaps:
+            if not found and line.split("-", 1)[0] == f"{start:x}":
+                found = True
+            elif found and line.startswith("Rss:"):
+                return int(line.split()[1])
+    raise AssertionError("mapping not found")
+
+
+@needs_kernel
+def test_a_packed_matrix_lets_go_of_its_pages_in_a_file_mapping(tmp_path: Path) -> None:
+    """Once a matrix in a read-only mapping of a file is packed whole, its pages there are no longer resident
+    (they come back from the file if read); the products stay the same, from the copy and from llama.cpp's path."""
+    assert KERNEL is not None
+    ours = _signature(KERNEL.llamafile_sgemm)
+    rng = np.random.default_rng(4)
+    rows, k = 512, 28
+    q5_0_matrix(rng, rows, k).tofile(tmp_path / "weights")
+    x = q8_0_tokens(rng, 3, k)
+    with open(tmp_path / "weights", "rb") as file:
+        mapping = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
+    try:
+        a = np.frombuffer(mapping, Q5_0_BLOCK).reshape(rows, k)
+        start = a.ctypes.data
+        want = expected(a, x)  # reads every page
+        assert _resident_kib(start) * 1024 >= a.nbytes - 4096
+        assert KERNEL.q5_0_add_file_range(start, start + mapping.size())
+        try:
+            products, done = _sgemm(ours, a, x)
+            assert done
+            assert _resident_kib(start) == 0
+            assert np.abs(products - want).max() <= 1e-5 * np.abs(want).max()
+            again, done = _sgemm(ours, a, x)
+            assert done and np.array_equal(again, products)
+            assert np.array_equal(expected(a, x), want)  # the file's bytes, read again
+        finally:
+            assert KERNEL.q5_0_release_range(start, start + mapping.size()) == 1
+        del a
+    finally:
+        mapping.close()
 
 
 @needs_kernel

@@ -31,9 +31,12 @@ are loaded (llama-cpp-python loads them with RTLD_NOW, which binds the call then
 products itself and hands everything else to llama.cpp's own function, which it looks up in the libggml-cpu that
 llama.cpp loaded. On other CPUs than x86 the library defines no such function and llama.cpp runs untouched.
 
-Only matrices inside address ranges registered as a model's weights (`q5_0_add_range`: the model file's
+Only matrices inside address ranges registered as a model's weights (`q5_0_add_file_range`: the model file's
 mappings) are packed, since a packed copy is valid only while the original never changes; `q5_0_release_range`
-frees the copies when the model is gone. Matrices whose rows are not a multiple of 8 stay with llama.cpp.
+frees the copies when the model is gone. Matrices whose rows are not a multiple of 8 stay with llama.cpp. Once a
+matrix of a file mapping is packed whole, llama.cpp's copy is no longer read: its pages are let go
+(`MADV_DONTNEED`; read again from the file should anything need them), so the packed copies take no more memory
+than llama.cpp's did.
 
 Plain C functions, called through ctypes; the module init only makes the file importable as an extension.
 */
@@ -49,6 +52,8 @@ Plain C functions, called through ctypes; the module init only makes the file im
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -241,9 +246,11 @@ typedef struct {
     int64_t m, k, lda;
     uint8_t *packed;
     _Atomic uint8_t *state; /* per group of rows */
+    atomic_llong unpacked;  /* groups not packed yet */
+    bool mapped;            /* inside a file mapping, whose pages can be let go and read again */
 } matrix;
 
-typedef struct { uintptr_t start, end; } range;
+typedef struct { uintptr_t start, end; bool mapped; } range;
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static matrix **matrices; /* each entry its own allocation, so that growing the list moves none */
@@ -282,7 +289,7 @@ int64_t q5_0_packed_matrices(void) {
     return n;
 }
 
-int q5_0_add_range(uintptr_t start, uintptr_t end) {
+static int add_range(uintptr_t start, uintptr_t end, bool mapped) {
     pthread_mutex_lock(&lock);
     if (n_ranges == cap_ranges) {
         const int64_t cap = cap_ranges ? 2 * cap_ranges : 16;
@@ -291,10 +298,16 @@ int q5_0_add_range(uintptr_t start, uintptr_t end) {
         ranges = grown;
         cap_ranges = cap;
     }
-    ranges[n_ranges++] = (range){start, end};
+    ranges[n_ranges++] = (range){start, end, mapped};
     pthread_mutex_unlock(&lock);
     return 1;
 }
+
+/* A model's weights: memory that never changes while registered. */
+int q5_0_add_range(uintptr_t start, uintptr_t end) { return add_range(start, end, false); }
+
+/* The same, in a read-only mapping of the model's file: once packed, a matrix's pages there are let go. */
+int q5_0_add_file_range(uintptr_t start, uintptr_t end) { return add_range(start, end, true); }
 
 /* Forgets a range and frees the packed copies of matrices inside it. Only once nothing multiplies them. */
 int64_t q5_0_release_range(uintptr_t start, uintptr_t end) {
@@ -322,10 +335,10 @@ int64_t q5_0_release_range(uintptr_t start, uintptr_t end) {
     return freed;
 }
 
-static bool in_ranges(uintptr_t start, uintptr_t end) {
+static const range *in_ranges(uintptr_t start, uintptr_t end) {
     for (int64_t i = 0; i < n_ranges; i++)
-        if (start >= ranges[i].start && end <= ranges[i].end) return true;
-    return false;
+        if (start >= ranges[i].start && end <= ranges[i].end) return &ranges[i];
+    return NULL;
 }
 
 /* Whether the matrix lies in a registered model's weights; if so *entry is its entry, made on first sight (NULL
@@ -340,7 +353,8 @@ static bool registered(const void *weights, int64_t m, int64_t k, int64_t lda, m
         if (e->weights == weights && e->m == m && e->k == k && e->lda == lda) { found = e; break; }
     }
     const uintptr_t start = (uintptr_t)weights, end = start + (uintptr_t)(m * lda) * sizeof(block_q5_0);
-    inside = found != NULL || in_ranges(start, end);
+    const range *where = found ? NULL : in_ranges(start, end);
+    inside = found != NULL || where != NULL;
     if (!found && inside) {
         if (n_matrices == cap_matrices) {
             const int64_t cap = cap_matrices ? 2 * cap_matrices : 64;
@@ -353,7 +367,7 @@ static bool registered(const void *weights, int64_t m, int64_t k, int64_t lda, m
         uint8_t *packed = aligned_alloc(32, ((size_t)q5_0_packed_bytes(m, k) + 31) / 32 * 32);
         _Atomic uint8_t *state = calloc((size_t)(m / ROWS), 1);
         if (!e || !packed || !state) { free(e); free(packed); free((void *)state); goto done; }
-        *e = (matrix){weights, m, k, lda, packed, state};
+        *e = (matrix){weights, m, k, lda, packed, state, m / ROWS, where->mapped && lda == k};
         matrices[n_matrices++] = found = e;
     }
 done:
@@ -364,6 +378,14 @@ done:
 }
 
 #if HAVE_X86
+/* The whole pages within [start, end) of a read-only file mapping: no longer resident in this process. */
+static void let_go(uintptr_t start, uintptr_t end) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    start = (start + page - 1) / page * page;
+    end = end / page * page;
+    if (end > start) madvise((void *)start, end - start, MADV_DONTNEED);
+}
+
 /* Packs this thread's groups where no thread has yet; waits for groups another thread is packing. */
 static void ensure_packed(matrix *e, int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; g++) {
@@ -374,6 +396,8 @@ static void ensure_packed(matrix *e, int64_t g0, int64_t g1) {
             pack_group((const block_q5_0 *)e->weights + g * ROWS * e->lda, e->lda, e->k,
                        e->packed + g * e->k * GROUP_BYTES);
             atomic_store_explicit(&e->state[g], PACKED, memory_order_release);
+            if (atomic_fetch_sub_explicit(&e->unpacked, 1, memory_order_acq_rel) == 1 && e->mapped)
+                let_go((uintptr_t)e->weights, (uintptr_t)e->weights + (uintptr_t)(e->m * e->lda) * sizeof(block_q5_0));
         } else {
             while (atomic_load_explicit(&e->state[g], memory_order_acquire) != PACKED) sched_yield();
         }

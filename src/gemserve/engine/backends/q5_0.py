@@ -63,6 +63,7 @@ def install() -> ctypes.CDLL | None:
     lib.q5_0_products.restype = _I64
     lib.q5_0_packed_matrices.restype = _I64
     lib.q5_0_add_range.argtypes = [_UPTR, _UPTR]
+    lib.q5_0_add_file_range.argtypes = [_UPTR, _UPTR]
     lib.q5_0_release_range.restype = _I64
     lib.q5_0_release_range.argtypes = [_UPTR, _UPTR]
     lib.q5_0_packed_bytes.restype = _I64
@@ -100,8 +101,8 @@ def describe() -> str:
     return f"gemserve's kernel ({lib.q5_0_packed_matrices()} matrices of loaded models seen so far)"
 
 
-def _mappings(path: Path) -> set[tuple[int, int]]:
-    """The address ranges at which `path` is mapped into this process."""
+def _mappings(path: Path) -> set[tuple[int, int, bool]]:
+    """The address ranges at which `path` is mapped into this process, and whether each is writable."""
     target = str(path.resolve())
     found = set()
     try:
@@ -110,7 +111,7 @@ def _mappings(path: Path) -> set[tuple[int, int]]:
                 fields = line.rstrip("\n").split(maxsplit=5)
                 if len(fields) == 6 and fields[5] == target:
                     start, end = fields[0].split("-")
-                    found.add((int(start, 16), int(end, 16)))
+                    found.add((int(start, 16), int(end, 16), "w" in fields[1]))
     except OSError:
         pass
     return found
@@ -126,8 +127,8 @@ class ModelWeights:
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._ranges: set[tuple[int, int]] = set()
-        self._before: set[tuple[int, int]] = set()
+        self._ranges: set[tuple[int, int, bool]] = set()
+        self._before: set[tuple[int, int, bool]] = set()
 
     def __enter__(self) -> ModelWeights:
         _loading.acquire()
@@ -143,14 +144,15 @@ class ModelWeights:
             lib = install()
             if exc_type is None and lib is not None:
                 self._ranges = _mappings(self._path) - self._before
-                for start, end in self._ranges:
-                    lib.q5_0_add_range(start, end)
+                for start, end, writable in self._ranges:
+                    # pages of a read-only mapping that the kernel has packed can be let go, never a writable one's
+                    (lib.q5_0_add_range if writable else lib.q5_0_add_file_range)(start, end)
         finally:
             _loading.release()
 
     def release(self) -> None:
         lib = install()
         if lib is not None:
-            for start, end in self._ranges:
+            for start, end, _ in self._ranges:
                 lib.q5_0_release_range(start, end)
         self._ranges = set()
