@@ -3,7 +3,9 @@
 Two parts:
 - `kernel`: one thread multiplies random Q5_0 matrices shaped like Qwen2.5-Coder-0.5B's (per layer: 896 x 896
   attention output, 4864 x 896 gate and up; 24 layers, 160 MB, more than the caches hold) by batches of n
-  tokens, with the kernel and with llama.cpp's `llamafile_sgemm` (tinyBLAS, what llama.cpp runs for n >= 2).
+  tokens, with the kernel (its packed copy, with AVX-512 VNNI where the CPU has it and with AVX2) and with
+  llama.cpp's `llamafile_sgemm` (tinyBLAS, what llama.cpp runs for n >= 2; for one token, which tinyBLAS
+  declines, the kernel's path without the copy, which reads llama.cpp's rows, stands beside it).
 - `passes`: a model's forward passes as the engine runs them, with the kernel on and off (`q5_0.set_enabled`),
   alternating: a pass over 1..9 tokens of one sequence (prompt lookup and grammar-forced tokens feed such
   passes), and a pass over one token of each of 8 sequences (8 streams).
@@ -73,10 +75,13 @@ def kernel(rounds: int) -> None:
         matrices.append((a, packed))
     print(f"{sum(a.nbytes for a, _ in matrices) / 1e6:.0f} MB of Q5_0, {sum(p.nbytes for _, p in matrices) / 1e6:.0f}"
           " MB packed; one thread; best of rounds, ms")
-    print("| tokens | gemserve's kernel | llama.cpp (tinyBLAS) | llama.cpp / kernel |")
-    print("|---:|---:|---:|---:|")
+    vnni = bool(lib.q5_0_use_vnni(1))
+    print(f"| tokens | gemserve's kernel{' (AVX-512 VNNI)' if vnni else ''} | the same, AVX2 | llama.cpp (tinyBLAS) "
+          "| llama.cpp / kernel |")
+    print("|---:|---:|---:|---:|---:|")
     params = Params(0, 1)
-    for n in (2, 4, 8, 9, 64):
+    unpacked_ms = 0.0
+    for n in (1, 2, 4, 8, 9, 64):
         x = np.zeros((n, k), Q8_0_BLOCK)
         x["d"] = rng.uniform(1e-3, 5e-2, x.shape)
         x["qs"] = rng.integers(-127, 128, (n, k, 32))
@@ -92,12 +97,25 @@ def kernel(rounds: int) -> None:
                 sgemm(ctypes.byref(params), a.shape[0], n, k, a.ctypes.data, k, x.ctypes.data, k, out.ctypes.data,
                       a.shape[0], 6, 8, 0)
 
-        times = {}
+        def unpacked(n: int, x: np.ndarray, outs: list[np.ndarray]) -> None:
+            for (a, _), out in zip(matrices, outs, strict=True):
+                lib.q5_0_multiply_one(a.ctypes.data, a.shape[0], k, k, x.ctypes.data, out.ctypes.data, 0, 1)
+
+        times: dict[str, list[float]] = {}
         for _ in range(2):  # alternating
-            times.setdefault("ours", []).append(best(functools.partial(ours, n, x, outs), rounds))
-            times.setdefault("tinyblas", []).append(best(functools.partial(tinyblas, n, x, outs), rounds))
-        mine, theirs = min(times["ours"]), min(times["tinyblas"])
-        print(f"| {n} | {mine:.1f} | {theirs:.1f} | {theirs / mine:.2f} |", flush=True)
+            for name, run in (("vnni", ours), ("avx2", ours), ("theirs", unpacked if n == 1 else tinyblas)):
+                if name != "theirs":
+                    lib.q5_0_use_vnni(int(name == "vnni"))
+                times.setdefault(name, []).append(best(functools.partial(run, n, x, outs), rounds))
+            lib.q5_0_use_vnni(1)
+        mine, avx2, theirs = min(times["vnni"]), min(times["avx2"]), min(times["theirs"])
+        if n == 1:
+            print(f"| 1 | {mine:.1f} | {avx2:.1f} | declines one token | |", flush=True)
+            unpacked_ms = theirs
+        else:
+            print(f"| {n} | {mine:.1f} | {avx2:.1f} | {theirs:.1f} | {theirs / mine:.2f} |", flush=True)
+    print(f"\nOne token through the kernel's path without its copy (llama.cpp's rows, where memory for the copy ran "
+          f"out): {unpacked_ms:.1f} ms.")
 
 
 def passes(model_path: Path, rounds: int) -> None:
