@@ -7,6 +7,7 @@ import ctypes
 import mmap
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,27 @@ def pack(a: np.ndarray) -> np.ndarray:
     return packed
 
 
+@pytest.fixture(params=["AVX-512 VNNI", "AVX2"])
+def instruction_set(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The kernel's arithmetic with each instruction set this CPU has (AVX2's also on a CPU with VNNI)."""
+    assert KERNEL is not None
+    if request.param == "AVX-512 VNNI" and not KERNEL.q5_0_use_vnni(1):
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    if request.param == "AVX2":
+        KERNEL.q5_0_use_vnni(0)
+    yield request.param
+    KERNEL.q5_0_use_vnni(1)
+
+
+def multiply_one(a: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """One token's products from the rows themselves (the path without a packed copy)."""
+    assert KERNEL is not None
+    rows, k = a.shape
+    out = np.full(rows, np.nan, np.float32)
+    assert KERNEL.q5_0_multiply_one(a.ctypes.data, rows, k, k, x.ctypes.data, out.ctypes.data, 0, 1)
+    return out
+
+
 def multiply(packed: np.ndarray, rows: int, k: int, x: np.ndarray, threads: int = 1) -> np.ndarray:
     assert KERNEL is not None
     out = np.full((x.shape[0], rows), np.nan, np.float32)
@@ -71,7 +93,7 @@ def multiply(packed: np.ndarray, rows: int, k: int, x: np.ndarray, threads: int 
 
 @needs_kernel
 @pytest.mark.parametrize("n", [1, 2, 5, 9, 33])
-def test_packed_products_are_the_q5_0_products(n: int) -> None:
+def test_packed_products_are_the_q5_0_products(n: int, instruction_set: str) -> None:
     rng = np.random.default_rng(n)
     rows, k = 96, 28  # Qwen2.5 0.5B's rows are 28 blocks wide
     a, x = q5_0_matrix(rng, rows, k), q8_0_tokens(rng, n, k)
@@ -81,7 +103,7 @@ def test_packed_products_are_the_q5_0_products(n: int) -> None:
 
 
 @needs_kernel
-def test_rows_further_apart_than_their_width() -> None:
+def test_rows_further_apart_than_their_width(instruction_set: str) -> None:
     """A matrix whose rows are a view into wider ones (lda > k): the packed and lone-token paths read the right
     blocks."""
     assert KERNEL is not None
@@ -113,20 +135,23 @@ def test_llama_cpp_imported_before_gemserve_keeps_its_own_products() -> None:
 
 
 @needs_kernel
-def test_extreme_values_do_not_overflow_the_16_bit_sums() -> None:
+def test_extreme_values_do_not_overflow_the_16_bit_sums(instruction_set: str) -> None:
+    """AVX2 sums 4 byte products of a row in 16 bits: at most 8 * 31 * 128, within range. Every path: tokens in
+    registers (3), each block unpacked once for all (5, AVX2), and one token from the rows themselves."""
     rng = np.random.default_rng(0)
     rows, k = 16, 4
-    for weight, token in ((31, 127), (31, -127), (0, -127), (0, 127)):
+    for weight, token in ((31, 127), (31, -128), (0, -128), (0, 127)):
         a = q5_0_matrix(rng, rows, k, values=np.full((rows, k * 32), weight))
-        x = q8_0_tokens(rng, 3, k, values=np.full((3, k * 32), token))
-        out = multiply(pack(a), rows, k, x)
+        x = q8_0_tokens(rng, 5, k, values=np.full((5, k * 32), token))
         want = expected(a, x)
-        assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max(), (weight, token)
+        for out, wanted in ((multiply(pack(a), rows, k, x[:3]), want[:3]), (multiply(pack(a), rows, k, x), want),
+                            (multiply_one(a, x[:1]), want[0])):
+            assert np.abs(out - wanted).max() <= 1e-5 * np.abs(wanted).max(), (weight, token)
 
 
 @needs_kernel
 @pytest.mark.parametrize("k", [28, 70])  # 70: the lone-token path goes over its rows in chunks of 32 blocks
-def test_a_tokens_result_does_not_depend_on_the_rest_of_the_batch(k: int) -> None:
+def test_a_tokens_result_does_not_depend_on_the_rest_of_the_batch(k: int, instruction_set: str) -> None:
     """Bit for bit: in a batch or alone, from the packed copy or (a lone token's path) from llama.cpp's rows."""
     assert KERNEL is not None
     rng = np.random.default_rng(1)
@@ -328,3 +353,27 @@ def test_llama_cpps_tiled_path_is_declined_for_small_batches() -> None:
     for tokens in (8, 16, 31):
         head = TensorHead(0, None, (896, tokens, 1, 1))
         assert not tiled(None, ctypes.byref(head))
+
+
+@needs_kernel
+def test_the_real_models_small_passes_decline_llama_cpps_tiled_path_and_prompts_take_it(default_gguf: Path) -> None:
+    """With the real model (its Q6_K matrices take llama.cpp's tiled path from 8 tokens on): a pass over 8 tokens
+    declines it, one over a 40-token prompt chunk hands it over to llama.cpp's own."""
+    assert KERNEL is not None
+    model = LlamaModel(default_gguf, context_size=512, sequences=1, threads=2, ubatch=64)
+    try:
+        prompt = model.tokenize("The history of printing began in China, long before Gutenberg built his press in "
+                                "Mainz. Woodblocks carried whole pages; movable type of clay, then of metal, came "
+                                "later, and paper made from rags made books cheaper than parchment ever was.",
+                                add_bos=True, parse_special=False)
+        assert len(prompt) >= 48
+        declined, handed_over = KERNEL.q5_0_tiled_calls(0), KERNEL.q5_0_tiled_calls(1)
+        model.decode([(0, 0, prompt[:40], False)])
+        assert KERNEL.q5_0_tiled_calls(1) > handed_over
+        assert KERNEL.q5_0_tiled_calls(0) == declined
+        handed_over = KERNEL.q5_0_tiled_calls(1)
+        model.decode([(0, 40, prompt[40:48], True)])
+        assert KERNEL.q5_0_tiled_calls(0) > declined
+        assert KERNEL.q5_0_tiled_calls(1) == handed_over
+    finally:
+        model.close()

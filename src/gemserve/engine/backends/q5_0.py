@@ -4,10 +4,11 @@
 RTLD_NOW, which binds every function they call as they load, so the kernel must be in the process's global scope
 before `llama_cpp` is imported. `gemserve/__init__.py` calls it first thing, so importing any part of gemserve does.
 `install()` then hands the kernel llama.cpp's own function, for the products it leaves to llama.cpp. The same
-library declines llama.cpp's tiled path for K-quant products of fewer than 32 tokens, slower there than llama.cpp's
-plain one (`_q5_0.c`). `ModelWeights` registers the memory a model's file is mapped at while the model is loaded,
-and frees the kernel's packed copies when it is gone. Without the built kernel, without AVX2, where `llama_cpp` was
-imported first, or where the model's file is not mapped (no /proc), the products stay llama.cpp's.
+library declines llama.cpp's tiled path for products of other quantized types over fewer than 32 tokens, slower
+there than llama.cpp's plain one (`_q5_0.c`). `ModelWeights` registers the memory a model's file is mapped at while
+the model is loaded, and frees the kernel's packed copies when it is gone; pages of a shared read-only mapping are
+let go once packed. Without the built kernel, without AVX2, where `llama_cpp` was imported first, or where the
+model's file is not mapped (no /proc), the products stay llama.cpp's.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def install() -> ctypes.CDLL | None:
     lib.q5_0_original_found.restype = ctypes.c_int
     lib.q5_0_set_enabled.argtypes = [ctypes.c_int]
     lib.q5_0_set_tiled_from.argtypes = [_I64]
+    lib.q5_0_tiled_calls.restype = _I64
+    lib.q5_0_tiled_calls.argtypes = [ctypes.c_int]
     lib.q5_0_products.restype = _I64
     lib.q5_0_packed_matrices.restype = _I64
     lib.q5_0_add_range.argtypes = [_UPTR, _UPTR]
@@ -102,7 +105,8 @@ def describe() -> str:
 
 
 def _mappings(path: Path) -> set[tuple[int, int, bool]]:
-    """The address ranges at which `path` is mapped into this process, and whether each is writable."""
+    """The address ranges at which `path` is mapped into this process, and whether each is a shared read-only
+    mapping (whose pages can be let go and read again from the file, as llama.cpp maps model files)."""
     target = str(path.resolve())
     found = set()
     try:
@@ -111,7 +115,8 @@ def _mappings(path: Path) -> set[tuple[int, int, bool]]:
                 fields = line.rstrip("\n").split(maxsplit=5)
                 if len(fields) == 6 and fields[5] == target:
                     start, end = fields[0].split("-")
-                    found.add((int(start, 16), int(end, 16), "w" in fields[1]))
+                    perms = fields[1]
+                    found.add((int(start, 16), int(end, 16), "w" not in perms and perms.endswith("s")))
     except OSError:
         pass
     return found
@@ -144,9 +149,10 @@ class ModelWeights:
             lib = install()
             if exc_type is None and lib is not None:
                 self._ranges = _mappings(self._path) - self._before
-                for start, end, writable in self._ranges:
-                    # pages of a read-only mapping that the kernel has packed can be let go, never a writable one's
-                    (lib.q5_0_add_range if writable else lib.q5_0_add_file_range)(start, end)
+                for start, end, shared_read_only in self._ranges:
+                    # only the pages of a shared read-only mapping can be let go once packed (never a writable or
+                    # private one's, whose pages may differ from the file)
+                    (lib.q5_0_add_file_range if shared_read_only else lib.q5_0_add_range)(start, end)
         finally:
             _loading.release()
 
