@@ -3,6 +3,7 @@ parked workers behind to make libgomp stop spinning for the busy one (engine/thr
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 
@@ -12,10 +13,26 @@ import pytest
 from gemserve.engine.backends.output_head import _kernel
 from gemserve.engine.threads import release_idle_threads, releasing
 
+NAME = b"gemserve-omp"  # the test thread's name, which the threads it creates inherit
+
 
 def threads_now() -> set[str]:
-    """The process's threads (their ids): as sets, so that other tests' threads ending meanwhile do not count."""
-    return set(os.listdir("/proc/self/task"))
+    """The ids of the process's threads named NAME: the test thread and the OpenMP workers it created, not the
+    threads other tests leave running or start meanwhile."""
+    named = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm", "rb") as comm:
+                if comm.read().strip() == NAME:
+                    named.add(tid)
+        except OSError:  # ended meanwhile
+            pass
+    return named
+
+
+def name_this_thread() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(15, ctypes.c_char_p(NAME), 0, 0, 0) == 0  # PR_SET_NAME
 
 
 def parallel_work() -> None:
@@ -35,6 +52,7 @@ def test_a_thread_that_ran_parallel_work_lets_its_workers_go() -> None:
     ready, done = threading.Event(), threading.Event()
 
     def worker() -> None:
+        name_this_thread()
         seen["before"] = threads_now()
         parallel_work()
         seen["holding"] = threads_now()  # the team's worker stays parked after the work
