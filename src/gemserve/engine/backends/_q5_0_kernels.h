@@ -90,6 +90,14 @@ TARGET static void NAME(prepare_tokens)(int64_t n, int64_t k, const block_q8_0 *
 #define COLS 4
 #define ONE_UNPACKING_FROM (COLS + 1)
 #endif
+/* One token's step over one unpacked block `w` with row scales `wd`: acc + (sum(u * x) - 16 * sum(x)) * wd * xd,
+   the float steps every path takes in this order. */
+TARGET static inline __m256 NAME(block_step)(__m256 acc, const __m256i w[QK / 4], __m256 wd, const int8_t *x, float xd,
+                                             float xs) {
+    const __m256 sum = _mm256_sub_ps(_mm256_cvtepi32_ps(NAME(block_dot)(w, x)), _mm256_set1_ps(xs));
+    return _mm256_fmadd_ps(sum, _mm256_mul_ps(wd, _mm256_set1_ps(xd)), acc);
+}
+
 TARGET static void NAME(multiply_groups)(const uint8_t *packed, int64_t g0, int64_t g1, int64_t k, int64_t n,
                                          const block_q8_0 *x, int64_t ldx, const float *xd, const float *xs,
                                          float *out, int64_t ldo) {
@@ -103,13 +111,9 @@ TARGET static void NAME(multiply_groups)(const uint8_t *packed, int64_t g0, int6
                 __m256i w[QK / 4];
                 NAME(unpack_packed)(block, w);
                 const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + NIB_BYTES + HIGH_BYTES)));
-                for (int64_t j = 0; j < n; j++) {
-                    const int64_t b = j * k + l;
-                    const __m256 sum = _mm256_sub_ps(_mm256_cvtepi32_ps(NAME(block_dot)(w, x[j * ldx + l].qs)),
-                                                     _mm256_broadcast_ss(xs + b));
-                    _mm256_storeu_ps(dst + j * ldo, _mm256_fmadd_ps(sum, _mm256_mul_ps(wd, _mm256_broadcast_ss(xd + b)),
-                                                                    _mm256_loadu_ps(dst + j * ldo)));
-                }
+                for (int64_t j = 0; j < n; j++)
+                    _mm256_storeu_ps(dst + j * ldo, NAME(block_step)(_mm256_loadu_ps(dst + j * ldo), w, wd,
+                                                                     x[j * ldx + l].qs, xd[j * k + l], xs[j * k + l]));
             }
             continue;
         }
@@ -123,10 +127,8 @@ TARGET static void NAME(multiply_groups)(const uint8_t *packed, int64_t g0, int6
                 NAME(unpack_packed)(block, w);
                 const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + NIB_BYTES + HIGH_BYTES)));
                 for (int c = 0; c < cols; c++) {
-                    const int64_t j = j0 + c, b = j * k + l;
-                    const __m256 sum = _mm256_sub_ps(_mm256_cvtepi32_ps(NAME(block_dot)(w, x[j * ldx + l].qs)),
-                                                     _mm256_broadcast_ss(xs + b));
-                    acc[c] = _mm256_fmadd_ps(sum, _mm256_mul_ps(wd, _mm256_broadcast_ss(xd + b)), acc[c]);
+                    const int64_t j = j0 + c;
+                    acc[c] = NAME(block_step)(acc[c], w, wd, x[j * ldx + l].qs, xd[j * k + l], xs[j * k + l]);
                 }
             }
             for (int c = 0; c < cols; c++) _mm256_storeu_ps(dst + (j0 + c) * ldo, acc[c]);
