@@ -36,8 +36,8 @@ Only matrices inside address ranges registered as a model's weights (`q5_0_add_f
 mappings) are packed, since a packed copy is valid only while the original never changes; `q5_0_release_range`
 frees the copies when the model is gone. Matrices whose rows are not a multiple of 8 stay with llama.cpp. Once a
 matrix of a file mapping is packed whole, llama.cpp's copy is no longer read: its pages are let go
-(`MADV_DONTNEED`; read again from the file should anything need them), so the packed copies take no more memory
-than llama.cpp's did.
+(`MADV_DONTNEED`; read again from the file should anything need them), so the packed copies add no resident memory
+to what llama.cpp held.
 
 Plain C functions, called through ctypes; the module init only makes the file importable as an extension.
 */
@@ -69,7 +69,7 @@ enum { TYPE_F32 = 0, TYPE_Q5_0 = 6, TYPE_Q8_0 = 8 }; /* ggml_type */
 #define QK 32
 #define ROWS 8
 /* The packed copy, per group of 8 rows and block of 32 columns: the 4-bit values (128 bytes), the fifth bits (8
-   masks of 32 bits) and the 8 rows' scales (fp16), BLOCK_BYTES in all: as many bytes as the rows in Q5_0, read
+   masks of 32 bits) and the 8 rows' scales (fp16), GROUP_BYTES in all: as many bytes as the rows in Q5_0, read
    in one sequential stream. */
 #define NIB_BYTES (ROWS * QK / 2)
 #define HIGH_BYTES (ROWS * 4)
