@@ -19,7 +19,7 @@ setup(
         Extension(
             "gemserve.engine.backends._q5_0",
             sources=["src/gemserve/engine/backends/_q5_0.c"],
-            depends=["src/gemserve/engine/backends/_q5_0_kernels.h"],
+            depends=["src/gemserve/engine/backends/_q5_0_kernels.h", "src/gemserve/engine/backends/_q6_k_kernels.h"],
             extra_compile_args=["-O3"],
             optional=True,
         ),

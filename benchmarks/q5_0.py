@@ -141,20 +141,26 @@ def passes(model_path: Path, rounds: int) -> None:
         model.decode([(seq, 0, prompt, False)])
     cases = [(f"{size} tokens of one sequence", one_sequence(size)) for size in range(1, 10)]
     cases.append(("1 token of each of 8 sequences", eight_streams))
-    results: dict[tuple[str, bool], list[float]] = {}
+    lib = q5_0.install()
+    assert lib is not None
+    modes = {"kernel": (1, 1), "kernel, Q6_K llama.cpp's": (1, 0), "llama.cpp": (0, 1)}  # (all, Q6_K)
+    results: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
         for name, run in cases:
-            for on in (True, False):
-                q5_0.set_enabled(on)
-                results.setdefault((name, on), []).append(best(run, 3))
-    q5_0.set_enabled(True)
-    single = {on: statistics.median(results[(cases[0][0], on)]) for on in (True, False)}
+            for mode, (everything, q6_k) in modes.items():
+                lib.q5_0_set_enabled(everything)
+                lib.q6_k_set_enabled(q6_k)
+                results.setdefault((name, mode), []).append(best(run, 3))
+    lib.q5_0_set_enabled(1)
+    lib.q6_k_set_enabled(1)
+    single = {mode: statistics.median(results[(cases[0][0], mode)]) for mode in modes}
     print(f"{model_path.name}: medians of {rounds} alternating rounds (best of 3 each), ms, and in single-token passes")
-    print("| pass | kernel | llama.cpp | kernel, single-token passes | llama.cpp, single-token passes |")
-    print("|---|---:|---:|---:|---:|")
+    print("| pass | " + " | ".join(modes) + " | " + " | ".join(f"{mode}, single-token passes" for mode in modes) + " |")
+    print("|---|" + "---:|" * (2 * len(modes)))
     for name, _ in cases:
-        on, off = (statistics.median(results[(name, mode)]) for mode in (True, False))
-        print(f"| {name} | {on:.1f} | {off:.1f} | {on / single[True]:.2f} | {off / single[False]:.2f} |")
+        ms = {mode: statistics.median(results[(name, mode)]) for mode in modes}
+        print(f"| {name} | " + " | ".join(f"{ms[mode]:.1f}" for mode in modes) + " | "
+              + " | ".join(f"{ms[mode] / single[mode]:.2f}" for mode in modes) + " |")
     model.close()
 
 

@@ -1,5 +1,5 @@
-"""gemserve's Q5_0 kernel: its arithmetic on matrices built here, how it takes products over from llama.cpp (only
-of registered weights, handing the rest back), and the real model's logits with it and without it."""
+"""gemserve's Q5_0 and Q6_K kernels: their arithmetic on matrices built here, how they take products over from
+llama.cpp (only of registered weights, handing the rest back), and the real model's logits with them and without."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 
 from gemserve.engine.backends import q5_0
 from gemserve.engine.backends.llamacpp_model import LlamaModel
@@ -21,7 +23,9 @@ needs_kernel = pytest.mark.skipif(KERNEL is None, reason="the Q5_0 kernel is not
 
 Q5_0_BLOCK = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
 Q8_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
-GGML_Q5_0, GGML_Q8_0, GGML_F32 = 6, 8, 0
+Q6_K_BLOCK = np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
+Q8_K_BLOCK = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
+GGML_Q5_0, GGML_Q8_0, GGML_F32, GGML_Q6_K, GGML_Q8_K = 6, 8, 0, 14, 15
 
 
 def q5_0_matrix(rng: np.random.Generator, rows: int, k: int, values: np.ndarray | None = None) -> np.ndarray:
@@ -49,6 +53,51 @@ def expected(a: np.ndarray, x: np.ndarray) -> np.ndarray:
     w = ((u - 16) * a["d"].astype(np.float64)[..., None]).reshape(a.shape[0], -1)
     t = (x["qs"].astype(np.float64) * x["d"].astype(np.float64)[..., None]).reshape(x.shape[0], -1)
     return t @ w.T
+
+
+def q6_k_matrix(rng: np.random.Generator, rows: int, k: int, values: np.ndarray | None = None,
+                scale: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of k Q6_K blocks in llama.cpp's layout, and their 6-bit values (0..63, rows x 256k): `values` or
+    random ones; scales `scale` or random."""
+    q = rng.integers(0, 64, (rows, k * 256)) if values is None else values
+    q = q.reshape(rows, k, 256).astype(np.uint8)
+    by_place = q.reshape(rows, k, 2, 4, 32)  # halves of 128, quarters of 32 within them
+    low, top = by_place & 15, by_place >> 4
+    ql = np.concatenate([low[..., 0, :] | low[..., 2, :] << 4, low[..., 1, :] | low[..., 3, :] << 4], axis=-1)
+    qh = top[..., 0, :] | top[..., 1, :] << 2 | top[..., 2, :] << 4 | top[..., 3, :] << 6
+    blocks = np.zeros((rows, k), Q6_K_BLOCK)
+    blocks["ql"], blocks["qh"] = ql.reshape(rows, k, 128), qh.reshape(rows, k, 64)
+    blocks["scales"] = rng.integers(-128, 128, (rows, k, 16)) if scale is None else scale
+    blocks["d"] = rng.uniform(1e-4, 1e-3, (rows, k))
+    return blocks, q.reshape(rows, -1)
+
+
+def q8_k_tokens(rng: np.random.Generator, n: int, k: int, values: np.ndarray | None = None) -> np.ndarray:
+    blocks = np.zeros((n, k), Q8_K_BLOCK)
+    blocks["d"] = rng.uniform(1e-3, 5e-2, (n, k))
+    blocks["qs"] = rng.integers(-128, 128, (n, k, 256)) if values is None else values.reshape(n, k, 256)
+    blocks["bsums"] = blocks["qs"].reshape(n, k, 16, 16).astype(np.int64).sum(axis=-1)
+    return blocks
+
+
+def expected_q6_k(a: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """(tokens x rows) with the weights as gguf's reference dequantizes them, exact sums in float64."""
+    w = dequantize(np.ascontiguousarray(a).view(np.uint8).reshape(a.shape[0], -1), GGMLQuantizationType.Q6_K)
+    t = (x["qs"].astype(np.float64) * x["d"].astype(np.float64)[..., None]).reshape(x.shape[0], -1)
+    return t @ w.astype(np.float64).T
+
+
+def multiply_q6_k(a: np.ndarray, x: np.ndarray, packed: bool = True, threads: int = 1) -> np.ndarray:
+    """Products from a packed copy of `a`, or (packed False) from its rows, a block packed at a time."""
+    assert KERNEL is not None
+    rows, k = a.shape
+    copy = np.zeros(KERNEL.q6_k_packed_bytes(rows, k), np.uint8)
+    assert KERNEL.q6_k_pack(a.ctypes.data, rows, k, k, copy.ctypes.data)
+    out = np.full((x.shape[0], rows), np.nan, np.float32)
+    for ith in range(threads):
+        assert KERNEL.q6_k_multiply(copy.ctypes.data if packed else None, a.ctypes.data, k, rows, k, x.shape[0],
+                                    x.ctypes.data, k, out.ctypes.data, rows, ith, threads)
+    return out
 
 
 def pack(a: np.ndarray) -> np.ndarray:
@@ -194,6 +243,55 @@ def test_avx512_vnni_and_avx2_give_the_same_bits() -> None:
         assert np.array_equal(with_vnni, without)
 
 
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 3, 9, 17])
+def test_packed_q6_k_products_are_the_q6_k_products_whatever_the_batch(n: int, instruction_set: str) -> None:
+    """Q6_K (ffn_down of half the layers): against gguf's own dequantization; a token's result is bit for bit the
+    same alone as in a batch, and from the rows without a copy (each block packed in turn) as from the copy."""
+    rng = np.random.default_rng(n)
+    rows, k = 48, 19  # Qwen2.5 0.5B's ffn_down rows are 19 blocks wide
+    a, _ = q6_k_matrix(rng, rows, k)
+    x = q8_k_tokens(rng, n, k)
+    together = multiply_q6_k(a, x, threads=4)  # 6 groups of rows over 4 threads' shares
+    want = expected_q6_k(a, x)
+    assert np.abs(together - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.array_equal(multiply_q6_k(a, x, packed=False, threads=2), together)
+    for j in range(n):
+        assert np.array_equal(multiply_q6_k(a, x[j:j + 1])[0], together[j])
+
+
+@needs_kernel
+def test_extreme_q6_k_values_do_not_overflow(instruction_set: str) -> None:
+    """AVX2 sums byte products in pairs in 16 bits (2 * 63 * 128 at most); scales at both ends, 6-bit values at
+    both ends, tokens at -128 and 127."""
+    rng = np.random.default_rng(0)
+    rows, k = 16, 3
+    for value, scale, token in ((63, 127, -128), (63, -128, -128), (0, -128, 127), (0, 127, -128), (63, 127, 127)):
+        a, _ = q6_k_matrix(rng, rows, k, values=np.full((rows, k * 256), value), scale=scale)
+        x = q8_k_tokens(rng, 5, k, values=np.full((5, k * 256), token))
+        want = expected_q6_k(a, x)
+        for out in (multiply_q6_k(a, x), multiply_q6_k(a, x[:1]), multiply_q6_k(a, x, packed=False)):
+            assert np.abs(out - want[:out.shape[0]]).max() <= 1e-5 * np.abs(want).max(), (value, scale, token)
+
+
+@needs_kernel
+def test_q6_k_with_avx512_vnni_and_avx2_gives_the_same_bits() -> None:
+    assert KERNEL is not None
+    if not KERNEL.q5_0_use_vnni(1):
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    rng = np.random.default_rng(6)
+    a, _ = q6_k_matrix(rng, 32, 5)
+    x = q8_k_tokens(rng, 11, 5)
+    results = {}
+    try:
+        for vnni in (1, 0):
+            assert KERNEL.q5_0_use_vnni(vnni) == vnni
+            results[vnni] = multiply_q6_k(a, x, threads=2)
+    finally:
+        KERNEL.q5_0_use_vnni(1)
+    assert np.array_equal(results[1], results[0])
+
+
 class _Params(ctypes.Structure):
     _fields_ = [("ith", ctypes.c_int), ("nth", ctypes.c_int)]
 
@@ -257,6 +355,44 @@ def test_only_registered_weights_are_packed_and_the_rest_goes_back_to_llama_cpp(
     assert KERNEL.q5_0_packed_matrices() == matrices
 
 
+@needs_kernel
+def test_registered_q6_k_weights_are_multiplied_here_and_others_left_to_llama_cpp(default_gguf: Path) -> None:
+    """llama.cpp asks its `llamafile_sgemm` for Q6_K products with tokens in Q8_K, which its own declines (it then
+    multiplies token by token): the kernel declines too outside registered weights, and takes those inside."""
+    assert KERNEL is not None
+    LlamaModel(default_gguf, context_size=256, sequences=1, threads=2, ubatch=64).close()  # llama.cpp initialized
+    ours = _signature(KERNEL.llamafile_sgemm)
+    rng = np.random.default_rng(7)
+    rows, k = 32, 19
+    a, _ = q6_k_matrix(rng, rows, k)
+    x = q8_k_tokens(rng, 3, k)
+
+    def sgemm(tokens: np.ndarray) -> tuple[np.ndarray, bool]:
+        out = np.zeros((tokens.shape[0], rows), np.float32)
+        done = True
+        for ith in range(2):
+            params = _Params(ith, 2)
+            done &= bool(ours(ctypes.byref(params), rows, tokens.shape[0], k, a.ctypes.data, k, tokens.ctypes.data, k,
+                              out.ctypes.data, rows, GGML_Q6_K, GGML_Q8_K, GGML_F32))
+        return out, done
+
+    matrices = KERNEL.q5_0_packed_matrices()
+    assert not sgemm(x)[1]
+    start = a.ctypes.data
+    assert KERNEL.q5_0_add_range(start, start + a.nbytes)
+    try:
+        products = q5_0.q6_k_products()
+        out, done = sgemm(x)
+        assert done and q5_0.q6_k_products() - products == rows * 3
+        assert KERNEL.q5_0_packed_matrices() == matrices + 1
+        assert np.array_equal(out, multiply_q6_k(a, x))
+        one, done = sgemm(x[:1])
+        assert done and np.array_equal(one[0], out[0])
+    finally:
+        assert KERNEL.q5_0_release_range(start, start + a.nbytes) == 1
+    assert KERNEL.q5_0_packed_matrices() == matrices
+
+
 def _resident_kib(start: int) -> int:
     """Rss of this process's mapping that begins at `start`, from /proc/self/smaps."""
     found = False
@@ -304,7 +440,7 @@ def test_a_packed_matrix_lets_go_of_its_pages_in_a_file_mapping(tmp_path: Path) 
 
 @needs_kernel
 def test_the_real_model_gives_the_same_logits_with_the_kernel_as_without(default_gguf: Path) -> None:
-    """Gemma 3 270M keeps some matrices in Q5_0: a prompt's pass goes through the kernel, its log-probabilities
+    """Gemma 3 270M keeps some matrices in Q5_0 and Q6_K: a prompt's pass goes through the kernel, its log-probabilities
     agree with those from llama.cpp's own products as closely as llama.cpp's own batched and one-token passes agree
     (mean 0.13 there: each product's activations are rounded to 8 bits again, so float rounding carries), and
     closing the model frees the packed copies."""
@@ -317,11 +453,12 @@ def test_the_real_model_gives_the_same_logits_with_the_kernel_as_without(default
         logits = {}
         for on in (True, False):
             q5_0.set_enabled(on)
-            products = q5_0.products()
+            products, q6_k = q5_0.products(), q5_0.q6_k_products()
             model.forget(0)
             assert model.decode([(0, 0, prompt, True)])
             logits[on] = np.array(model.logits(len(prompt) - 1), np.float64)
             assert (q5_0.products() > products) == on
+            assert (q5_0.q6_k_products() > q6_k) == on  # its ffn_down matrices in Q6_K
         assert KERNEL.q5_0_packed_matrices() > matrices
     finally:
         q5_0.set_enabled(True)

@@ -1,4 +1,4 @@
-/* Products of Q5_0 weight matrices with tokens, in place of llama.cpp's.
+/* Products of Q5_0 and Q6_K weight matrices with tokens, in place of llama.cpp's.
 
 Qwen2.5's 896-wide rows are not a multiple of 256, so its Q4_K_M file keeps attention and the feed-forward gate
 and up matrices in Q5_0 (173 of the 250 MB a token reads); Gemma 3's 640-wide ones likewise. llama.cpp multiplies
@@ -16,7 +16,13 @@ subtracts 16), so a block's integer sum is sum(u * x) - 16 * sum(x). On a 2-core
 Qwen2.5-Coder-0.5B over one token is 1.37 times faster than with llama.cpp's products, 8 tokens' products take
 about a quarter of tinyBLAS's time (`benchmarks/q5_0.py`).
 
-Where there is no memory for the copy, the products are computed token by token from llama.cpp's rows
+Q6_K matrices (ffn_down in half of the layers of a Q4_K_M file: Qwen's 12 are 43 MB) are packed the same way, in
+groups of 8 rows (_q6_k_kernels.h): llama.cpp multiplies them token by token below 32 tokens (`ggml_vec_dot_q6_K_q8_K`,
+unpacking each block again for every token; its tiled path costs more there, below), 15% of a pass over 8 Qwen
+sequences. Without memory for their copy, each group's blocks are packed on the stack one at a time, with the
+same bits.
+
+Where there is no memory for the copy, the Q5_0 products are computed token by token from llama.cpp's rows
 (`multiply_one`, 8 rows at a time, each block's sums for the 8 rows added across lanes together). Both paths
 compute the same exact integer sums and the same float steps in the same order, so a token's result is bit for
 bit the same whatever the path and the size of the pass (prompt lookup's passes, other sequences). The
@@ -28,9 +34,10 @@ by float rounding).
 How it takes over: llama.cpp's CPU backend calls `llamafile_sgemm` through its PLT for matrix products (those
 its tiled K-quant path does not take), once with the float activations and, when that declines, again with them
 quantized. This library defines a function of that name; loaded with RTLD_GLOBAL before llama.cpp's libraries
-are loaded (llama-cpp-python loads them with RTLD_NOW, which binds the call then), it is found first. It computes Q5_0
-products itself and hands everything else to llama.cpp's own function, which it looks up in the libggml-cpu that
-llama.cpp loaded. On other CPUs than x86 the library defines no such function and llama.cpp runs untouched.
+are loaded (llama-cpp-python loads them with RTLD_NOW, which binds the call then), it is found first. It computes
+Q5_0 and Q6_K products itself (tokens in Q8_0 and Q8_K, as llama.cpp quantized them) and hands everything else to
+llama.cpp's own function, which it looks up in the libggml-cpu that llama.cpp loaded. On other CPUs than x86 the
+library defines no such function and llama.cpp runs untouched.
 
 Only matrices inside address ranges registered as a model's weights (`q5_0_add_file_range`: the model file's
 mappings) are packed, since a packed copy is valid only while the original never changes; `q5_0_release_range`
@@ -65,7 +72,7 @@ Plain C functions, called through ctypes; the module init only makes the file im
 #define AVX2
 #endif
 
-enum { TYPE_F32 = 0, TYPE_Q5_0 = 6, TYPE_Q8_0 = 8 }; /* ggml_type */
+enum { TYPE_F32 = 0, TYPE_Q5_0 = 6, TYPE_Q8_0 = 8, TYPE_Q6_K = 14, TYPE_Q8_K = 15 }; /* ggml_type */
 #define QK 32
 #define ROWS 8
 /* The packed copy, per group of 8 rows and block of 32 columns: the 4-bit values (128 bytes), the fifth bits (8
@@ -78,6 +85,19 @@ enum { TYPE_F32 = 0, TYPE_Q5_0 = 6, TYPE_Q8_0 = 8 }; /* ggml_type */
 
 typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[QK / 2]; } block_q5_0;
 typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
+
+/* Q6_K (ffn_down in half of the layers of a Q4_K_M file), whose tokens llama.cpp quantizes to Q8_K. The packed copy,
+   per group of 8 rows and block of 256 columns: for each sub-block s of 16 columns in turn, 104 bytes: the low 4
+   bits (2 vectors of 32 bytes, vector h holding column 16s + 8h + i of row r in the low nibble of byte 4r + i,
+   16s + 8h + 4 + i in the high one), the high 2 bits (a vector holding column 16s + 4t + i of row r in bits 2t,
+   2t + 1 of byte 4r + i) and the 8 rows' scales; then the 8 rows' d (fp16). As many bytes as the rows in Q6_K, read
+   in one sequential stream. */
+#define QK_K 256
+typedef struct { uint8_t ql[QK_K / 2]; uint8_t qh[QK_K / 4]; int8_t scales[QK_K / 16]; uint16_t d; } block_q6_K;
+typedef struct { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; } block_q8_K;
+#define K6_SUB_BYTES (ROWS * 16 / 2 + ROWS * 16 / 4 + ROWS) /* nibbles, high bits, scales */
+#define K6_SCALES_BYTES (K6_SUB_BYTES * QK_K / 16)           /* where the rows' d begin */
+#define K6_GROUP_BYTES (K6_SCALES_BYTES + ROWS * 2)
 
 /* What llama.cpp passes; only ith and nth are read. */
 struct compute_params { int ith, nth; };
@@ -122,6 +142,44 @@ AVX2 static void pack_group(const block_q5_0 *a, int64_t lda, int64_t k, uint8_t
 }
 #endif
 
+int64_t q6_k_packed_bytes(int64_t rows, int64_t k) { return rows / ROWS * k * K6_GROUP_BYTES; }
+
+#if HAVE_X86
+static void pack_group_q6_k(const block_q6_K *a, int64_t lda, int64_t k, uint8_t *out) {
+    for (int64_t l = 0; l < k; l++) {
+        uint8_t *block = out + l * K6_GROUP_BYTES;
+        memset(block, 0, K6_GROUP_BYTES);
+        for (int r = 0; r < ROWS; r++) {
+            const block_q6_K *b = a + r * lda + l;
+            for (int e = 0; e < QK_K; e++) { /* llama.cpp's layout: halves of 128, quarters of 32 within them */
+                const int half = e / 128, quarter = e % 128 / 32, i = e % 32;
+                const uint8_t low = b->ql[64 * half + 32 * (quarter & 1) + i] >> (4 * (quarter >> 1)) & 15;
+                const uint8_t top = b->qh[32 * half + i] >> (2 * quarter) & 3;
+                const int s = e / 16, t = e % 16 / 4, c = e % 4;
+                uint8_t *sub = block + K6_SUB_BYTES * s;
+                sub[32 * (t / 2) + 4 * r + c] |= (uint8_t)(low << (4 * (t & 1)));
+                sub[64 + 4 * r + c] |= (uint8_t)(top << (2 * t));
+            }
+            for (int s = 0; s < QK_K / 16; s++) block[K6_SUB_BYTES * s + 96 + r] = (uint8_t)b->scales[s];
+            memcpy(block + K6_SCALES_BYTES + 2 * r, &b->d, 2);
+        }
+    }
+}
+#endif
+
+/* Packs all of a Q6_K matrix (m a multiple of 8) into `out` (q6_k_packed_bytes). For tests. */
+int q6_k_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
+#if HAVE_X86
+    if (!q5_0_supported() || m % ROWS) return 0;
+    for (int64_t g = 0; g < m / ROWS; g++)
+        pack_group_q6_k((const block_q6_K *)a + g * ROWS * lda, lda, k, out + g * k * K6_GROUP_BYTES);
+    return 1;
+#else
+    (void)a; (void)m; (void)k; (void)lda; (void)out;
+    return 0;
+#endif
+}
+
 /* Packs all of a matrix (m a multiple of 8) into `out` (q5_0_packed_bytes, 32-byte aligned). For tests. */
 int q5_0_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
 #if HAVE_X86
@@ -144,6 +202,7 @@ int q5_0_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
 #define NAME(x) CONCAT(x, avx2)
 #define VNNI 0
 #include "_q5_0_kernels.h"
+#include "_q6_k_kernels.h"
 #undef TARGET
 #undef NAME
 #undef VNNI
@@ -152,6 +211,7 @@ int q5_0_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
 #define NAME(x) CONCAT(x, vnni)
 #define VNNI 1
 #include "_q5_0_kernels.h"
+#include "_q6_k_kernels.h"
 #undef TARGET
 #undef NAME
 #undef VNNI
@@ -179,6 +239,24 @@ static void multiply_groups(const uint8_t *packed, int64_t g0, int64_t g1, int64
                             const block_q8_0 *x, int64_t ldx, const float *xd, const float *xs, float *out,
                             int64_t ldo) {
     (use_vnni() ? multiply_groups_vnni : multiply_groups_avx2)(packed, g0, g1, k, n, x, ldx, xd, xs, out, ldo);
+}
+
+static void multiply_groups_q6_k(const uint8_t *packed, int64_t g0, int64_t g1, int64_t k, int64_t n,
+                                 const block_q8_K *x, int64_t ldx, float *out, int64_t ldo, bool more) {
+    (use_vnni() ? multiply_groups_q6_k_vnni : multiply_groups_q6_k_avx2)(packed, g0, g1, k, n, x, ldx, out, ldo, more);
+}
+
+/* Without a packed copy (no memory for one): each group's blocks packed one at a time on the stack, each product
+   adding to the sums so far, the same float steps as from a whole copy: the same bits. */
+static void multiply_q6_k_unpacked(const block_q6_K *a, int64_t lda, int64_t g0, int64_t g1, int64_t k, int64_t n,
+                                   const block_q8_K *x, int64_t ldx, float *out, int64_t ldo) {
+    uint8_t block[K6_GROUP_BYTES] __attribute__((aligned(32)));
+    for (int64_t g = g0; g < g1; g++) {
+        for (int64_t l = 0; l < k; l++) {
+            pack_group_q6_k(a + g * ROWS * lda + l, lda, 1, block);
+            multiply_groups_q6_k(block, 0, 1, 1, n, x + l, ldx, out + g * ROWS, ldo, l > 0);
+        }
+    }
 }
 
 static void multiply_one(const block_q5_0 *a, int64_t lda, int64_t g0, int64_t g1, int64_t k, const block_q8_0 *x,
@@ -238,12 +316,33 @@ int q5_0_multiply(const uint8_t *packed, int64_t m, int64_t k, int64_t n, const 
 #endif
 }
 
+/* The same for a packed Q6_K matrix and tokens in Q8_K; with `packed` NULL, from the rows of `a` (lda blocks apart)
+   without a copy. For tests. */
+int q6_k_multiply(const uint8_t *packed, const void *a, int64_t lda, int64_t m, int64_t k, int64_t n, const void *x,
+                  int64_t ldx, float *out, int64_t ldo, int ith, int nth) {
+#if HAVE_X86
+    if (m % ROWS) return 0;
+    const int64_t groups = m / ROWS;
+    if (!packed) {
+        multiply_q6_k_unpacked(a, lda, groups * ith / nth, groups * (ith + 1) / nth, k, n, x, ldx, out, ldo);
+        return 1;
+    }
+    multiply_groups_q6_k(packed, groups * ith / nth, groups * (ith + 1) / nth, k, n, x, ldx, out, ldo, false);
+    return 1;
+#else
+    (void)packed; (void)a; (void)lda; (void)m; (void)k; (void)n; (void)x; (void)ldx; (void)out; (void)ldo; (void)ith;
+    (void)nth;
+    return 0;
+#endif
+}
+
 /* ---- matrices llama.cpp multiplies ---------------------------------------------------------------------------- */
 
 enum { UNPACKED = 0, PACKING = 1, PACKED = 2 };
 
 typedef struct {
     const void *weights;
+    int type; /* TYPE_Q5_0 or TYPE_Q6_K */
     int64_t m, k, lda;
     uint8_t *packed;
     _Atomic uint8_t *state; /* per group of rows */
@@ -259,8 +358,8 @@ static int64_t n_matrices, cap_matrices;
 static range *ranges;
 static int64_t n_ranges, cap_ranges;
 static _Atomic(sgemm_fn) original;
-static atomic_int enabled = 1;
-static atomic_llong products; /* token-rows multiplied here, for logs and tests */
+static atomic_int enabled = 1, enabled_q6_k = 1;
+static atomic_llong products, products_q6_k; /* token-rows multiplied here (Q5_0, Q6_K), for logs and tests */
 
 /* llama.cpp's own llamafile_sgemm: looked up in the libggml-cpu that llama.cpp loaded (by the name libllama asks
    for), whose own definition a lookup through its handle finds first. NULL where there is none. */
@@ -280,8 +379,10 @@ static sgemm_fn llama_cpps(void) {
 
 int q5_0_original_found(void) { return llama_cpps() != NULL; }
 
-void q5_0_set_enabled(int on) { atomic_store(&enabled, on); }
+void q5_0_set_enabled(int on) { atomic_store(&enabled, on); } /* all products: both types */
+void q6_k_set_enabled(int on) { atomic_store(&enabled_q6_k, on); } /* Q6_K's alone, for benchmarks */
 int64_t q5_0_products(void) { return atomic_load(&products); }
+int64_t q6_k_products(void) { return atomic_load(&products_q6_k); }
 
 int64_t q5_0_packed_matrices(void) {
     pthread_mutex_lock(&lock);
@@ -336,6 +437,12 @@ int64_t q5_0_release_range(uintptr_t start, uintptr_t end) {
     return freed;
 }
 
+static size_t block_bytes(int type) { return type == TYPE_Q6_K ? sizeof(block_q6_K) : sizeof(block_q5_0); }
+
+static int64_t packed_bytes(int type, int64_t m, int64_t k) {
+    return type == TYPE_Q6_K ? q6_k_packed_bytes(m, k) : q5_0_packed_bytes(m, k);
+}
+
 static const range *in_ranges(uintptr_t start, uintptr_t end) {
     for (int64_t i = 0; i < n_ranges; i++)
         if (start >= ranges[i].start && end <= ranges[i].end) return &ranges[i];
@@ -345,15 +452,15 @@ static const range *in_ranges(uintptr_t start, uintptr_t end) {
 /* Whether the matrix lies in a registered model's weights; if so *entry is its entry, made on first sight (NULL
    if memory ran out: then the lone-token path serves, which needs none and gives the same bits). That every
    thread of a product decides alike matters: a share computed here and another by llama.cpp would not fit. */
-static bool registered(const void *weights, int64_t m, int64_t k, int64_t lda, matrix **entry) {
+static bool registered(const void *weights, int type, int64_t m, int64_t k, int64_t lda, matrix **entry) {
     matrix *found = NULL;
     bool inside = false;
     pthread_mutex_lock(&lock);
     for (int64_t i = 0; i < n_matrices; i++) {
         matrix *e = matrices[i];
-        if (e->weights == weights && e->m == m && e->k == k && e->lda == lda) { found = e; break; }
+        if (e->weights == weights && e->type == type && e->m == m && e->k == k && e->lda == lda) { found = e; break; }
     }
-    const uintptr_t start = (uintptr_t)weights, end = start + (uintptr_t)(m * lda) * sizeof(block_q5_0);
+    const uintptr_t start = (uintptr_t)weights, end = start + (uintptr_t)(m * lda) * block_bytes(type);
     const range *where = found ? NULL : in_ranges(start, end);
     inside = found != NULL || where != NULL;
     if (!found && inside) {
@@ -365,10 +472,10 @@ static bool registered(const void *weights, int64_t m, int64_t k, int64_t lda, m
             cap_matrices = cap;
         }
         matrix *e = malloc(sizeof(matrix));
-        uint8_t *packed = aligned_alloc(32, ((size_t)q5_0_packed_bytes(m, k) + 31) / 32 * 32);
+        uint8_t *packed = aligned_alloc(32, ((size_t)packed_bytes(type, m, k) + 31) / 32 * 32);
         _Atomic uint8_t *state = calloc((size_t)(m / ROWS), 1);
         if (!e || !packed || !state) { free(e); free(packed); free((void *)state); goto done; }
-        *e = (matrix){weights, m, k, lda, packed, state, m / ROWS, where->mapped && lda == k};
+        *e = (matrix){weights, type, m, k, lda, packed, state, m / ROWS, where->mapped && lda == k};
         matrices[n_matrices++] = found = e;
     }
 done:
@@ -394,11 +501,16 @@ static void ensure_packed(matrix *e, int64_t g0, int64_t g1) {
         if (s == PACKED) continue;
         uint8_t expected = UNPACKED;
         if (atomic_compare_exchange_strong(&e->state[g], &expected, PACKING)) {
-            pack_group((const block_q5_0 *)e->weights + g * ROWS * e->lda, e->lda, e->k,
-                       e->packed + g * e->k * GROUP_BYTES);
+            if (e->type == TYPE_Q6_K)
+                pack_group_q6_k((const block_q6_K *)e->weights + g * ROWS * e->lda, e->lda, e->k,
+                                e->packed + g * e->k * K6_GROUP_BYTES);
+            else
+                pack_group((const block_q5_0 *)e->weights + g * ROWS * e->lda, e->lda, e->k,
+                           e->packed + g * e->k * GROUP_BYTES);
             atomic_store_explicit(&e->state[g], PACKED, memory_order_release);
             if (atomic_fetch_sub_explicit(&e->unpacked, 1, memory_order_acq_rel) == 1 && e->mapped)
-                let_go((uintptr_t)e->weights, (uintptr_t)e->weights + (uintptr_t)(e->m * e->lda) * sizeof(block_q5_0));
+                let_go((uintptr_t)e->weights,
+                       (uintptr_t)e->weights + (uintptr_t)(e->m * e->lda) * block_bytes(e->type));
         } else {
             while (atomic_load_explicit(&e->state[g], memory_order_acquire) != PACKED) sched_yield();
         }
@@ -412,7 +524,7 @@ bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, 
                      int ctype) {
     matrix *e = NULL;
     if (atype == TYPE_Q5_0 && btype == TYPE_Q8_0 && ctype == TYPE_F32 && m % ROWS == 0 && n > 0 &&
-        atomic_load_explicit(&enabled, memory_order_relaxed) && registered(a, m, k, lda, &e)) {
+        atomic_load_explicit(&enabled, memory_order_relaxed) && registered(a, TYPE_Q5_0, m, k, lda, &e)) {
         const int64_t groups = m / ROWS;
         const int64_t g0 = groups * params->ith / params->nth, g1 = groups * (params->ith + 1) / params->nth;
         float *xd = e ? malloc(sizeof(float) * (size_t)(2 * n * k)) : NULL;
@@ -426,6 +538,20 @@ bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, 
                 multiply_one(a, lda, g0, g1, k, (const block_q8_0 *)b + j * ldb, (float *)c + j * ldc);
         }
         atomic_fetch_add_explicit(&products, (long long)((g1 - g0) * ROWS * n), memory_order_relaxed);
+        return true;
+    }
+    if (atype == TYPE_Q6_K && btype == TYPE_Q8_K && ctype == TYPE_F32 && m % ROWS == 0 && n > 0 &&
+        atomic_load_explicit(&enabled, memory_order_relaxed) &&
+        atomic_load_explicit(&enabled_q6_k, memory_order_relaxed) && registered(a, TYPE_Q6_K, m, k, lda, &e)) {
+        const int64_t groups = m / ROWS;
+        const int64_t g0 = groups * params->ith / params->nth, g1 = groups * (params->ith + 1) / params->nth;
+        if (e) {
+            ensure_packed(e, g0, g1);
+            multiply_groups_q6_k(e->packed, g0, g1, k, n, b, ldb, c, ldc, false);
+        } else {
+            multiply_q6_k_unpacked(a, lda, g0, g1, k, n, b, ldb, c, ldc);
+        }
+        atomic_fetch_add_explicit(&products_q6_k, (long long)((g1 - g0) * ROWS * n), memory_order_relaxed);
         return true;
     }
     const sgemm_fn theirs = llama_cpps();

@@ -1,4 +1,4 @@
-"""gemserve's Q5_0 matrix products inside llama.cpp (`_q5_0.c` says how and why).
+"""gemserve's Q5_0 and Q6_K matrix products inside llama.cpp (`_q5_0.c` says how and why).
 
 `load()` puts the kernel where llama.cpp's CPU backend will find it: llama-cpp-python loads its libraries with
 RTLD_NOW, which binds every function they call as they load, so the kernel must be in the process's global scope
@@ -75,6 +75,13 @@ def install() -> ctypes.CDLL | None:
     lib.q5_0_multiply.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
     lib.q5_0_multiply_one.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int, ctypes.c_int]
     lib.q5_0_use_vnni.argtypes = [ctypes.c_int]
+    lib.q6_k_set_enabled.argtypes = [ctypes.c_int]
+    lib.q6_k_products.restype = _I64
+    lib.q6_k_packed_bytes.restype = _I64
+    lib.q6_k_packed_bytes.argtypes = [_I64, _I64]
+    lib.q6_k_pack.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
+    lib.q6_k_multiply.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int,
+                                  ctypes.c_int]
     if not lib.q5_0_original_found():
         log.warning("Q5_0 kernel not used: llama.cpp's own llamafile_sgemm was not found")
         return None
@@ -94,8 +101,14 @@ def products() -> int:
     return int(lib.q5_0_products()) if lib is not None else 0
 
 
+def q6_k_products() -> int:
+    """Token-rows of Q6_K matrices multiplied by the kernel so far in this process."""
+    lib = install()
+    return int(lib.q6_k_products()) if lib is not None else 0
+
+
 def describe() -> str:
-    """Who multiplies Q5_0 matrices in this process, for the log."""
+    """Who multiplies Q5_0 and Q6_K matrices in this process, for the log."""
     if os.environ.get("GEMSERVE_Q5_0_KERNEL", "1") == "0":
         return "llama.cpp (GEMSERVE_Q5_0_KERNEL=0)"
     lib = install()
