@@ -184,7 +184,8 @@ int q6_k_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
 int q5_0_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
 #if HAVE_X86
     if (!q5_0_supported() || m % ROWS || ((uintptr_t)out & 31)) return 0;
-    for (int64_t g = 0; g < m / ROWS; g++) pack_group((const block_q5_0 *)a + g * ROWS * lda, lda, k, out + g * k * GROUP_BYTES);
+    for (int64_t g = 0; g < m / ROWS; g++)
+        pack_group((const block_q5_0 *)a + g * ROWS * lda, lda, k, out + g * k * GROUP_BYTES);
     return 1;
 #else
     (void)a; (void)m; (void)k; (void)lda; (void)out;
@@ -475,7 +476,9 @@ static bool registered(const void *weights, int type, int64_t m, int64_t k, int6
         uint8_t *packed = aligned_alloc(32, ((size_t)packed_bytes(type, m, k) + 31) / 32 * 32);
         _Atomic uint8_t *state = calloc((size_t)(m / ROWS), 1);
         if (!e || !packed || !state) { free(e); free(packed); free((void *)state); goto done; }
-        *e = (matrix){weights, type, m, k, lda, packed, state, m / ROWS, where->mapped && lda == k};
+        /* Q6_K's pages stay: prompts (32 tokens and more) take llama.cpp's tiled path, which reads its rows */
+        const bool let_pages_go = where->mapped && lda == k && type == TYPE_Q5_0;
+        *e = (matrix){weights, type, m, k, lda, packed, state, m / ROWS, let_pages_go};
         matrices[n_matrices++] = found = e;
     }
 done:

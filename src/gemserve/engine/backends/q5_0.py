@@ -58,30 +58,34 @@ def install() -> ctypes.CDLL | None:
         return None
     import llama_cpp  # noqa: F401 - loads llama.cpp's libraries, in which the kernel finds llama.cpp's own function
 
-    lib.q5_0_original_found.restype = ctypes.c_int
-    lib.q5_0_set_enabled.argtypes = [ctypes.c_int]
-    lib.q5_0_set_tiled_from.argtypes = [_I64]
-    lib.q5_0_tiled_calls.restype = _I64
-    lib.q5_0_tiled_calls.argtypes = [ctypes.c_int]
-    lib.q5_0_products.restype = _I64
-    lib.q5_0_packed_matrices.restype = _I64
-    lib.q5_0_add_range.argtypes = [_UPTR, _UPTR]
-    lib.q5_0_add_file_range.argtypes = [_UPTR, _UPTR]
-    lib.q5_0_release_range.restype = _I64
-    lib.q5_0_release_range.argtypes = [_UPTR, _UPTR]
-    lib.q5_0_packed_bytes.restype = _I64
-    lib.q5_0_packed_bytes.argtypes = [_I64, _I64]
-    lib.q5_0_pack.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
-    lib.q5_0_multiply.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
-    lib.q5_0_multiply_one.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int, ctypes.c_int]
-    lib.q5_0_use_vnni.argtypes = [ctypes.c_int]
-    lib.q6_k_set_enabled.argtypes = [ctypes.c_int]
-    lib.q6_k_products.restype = _I64
-    lib.q6_k_packed_bytes.restype = _I64
-    lib.q6_k_packed_bytes.argtypes = [_I64, _I64]
-    lib.q6_k_pack.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
-    lib.q6_k_multiply.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int,
-                                  ctypes.c_int]
+    try:
+        lib.q5_0_original_found.restype = ctypes.c_int
+        lib.q5_0_set_enabled.argtypes = [ctypes.c_int]
+        lib.q5_0_set_tiled_from.argtypes = [_I64]
+        lib.q5_0_tiled_calls.restype = _I64
+        lib.q5_0_tiled_calls.argtypes = [ctypes.c_int]
+        lib.q5_0_products.restype = _I64
+        lib.q5_0_packed_matrices.restype = _I64
+        lib.q5_0_add_range.argtypes = [_UPTR, _UPTR]
+        lib.q5_0_add_file_range.argtypes = [_UPTR, _UPTR]
+        lib.q5_0_release_range.restype = _I64
+        lib.q5_0_release_range.argtypes = [_UPTR, _UPTR]
+        lib.q5_0_packed_bytes.restype = _I64
+        lib.q5_0_packed_bytes.argtypes = [_I64, _I64]
+        lib.q5_0_pack.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
+        lib.q5_0_multiply.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
+        lib.q5_0_multiply_one.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int, ctypes.c_int]
+        lib.q5_0_use_vnni.argtypes = [ctypes.c_int]
+        lib.q6_k_set_enabled.argtypes = [ctypes.c_int]
+        lib.q6_k_products.restype = _I64
+        lib.q6_k_packed_bytes.restype = _I64
+        lib.q6_k_packed_bytes.argtypes = [_I64, _I64]
+        lib.q6_k_pack.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
+        lib.q6_k_multiply.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int,
+                                      ctypes.c_int]
+    except AttributeError as exc:  # a build older than this code: llama.cpp keeps its own products
+        log.warning("Q5_0 kernel not used (%s); run scripts/setup.sh", exc)
+        return None
     if not lib.q5_0_original_found():
         log.warning("Q5_0 kernel not used: llama.cpp's own llamafile_sgemm was not found")
         return None
