@@ -6,11 +6,15 @@ Two parts:
   tokens, with the kernel (its packed copy, with AVX-512 VNNI where the CPU has it and with AVX2) and with
   llama.cpp's `llamafile_sgemm` (tinyBLAS, what llama.cpp runs for n >= 2; for one token, which tinyBLAS
   declines, the kernel's path without the copy, which reads llama.cpp's rows, stands beside it).
-- `passes`: a model's forward passes as the engine runs them, with the kernel on and off (`q5_0.set_enabled`),
-  alternating: a pass over 1..9 tokens of one sequence (prompt lookup and grammar-forced tokens feed such
-  passes), and a pass over one token of each of 8 sequences (8 streams).
+- `q6_k`: one thread multiplies Qwen's 12 Q6_K matrices (random, 43 MB) by n tokens with the kernel, AVX-512
+  VNNI and AVX2.
+- `passes`: a model's forward passes as the engine runs them, with the kernel, with it for Q5_0 only (Q6_K
+  left to llama.cpp) and without it (`q5_0_set_enabled`, `q6_k_set_enabled`), alternating: a pass over 1..9
+  tokens of one sequence (prompt lookup and grammar-forced tokens feed such passes), and a pass over one token of
+  each of 8 sequences (8 streams).
 
     .venv/bin/python benchmarks/q5_0.py kernel
+    .venv/bin/python benchmarks/q5_0.py q6_k
     .venv/bin/python benchmarks/q5_0.py passes --model data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 """
 
@@ -117,6 +121,54 @@ def kernel(rounds: int) -> None:
           f"out): {unpacked_ms:.1f} ms.")
 
 
+Q6_K_BLOCK = np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
+Q8_K_BLOCK = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
+
+
+def q6_k(rounds: int) -> None:
+    """The Q6_K kernel alone, one thread: Qwen's 12 Q6_K matrices (ffn_down, 896 x 4864), from their packed
+    copies (more than the caches hold), by n tokens; llama.cpp's own is timed within whole passes (`passes`),
+    since it multiplies one row by one token a call."""
+    lib = q5_0.install()
+    if lib is None:
+        raise SystemExit(f"the kernel is not in use: {q5_0.describe()}")
+    rng = np.random.default_rng(0)
+    rows, k = 896, 19
+    matrices = []
+    for _ in range(12):
+        a = np.zeros((rows, k), Q6_K_BLOCK)
+        a["ql"] = rng.integers(0, 256, (rows, k, 128))
+        a["qh"] = rng.integers(0, 256, (rows, k, 64))
+        a["scales"] = rng.integers(-128, 128, (rows, k, 16))
+        a["d"] = rng.uniform(1e-4, 1e-3, a.shape)
+        packed = np.zeros(lib.q6_k_packed_bytes(rows, k), np.uint8)
+        lib.q6_k_pack(a.ctypes.data, rows, k, k, packed.ctypes.data)
+        matrices.append((a, packed))
+    megabytes = sum(p.nbytes for _, p in matrices) / 1e6
+    print(f"{megabytes:.0f} MB packed; one thread; best of rounds, ms (GB/s of the copy read)")
+    print("| tokens | AVX-512 VNNI | AVX2 |")
+    print("|---:|---:|---:|")
+    for n in (1, 2, 4, 8, 9, 16):
+        x = np.zeros((n, k), Q8_K_BLOCK)
+        x["d"] = rng.uniform(1e-3, 5e-2, x.shape)
+        x["qs"] = rng.integers(-128, 128, (n, k, 256))
+        x["bsums"] = x["qs"].reshape(n, k, 16, 16).astype(np.int64).sum(axis=-1)
+        out = np.zeros((n, rows), np.float32)
+
+        def run(x: np.ndarray = x, out: np.ndarray = out, n: int = n) -> None:
+            for a, packed in matrices:
+                lib.q6_k_multiply(packed.ctypes.data, a.ctypes.data, k, rows, k, n, x.ctypes.data, k,
+                                  out.ctypes.data, rows, 0, 1)
+
+        times = {}
+        for vnni in (1, 0):
+            if lib.q5_0_use_vnni(vnni) == vnni:
+                times[vnni] = best(run, rounds)
+        lib.q5_0_use_vnni(1)
+        cells = [f"{times[v]:.2f} ({megabytes / times[v]:.1f})" if v in times else "no VNNI" for v in (1, 0)]
+        print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
+
+
 def passes(model_path: Path, rounds: int) -> None:
     if q5_0.install() is None:
         raise SystemExit(f"the kernel is not in use: {q5_0.describe()}")
@@ -166,12 +218,14 @@ def passes(model_path: Path, rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["kernel", "passes"])
+    parser.add_argument("part", choices=["kernel", "q6_k", "passes"])
     parser.add_argument("--model", type=Path, default=Path("data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     if args.part == "kernel":
         kernel(args.rounds)
+    elif args.part == "q6_k":
+        q6_k(args.rounds)
     else:
         passes(args.model, args.rounds)
 
