@@ -261,6 +261,24 @@ def test_packed_q6_k_products_are_the_q6_k_products_whatever_the_batch(n: int, i
 
 
 @needs_kernel
+def test_q6_k_rows_further_apart_than_their_width(instruction_set: str) -> None:
+    """A view into wider rows (lda > k): the copy and the path without one read the right blocks."""
+    assert KERNEL is not None
+    rng = np.random.default_rng(8)
+    rows, k, lda = 16, 3, 5
+    wide, _ = q6_k_matrix(rng, rows, lda)
+    x = q8_k_tokens(rng, 2, k)
+    want = expected_q6_k(np.ascontiguousarray(wide[:, :k]), x)
+    copy = np.zeros(KERNEL.q6_k_packed_bytes(rows, k), np.uint8)
+    assert KERNEL.q6_k_pack(wide.ctypes.data, rows, k, lda, copy.ctypes.data)
+    for packed in (copy.ctypes.data, None):
+        out = np.full((2, rows), np.nan, np.float32)
+        assert KERNEL.q6_k_multiply(packed, wide.ctypes.data, lda, rows, k, 2, x.ctypes.data, k, out.ctypes.data,
+                                    rows, 0, 1)
+        assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@needs_kernel
 def test_extreme_q6_k_values_do_not_overflow(instruction_set: str) -> None:
     """AVX2 sums byte products in pairs in 16 bits (2 * 63 * 128 at most); scales at both ends, 6-bit values at
     both ends, tokens at -128 and 127."""
@@ -431,6 +449,36 @@ def test_a_packed_matrix_lets_go_of_its_pages_in_a_file_mapping(tmp_path: Path) 
             again, done = _sgemm(ours, a, x)
             assert done and np.array_equal(again, products)
             assert np.array_equal(expected(a, x), want)  # the file's bytes, read again
+        finally:
+            assert KERNEL.q5_0_release_range(start, start + mapping.size()) == 1
+        del a
+    finally:
+        mapping.close()
+
+
+@needs_kernel
+def test_a_packed_q6_k_matrix_keeps_its_pages_in_a_file_mapping(tmp_path: Path) -> None:
+    """Unlike Q5_0's, a Q6_K matrix's pages stay resident once packed: llama.cpp's tiled path, which prompts take,
+    reads them."""
+    assert KERNEL is not None
+    ours = _signature(KERNEL.llamafile_sgemm)
+    rng = np.random.default_rng(9)
+    rows, k = 64, 19
+    q6_k_matrix(rng, rows, k)[0].tofile(tmp_path / "weights")
+    x = q8_k_tokens(rng, 2, k)
+    with open(tmp_path / "weights", "rb") as file:
+        mapping = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
+    try:
+        a = np.frombuffer(mapping, Q6_K_BLOCK).reshape(rows, k)
+        start = a.ctypes.data
+        want = expected_q6_k(a, x)  # reads every page
+        assert KERNEL.q5_0_add_file_range(start, start + mapping.size())
+        try:
+            out = np.zeros((2, rows), np.float32)
+            assert ours(ctypes.byref(_Params(0, 1)), rows, 2, k, start, k, x.ctypes.data, k, out.ctypes.data, rows,
+                        GGML_Q6_K, GGML_Q8_K, GGML_F32)
+            assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+            assert _resident_kib(start) * 1024 >= a.nbytes - 4096
         finally:
             assert KERNEL.q5_0_release_range(start, start + mapping.size()) == 1
         del a

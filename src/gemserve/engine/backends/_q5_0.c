@@ -26,8 +26,9 @@ Where there is no memory for the copy, the Q5_0 products are computed token by t
 (`multiply_one`, 8 rows at a time, each block's sums for the 8 rows added across lanes together). Both paths
 compute the same exact integer sums and the same float steps in the same order, so a token's result is bit for
 bit the same whatever the path and the size of the pass (prompt lookup's passes, other sequences). The
-arithmetic is in _q5_0_kernels.h, compiled for AVX2 and for AVX-512 VNNI (used where the CPU has it), which give
-the same bits too. It is llama.cpp's: activations quantized to Q8_0 by llama.cpp, each block's products summed
+arithmetic is in _q5_0_kernels.h and _q6_k_kernels.h, compiled for AVX2 and for AVX-512 VNNI (used where the CPU has
+it), which give the same bits too. It is llama.cpp's: activations quantized to Q8_0 (Q8_K for Q6_K) by llama.cpp,
+each block's products summed
 exactly in integers, then scaled in float (in another order than llama.cpp's, so results differ from llama.cpp's
 by float rounding).
 
@@ -42,9 +43,10 @@ library defines no such function and llama.cpp runs untouched.
 Only matrices inside address ranges registered as a model's weights (`q5_0_add_file_range`: the model file's
 mappings) are packed, since a packed copy is valid only while the original never changes; `q5_0_release_range`
 frees the copies when the model is gone. Matrices whose rows are not a multiple of 8 stay with llama.cpp. Once a
-matrix of a file mapping is packed whole, llama.cpp's copy is no longer read: its pages are let go
-(`MADV_DONTNEED`; read again from the file should anything need them), so the packed copies add no resident memory
-to what llama.cpp held.
+Q5_0 matrix of a shared read-only file mapping (rows contiguous) is packed whole, llama.cpp's copy is no longer
+read: its pages are let go (`MADV_DONTNEED`; read again from the file should anything need them), so the Q5_0
+copies add no resident memory to what llama.cpp held. Q6_K copies add their size: prompts take llama.cpp's tiled
+path for those matrices, which reads llama.cpp's rows.
 
 Plain C functions, called through ctypes; the module init only makes the file importable as an extension.
 */
@@ -322,7 +324,7 @@ int q5_0_multiply(const uint8_t *packed, int64_t m, int64_t k, int64_t n, const 
 int q6_k_multiply(const uint8_t *packed, const void *a, int64_t lda, int64_t m, int64_t k, int64_t n, const void *x,
                   int64_t ldx, float *out, int64_t ldo, int ith, int nth) {
 #if HAVE_X86
-    if (m % ROWS) return 0;
+    if (!q5_0_supported() || m % ROWS) return 0;
     const int64_t groups = m / ROWS;
     if (!packed) {
         multiply_q6_k_unpacked(a, lda, groups * ith / nth, groups * (ith + 1) / nth, k, n, x, ldx, out, ldo);
@@ -348,7 +350,7 @@ typedef struct {
     uint8_t *packed;
     _Atomic uint8_t *state; /* per group of rows */
     atomic_llong unpacked;  /* groups not packed yet */
-    bool mapped;            /* inside a file mapping, whose pages can be let go and read again */
+    bool let_pages_go;      /* Q5_0 in a read-only file mapping: pages let go once packed, read again if need be */
 } matrix;
 
 typedef struct { uintptr_t start, end; bool mapped; } range;
@@ -380,6 +382,7 @@ static sgemm_fn llama_cpps(void) {
 
 int q5_0_original_found(void) { return llama_cpps() != NULL; }
 
+/* Only between passes: the threads of one product must decide alike. */
 void q5_0_set_enabled(int on) { atomic_store(&enabled, on); } /* all products: both types */
 void q6_k_set_enabled(int on) { atomic_store(&enabled_q6_k, on); } /* Q6_K's alone, for benchmarks */
 int64_t q5_0_products(void) { return atomic_load(&products); }
@@ -451,7 +454,8 @@ static const range *in_ranges(uintptr_t start, uintptr_t end) {
 }
 
 /* Whether the matrix lies in a registered model's weights; if so *entry is its entry, made on first sight (NULL
-   if memory ran out: then the lone-token path serves, which needs none and gives the same bits). That every
+   if memory ran out: then the paths without a copy serve, Q5_0's lone-token one or Q6_K's that packs a block at a
+   time on the stack, which give the same bits). That every
    thread of a product decides alike matters: a share computed here and another by llama.cpp would not fit. */
 static bool registered(const void *weights, int type, int64_t m, int64_t k, int64_t lda, matrix **entry) {
     matrix *found = NULL;
@@ -511,7 +515,7 @@ static void ensure_packed(matrix *e, int64_t g0, int64_t g1) {
                 pack_group((const block_q5_0 *)e->weights + g * ROWS * e->lda, e->lda, e->k,
                            e->packed + g * e->k * GROUP_BYTES);
             atomic_store_explicit(&e->state[g], PACKED, memory_order_release);
-            if (atomic_fetch_sub_explicit(&e->unpacked, 1, memory_order_acq_rel) == 1 && e->mapped)
+            if (atomic_fetch_sub_explicit(&e->unpacked, 1, memory_order_acq_rel) == 1 && e->let_pages_go)
                 let_go((uintptr_t)e->weights,
                        (uintptr_t)e->weights + (uintptr_t)(e->m * e->lda) * block_bytes(e->type));
         } else {
@@ -601,7 +605,7 @@ bool ggml_compute_forward_mul_mat_tiled(const struct compute_params *params, str
 /* ---- module ------------------------------------------------------------------------------------------------- */
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_q5_0",
-                                    "Q5_0 matrix products for llama.cpp; called through ctypes.", -1, NULL, NULL,
-                                    NULL, NULL, NULL};
+                                    "Q5_0 and Q6_K matrix products for llama.cpp; called through ctypes.", -1, NULL,
+                                    NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__q5_0(void) { return PyModule_Create(&module); }

@@ -3,7 +3,8 @@
 
 A Q6_K block is 256 weights d * scale[s] * (q - 32): q 0..63 in 6 bits, an int8 scale per 16 weights (sub-block
 s), a fp16 d. Tokens come quantized to Q8_K by llama.cpp: 256 int8 values, a float d, and the sums of each 16
-(bsums). A row's product with a token's block is d * xd * sum_s scale[s] * (sum_s(q * x) - 32 * bsum[s]): the
+(bsums). A row's product with a token's block is d * xd * sum over s of scale[s] * (sum over the sub-block of q * x
+- 32 * bsum[s]): the
 integer sum exact in 32 bits (at most 16 * 16 * 32 * 128 * 128 in size), then one float step per block, in the
 same order on every path and with either instruction set, so a token's result is bit for bit the same whatever the
 pass. `dot4` with AVX2 sums pairs of byte products in 16 bits: 2 * 63 * 128 < 32768. */
@@ -41,8 +42,8 @@ TARGET static inline __m256i NAME(q6_k_step)(__m256i acc, const __m256i w[4], __
 }
 
 /* One group's rows for `cols` tokens (a constant where inlined, so that their sums stay in registers): out[j * ldo],
-   or added to what is there (`more`: the sums over earlier blocks, exact as floats, for the path that packs a block
-   at a time). */
+   or added to what is there (`more`: the sums over earlier blocks, which a float holds without loss between calls,
+   for the path that packs a block at a time). */
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES (4 * K6_GROUP_BYTES) /* a few blocks ahead: faster than the prefetcher alone */
 #endif

@@ -5,10 +5,11 @@ RTLD_NOW, which binds every function they call as they load, so the kernel must 
 before `llama_cpp` is imported. `gemserve/__init__.py` calls it first thing, so importing any part of gemserve does.
 `install()` then hands the kernel llama.cpp's own function, for the products it leaves to llama.cpp. The same
 library declines llama.cpp's tiled path for products of other quantized types over fewer than 32 tokens, slower
-there than llama.cpp's plain one (`_q5_0.c`). `ModelWeights` registers the memory a model's file is mapped at while
-the model is loaded, and frees the kernel's packed copies when it is gone; pages of a shared read-only mapping are
-let go once packed. Without the built kernel, without AVX2, where `llama_cpp` was imported first, or where the
-model's file is not mapped (no /proc), the products stay llama.cpp's.
+there than llama.cpp's plain one, which is where the Q6_K products come to the kernel (`_q5_0.c`). `ModelWeights`
+registers the memory a model's file is mapped at while the model is loaded, and frees the kernel's packed copies
+when it is gone; pages of Q5_0 matrices in a shared read-only mapping are let go once packed. Without the built
+kernel, without AVX2, where `llama_cpp` was imported first, or where the model's file is not mapped (no /proc), the
+products stay llama.cpp's.
 """
 
 from __future__ import annotations
@@ -93,14 +94,15 @@ def install() -> ctypes.CDLL | None:
 
 
 def set_enabled(on: bool) -> None:
-    """Turns the kernel on or off for the whole process (benchmarks and tests compare both)."""
+    """Turns the kernel on or off for the whole process, both types (benchmarks and tests compare both); only
+    between passes."""
     lib = install()
     if lib is not None:
         lib.q5_0_set_enabled(int(on))
 
 
 def products() -> int:
-    """Token-rows multiplied by the kernel so far in this process."""
+    """Token-rows of Q5_0 matrices multiplied by the kernel so far in this process."""
     lib = install()
     return int(lib.q5_0_products()) if lib is not None else 0
 
