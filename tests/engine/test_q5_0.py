@@ -314,14 +314,16 @@ class _Params(ctypes.Structure):
     _fields_ = [("ith", ctypes.c_int), ("nth", ctypes.c_int)]
 
 
-def _sgemm(function: ctypes._CFuncPtr, a: np.ndarray, x: np.ndarray, threads: int = 2) -> tuple[np.ndarray, bool]:
+def _sgemm(function: ctypes._CFuncPtr, a: np.ndarray, x: np.ndarray, threads: int = 2,
+           types: tuple[int, int] = (GGML_Q5_0, GGML_Q8_0)) -> tuple[np.ndarray, bool]:
+    """llama.cpp's call for a product of matrix `a` and tokens `x` (of `types`), by each of `threads` threads."""
     rows, k = a.shape
     out = np.zeros((x.shape[0], rows), np.float32)
     done = True
     for ith in range(threads):
         params = _Params(ith, threads)
         done &= bool(function(ctypes.byref(params), rows, x.shape[0], k, a.ctypes.data, k, x.ctypes.data, k,
-                              out.ctypes.data, rows, GGML_Q5_0, GGML_Q8_0, GGML_F32))
+                              out.ctypes.data, rows, *types, GGML_F32))
     return out, done
 
 
@@ -386,13 +388,7 @@ def test_registered_q6_k_weights_are_multiplied_here_and_others_left_to_llama_cp
     x = q8_k_tokens(rng, 3, k)
 
     def sgemm(tokens: np.ndarray) -> tuple[np.ndarray, bool]:
-        out = np.zeros((tokens.shape[0], rows), np.float32)
-        done = True
-        for ith in range(2):
-            params = _Params(ith, 2)
-            done &= bool(ours(ctypes.byref(params), rows, tokens.shape[0], k, a.ctypes.data, k, tokens.ctypes.data, k,
-                              out.ctypes.data, rows, GGML_Q6_K, GGML_Q8_K, GGML_F32))
-        return out, done
+        return _sgemm(ours, a, tokens, types=(GGML_Q6_K, GGML_Q8_K))
 
     matrices = KERNEL.q5_0_packed_matrices()
     assert not sgemm(x)[1]
@@ -474,9 +470,8 @@ def test_a_packed_q6_k_matrix_keeps_its_pages_in_a_file_mapping(tmp_path: Path) 
         want = expected_q6_k(a, x)  # reads every page
         assert KERNEL.q5_0_add_file_range(start, start + mapping.size())
         try:
-            out = np.zeros((2, rows), np.float32)
-            assert ours(ctypes.byref(_Params(0, 1)), rows, 2, k, start, k, x.ctypes.data, k, out.ctypes.data, rows,
-                        GGML_Q6_K, GGML_Q8_K, GGML_F32)
+            out, done = _sgemm(ours, a, x, types=(GGML_Q6_K, GGML_Q8_K))
+            assert done
             assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
             assert _resident_kib(start) * 1024 >= a.nbytes - 4096
         finally:
