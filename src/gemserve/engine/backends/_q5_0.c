@@ -97,9 +97,11 @@ typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
 #define QK_K 256
 typedef struct { uint8_t ql[QK_K / 2]; uint8_t qh[QK_K / 4]; int8_t scales[QK_K / 16]; uint16_t d; } block_q6_K;
 typedef struct { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; } block_q8_K;
-#define K6_SUB_BYTES (ROWS * 16 / 2 + ROWS * 16 / 4 + ROWS) /* nibbles, high bits, scales */
-#define K6_SCALES_BYTES (K6_SUB_BYTES * QK_K / 16)           /* where the rows' d begin */
-#define K6_GROUP_BYTES (K6_SCALES_BYTES + ROWS * 2)
+#define K6_HIGH_AT (ROWS * 16 / 2)                 /* in a sub-block: after the nibbles, the high bits */
+#define K6_SCALES_AT (K6_HIGH_AT + ROWS * 16 / 4)  /* then the scales */
+#define K6_SUB_BYTES (K6_SCALES_AT + ROWS)
+#define K6_D_AT (K6_SUB_BYTES * QK_K / 16)         /* in a block: after the 16 sub-blocks, the rows' d */
+#define K6_GROUP_BYTES (K6_D_AT + ROWS * 2)
 
 /* What llama.cpp passes; only ith and nth are read. */
 struct compute_params { int ith, nth; };
@@ -160,10 +162,10 @@ static void pack_group_q6_k(const block_q6_K *a, int64_t lda, int64_t k, uint8_t
                 const int s = e / 16, t = e % 16 / 4, c = e % 4;
                 uint8_t *sub = block + K6_SUB_BYTES * s;
                 sub[32 * (t / 2) + 4 * r + c] |= (uint8_t)(low << (4 * (t & 1)));
-                sub[64 + 4 * r + c] |= (uint8_t)(top << (2 * t));
+                sub[K6_HIGH_AT + 4 * r + c] |= (uint8_t)(top << (2 * t));
             }
-            for (int s = 0; s < QK_K / 16; s++) block[K6_SUB_BYTES * s + 96 + r] = (uint8_t)b->scales[s];
-            memcpy(block + K6_SCALES_BYTES + 2 * r, &b->d, 2);
+            for (int s = 0; s < QK_K / 16; s++) block[K6_SUB_BYTES * s + K6_SCALES_AT + r] = (uint8_t)b->scales[s];
+            memcpy(block + K6_D_AT + 2 * r, &b->d, 2);
         }
     }
 }

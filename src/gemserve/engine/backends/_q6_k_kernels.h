@@ -15,7 +15,7 @@ TARGET static inline void NAME(unpack_q6_k)(const uint8_t *sub, __m256i w[4]) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
     const __m256i a = _mm256_loadu_si256((const __m256i *)sub);
     const __m256i b = _mm256_loadu_si256((const __m256i *)(sub + 32));
-    const __m256i h = _mm256_loadu_si256((const __m256i *)(sub + 64));
+    const __m256i h = _mm256_loadu_si256((const __m256i *)(sub + K6_HIGH_AT));
     /* bits 2t, 2t + 1 of h's bytes are w[t]'s fifth and sixth: moved to bits 4 and 5 (16-bit shifts; what crosses
        from the next byte is masked off) */
     const __m256i low[4] = {a, _mm256_srli_epi16(a, 4), b, _mm256_srli_epi16(b, 4)};
@@ -62,10 +62,10 @@ TARGET static inline __attribute__((always_inline)) void NAME(q6_k_group)(const 
             _mm_prefetch((const char *)sub + PREFETCH_BYTES, _MM_HINT_T0);
             _mm_prefetch((const char *)sub + PREFETCH_BYTES + 64, _MM_HINT_T0);
             NAME(unpack_q6_k)(sub, w);
-            const __m256i scale = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sub + 96)));
+            const __m256i scale = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sub + K6_SCALES_AT)));
             for (int c = 0; c < cols; c++) sums[c] = NAME(q6_k_step)(sums[c], w, scale, x + c * ldx + l, s);
         }
-        const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + K6_SCALES_BYTES)));
+        const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + K6_D_AT)));
         for (int c = 0; c < cols; c++)
             acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[c]), _mm256_mul_ps(wd, _mm256_set1_ps(x[c * ldx + l].d)),
                                      acc[c]);
