@@ -251,9 +251,15 @@ static void multiply_groups_q6_k(const uint8_t *packed, int64_t g0, int64_t g1, 
     (use_vnni() ? multiply_groups_q6_k_vnni : multiply_groups_q6_k_avx2)(packed, g0, g1, k, n, x, ldx, out, ldo, more);
 }
 
+/* Thread ith's share of a matrix's groups of rows, [*g0, *g1), of nth threads' (llama.cpp's split of work). */
+static void share(int64_t groups, int ith, int nth, int64_t *g0, int64_t *g1) {
+    *g0 = groups * ith / nth;
+    *g1 = groups * (ith + 1) / nth;
+}
+
 /* Without a packed copy (no memory for one): each group's blocks packed one at a time on the stack, each product
    adding to the sums so far, the same float steps as from a whole copy: the same bits. */
-static void multiply_q6_k_unpacked(const block_q6_K *a, int64_t lda, int64_t g0, int64_t g1, int64_t k, int64_t n,
+static void multiply_q6_k_without_copy(const block_q6_K *a, int64_t lda, int64_t g0, int64_t g1, int64_t k, int64_t n,
                                    const block_q8_K *x, int64_t ldx, float *out, int64_t ldo) {
     uint8_t block[K6_GROUP_BYTES] __attribute__((aligned(32)));
     for (int64_t g = g0; g < g1; g++) {
@@ -293,8 +299,9 @@ int q5_0_multiply_one(const void *a, int64_t m, int64_t k, int64_t lda, const vo
                       int nth) {
 #if HAVE_X86
     if (m % ROWS) return 0;
-    const int64_t groups = m / ROWS;
-    multiply_one(a, lda, groups * ith / nth, groups * (ith + 1) / nth, k, x, out);
+    int64_t g0, g1;
+    share(m / ROWS, ith, nth, &g0, &g1);
+    multiply_one(a, lda, g0, g1, k, x, out);
     return 1;
 #else
     (void)a; (void)m; (void)k; (void)lda; (void)x; (void)out; (void)ith; (void)nth;
@@ -311,8 +318,9 @@ int q5_0_multiply(const uint8_t *packed, int64_t m, int64_t k, int64_t n, const 
     float *xd = malloc(sizeof(float) * (size_t)(2 * n * k));
     if (!xd) return 0;
     prepare_tokens(n, k, x, ldx, xd, xd + n * k);
-    const int64_t groups = m / ROWS;
-    multiply_groups(packed, groups * ith / nth, groups * (ith + 1) / nth, k, n, x, ldx, xd, xd + n * k, out, ldo);
+    int64_t g0, g1;
+    share(m / ROWS, ith, nth, &g0, &g1);
+    multiply_groups(packed, g0, g1, k, n, x, ldx, xd, xd + n * k, out, ldo);
     free(xd);
     return 1;
 #else
@@ -327,12 +335,12 @@ int q6_k_multiply(const uint8_t *packed, const void *a, int64_t lda, int64_t m, 
                   int64_t ldx, float *out, int64_t ldo, int ith, int nth) {
 #if HAVE_X86
     if (!q5_0_supported() || m % ROWS) return 0;
-    const int64_t groups = m / ROWS;
-    if (!packed) {
-        multiply_q6_k_unpacked(a, lda, groups * ith / nth, groups * (ith + 1) / nth, k, n, x, ldx, out, ldo);
-        return 1;
-    }
-    multiply_groups_q6_k(packed, groups * ith / nth, groups * (ith + 1) / nth, k, n, x, ldx, out, ldo, false);
+    int64_t g0, g1;
+    share(m / ROWS, ith, nth, &g0, &g1);
+    if (packed)
+        multiply_groups_q6_k(packed, g0, g1, k, n, x, ldx, out, ldo, false);
+    else
+        multiply_q6_k_without_copy(a, lda, g0, g1, k, n, x, ldx, out, ldo);
     return 1;
 #else
     (void)packed; (void)a; (void)lda; (void)m; (void)k; (void)n; (void)x; (void)ldx; (void)out; (void)ldo; (void)ith;
@@ -457,8 +465,8 @@ static const range *in_ranges(uintptr_t start, uintptr_t end) {
 
 /* Whether the matrix lies in a registered model's weights; if so *entry is its entry, made on first sight (NULL
    if memory ran out: then the paths without a copy serve, Q5_0's lone-token one or Q6_K's that packs a block at a
-   time on the stack, which give the same bits). That every
-   thread of a product decides alike matters: a share computed here and another by llama.cpp would not fit. */
+   time on the stack, which give the same bits). That every thread of a product decides alike matters: a share
+   computed here and another by llama.cpp would not fit. */
 static bool registered(const void *weights, int type, int64_t m, int64_t k, int64_t lda, matrix **entry) {
     matrix *found = NULL;
     bool inside = false;
@@ -534,8 +542,8 @@ bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, 
     matrix *e = NULL;
     if (atype == TYPE_Q5_0 && btype == TYPE_Q8_0 && ctype == TYPE_F32 && m % ROWS == 0 && n > 0 &&
         atomic_load_explicit(&enabled, memory_order_relaxed) && registered(a, TYPE_Q5_0, m, k, lda, &e)) {
-        const int64_t groups = m / ROWS;
-        const int64_t g0 = groups * params->ith / params->nth, g1 = groups * (params->ith + 1) / params->nth;
+        int64_t g0, g1;
+        share(m / ROWS, params->ith, params->nth, &g0, &g1);
         float *xd = e ? malloc(sizeof(float) * (size_t)(2 * n * k)) : NULL;
         if (xd) {
             prepare_tokens(n, k, b, ldb, xd, xd + n * k);
@@ -552,13 +560,13 @@ bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, 
     if (atype == TYPE_Q6_K && btype == TYPE_Q8_K && ctype == TYPE_F32 && m % ROWS == 0 && n > 0 &&
         atomic_load_explicit(&enabled, memory_order_relaxed) &&
         atomic_load_explicit(&enabled_q6_k, memory_order_relaxed) && registered(a, TYPE_Q6_K, m, k, lda, &e)) {
-        const int64_t groups = m / ROWS;
-        const int64_t g0 = groups * params->ith / params->nth, g1 = groups * (params->ith + 1) / params->nth;
+        int64_t g0, g1;
+        share(m / ROWS, params->ith, params->nth, &g0, &g1);
         if (e) {
             ensure_packed(e, g0, g1);
             multiply_groups_q6_k(e->packed, g0, g1, k, n, b, ldb, c, ldc, false);
         } else {
-            multiply_q6_k_unpacked(a, lda, g0, g1, k, n, b, ldb, c, ldc);
+            multiply_q6_k_without_copy(a, lda, g0, g1, k, n, b, ldb, c, ldc);
         }
         atomic_fetch_add_explicit(&products_q6_k, (long long)((g1 - g0) * ROWS * n), memory_order_relaxed);
         return true;
