@@ -3,11 +3,10 @@
 
 A Q6_K block is 256 weights d * scale[s] * (q - 32): q 0..63 in 6 bits, an int8 scale per 16 weights (sub-block
 s), a fp16 d. Tokens come quantized to Q8_K by llama.cpp: 256 int8 values, a float d, and the sums of each 16
-(bsums). A row's product with a token's block is d * xd * sum over s of scale[s] * (sum over the sub-block of q * x
-- 32 * bsum[s]): the
-integer sum exact in 32 bits (at most 16 * 16 * 32 * 128 * 128 in size), then one float step per block, in the
-same order on every path and with either instruction set, so a token's result is bit for bit the same whatever the
-pass. `dot4` with AVX2 sums pairs of byte products in 16 bits: 2 * 63 * 128 < 32768. */
+(bsums). A row's product with a token's block is d * xd * sum over s of scale[s] * (sum over the sub-block of
+q * x - 32 * bsum[s]): the integer sum exact in 32 bits (at most 16 * 16 * 32 * 128 * 128 in size), then one float
+step per block, in the same order on every path and with either instruction set, so a token's result is bit for bit
+the same whatever the pass. `dot4` with AVX2 sums pairs of byte products in 16 bits: 2 * 63 * 128 < 32768. */
 
 /* A sub-block of a packed block (columns 16s..16s + 15), unpacked: w[t] holds columns 16s + 4t .. 16s + 4t + 3 of
    the 8 rows (row r in bytes 4r..4r+3) as the unsigned 6-bit values 0..63. */
