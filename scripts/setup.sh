@@ -7,7 +7,8 @@ python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "gemserve
 [ -x .venv/bin/python ] || python3 -m venv .venv
 stamp=.venv/.gemserve-setup
 want=$(cat pyproject.toml setup.py scripts/setup.sh src/gemserve/engine/backends/_output_head.c \
-  src/gemserve/engine/backends/_q5_0.c src/gemserve/engine/backends/_q5_0_kernels.h src/gemserve/engine/backends/_q6_k_kernels.h | sha256sum | cut -d" " -f1)
+  src/gemserve/engine/backends/_q5_0.c src/gemserve/engine/backends/_q5_0_kernels.h src/gemserve/engine/backends/_q6_k_kernels.h \
+  src/gemserve/engine/backends/_attention.h | sha256sum | cut -d" " -f1)
 kernel=src/gemserve/engine/backends/_output_head
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! compgen -G "$kernel*.so" > /dev/null; then
   .venv/bin/python -m pip install --quiet --upgrade pip

@@ -55,6 +55,7 @@ Plain C functions, called through ctypes; the module init only makes the file im
 #include <Python.h>
 
 #include <dlfcn.h>
+#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -610,6 +611,8 @@ bool ggml_compute_forward_mul_mat_tiled(const struct compute_params *params, str
     }
     return fn(params, dst);
 }
+
+#include "_attention.h"
 #endif
 
 /* ---- module ------------------------------------------------------------------------------------------------- */

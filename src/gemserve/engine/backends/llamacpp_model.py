@@ -46,6 +46,17 @@ def _init_backend() -> None:
             _backend_ready = True
 
 
+def _model_params() -> llama.llama_model_params:
+    params = llama.llama_model_default_params()
+    # Without llama.cpp's repacked copies of Q4_K (and Q4_0, Q8_0) matrices: their products over 4 tokens or more
+    # round otherwise than over fewer, so a token's logits moved with the size of its pass (prompt lookup, other
+    # sequences). llama.cpp's plain products, like gemserve's kernels and attention (q5_0.py), give each token the
+    # same bits in any pass of fewer than 32; they cost about as much on these models (docs/benchmarks.md).
+    if hasattr(params, "use_extra_bufts"):
+        params.use_extra_bufts = False
+    return params
+
+
 def _context_params(n_ctx: int, sequences: int, threads: int, ubatch: int) -> llama.llama_context_params:
     params = llama.llama_context_default_params()
     params.n_ctx = n_ctx
@@ -66,7 +77,7 @@ class LlamaModel:
                  ubatch: int, own_output_layer: bool = True) -> None:
         _init_backend()
         with q5_0.ModelWeights(path) as weights:
-            model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
+            model = llama.llama_model_load_from_file(str(path).encode(), _model_params())
         if not model:
             weights.release()
             raise EngineError(f"llama.cpp could not load {path}")

@@ -84,12 +84,18 @@ def install() -> ctypes.CDLL | None:
         lib.q6_k_pack.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
         lib.q6_k_multiply.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int,
                                       ctypes.c_int]
+        lib.q5_0_attention_check.restype = ctypes.c_int
+        lib.q5_0_attention_set_enabled.argtypes = [ctypes.c_int]
+        lib.q5_0_attention_rows.restype = _I64
     except AttributeError as exc:  # a build older than this code: llama.cpp keeps its own products
         log.warning("Q5_0 kernel not used (%s); run scripts/setup.sh", exc)
         return None
     if not lib.q5_0_original_found():
         log.warning("Q5_0 kernel not used: llama.cpp's own llamafile_sgemm was not found")
         return None
+    if not lib.q5_0_attention_check():
+        log.warning("gemserve's attention not used: llama.cpp's tensor layout is not the one it knows; greedy "
+                    "output may change with the size of a pass")
     return lib
 
 
@@ -99,6 +105,20 @@ def set_enabled(on: bool) -> None:
     lib = install()
     if lib is not None:
         lib.q5_0_set_enabled(int(on))
+
+
+def set_attention(on: bool) -> None:
+    """Turns gemserve's attention (`_attention.h`) on or off for the whole process; only between passes, and only
+    on where its check at install passed."""
+    lib = install()
+    if lib is not None:
+        lib.q5_0_attention_set_enabled(int(on))
+
+
+def attention_rows() -> int:
+    """Query rows (a head of a token) whose attention gemserve computed so far in this process."""
+    lib = install()
+    return int(lib.q5_0_attention_rows()) if lib is not None else 0
 
 
 def products() -> int:
