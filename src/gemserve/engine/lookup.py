@@ -17,10 +17,10 @@ this sequence's proposals were right (`Acceptance`, which also learns from propo
 feed): the number k that gives the most tokens per unit of time, 1 + a + ... + a^k expected against the cost of a
 pass over 1 + k tokens, and none where no k beats one token a pass.
 
-The costs stay as measured at load, and do not follow the timing of later passes: llama.cpp's kernels for
-passes of different sizes round differently, so which passes are fed can decide a greedy token where two are
-nearly tied, and a choice that moved with timing would make the same request answer differently from one call
-to the next.
+Which passes are fed changes no logits: with the llama.cpp engine a token's logits are the same bits in any pass
+of fewer than 32 tokens (gemserve's products and attention, `_q5_0.c` and `_attention.h`; models loaded without
+llama.cpp's repacked products, `llamacpp_model._model_params`). The costs stay as measured at load all the same,
+so that what a request is fed does not move with the machine's load from one call to the next.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ the cells its mask lets it see (not -inf), in cell order, in chunks of ATTN_CHUN
 maximum so far, the weights exp(s - max) (a polynomial of fixed steps), their sum and the values weighted by them,
 in single precision, in order. The cells a row sees and their order do not change with the pass: the row's sums
 are the same bits in a pass of 1 token, of 9, or beside 7 other sequences, and on any number of threads (rows are
-shared among them whole). The matrix products around it are made so by the kernels in this library and by
+shared among them whole). (Cell order is position order as llama.cpp fills a cache; cells of one sequence placed
+out of order, in a fragmented cache, would be summed in that order.) The matrix products around it are made so by the kernels in this library and by
 llama.cpp's plain path below 32 tokens; the engine loads models without llama.cpp's repacked Q4_K products, whose
 4-token tiles round otherwise.
 
