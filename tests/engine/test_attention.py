@@ -135,8 +135,11 @@ def random_case(rng: np.random.Generator, rows: int, cells: int, heads: int = 4,
 
 def test_attention_is_computed_here_and_agrees_with_float64(ggml: Ggml) -> None:
     rng = np.random.default_rng(0)
+    biased = random_case(rng, 4, 90)  # a mask's finite values are added to the scores
+    assert biased.mask is not None
+    biased.mask += rng.uniform(-3.0, 0.0, biased.mask.shape).astype(np.float16).astype(np.float32)
     for case in (random_case(rng, 3, 700), random_case(rng, 1, 40, heads=4, kv_heads=1, dk=256, dv=256),
-                 random_case(rng, 9, 300, softcap=20.0), random_case(rng, 2, 1000, heads=14, kv_heads=2)):
+                 random_case(rng, 9, 300, softcap=20.0), random_case(rng, 2, 1000, heads=14, kv_heads=2), biased):
         before = q5_0.attention_rows()
         got = compute(ggml, case)
         assert q5_0.attention_rows() - before == case.q.shape[0] * case.q.shape[1]

@@ -200,8 +200,9 @@ AVX2 static void attention(const struct compute_params *params, struct ggml_tens
     atomic_fetch_add_explicit(&attention_rows, (long long)(u1 - u0), memory_order_relaxed);
 }
 
-/* llama.cpp's own, looked up in its libggml-cpu as llama_cpps() does. Where it is not found (never so where
-   llama.cpp called this), the process cannot go on: there is no attention to compute. */
+/* llama.cpp's own, looked up in its libggml-cpu as llama_cpps() does, else the next definition after this library's
+   (the one llama.cpp would have called). There is always one where llama.cpp called this; were there none, the
+   process could not go on: there would be no attention to compute. */
 static attention_fn attention_theirs(void) {
     attention_fn fn = atomic_load_explicit(&attention_original, memory_order_acquire);
     if (fn) return fn;
@@ -210,7 +211,12 @@ static attention_fn attention_theirs(void) {
         fn = (attention_fn)dlsym(cpu, "ggml_compute_forward_flash_attn_ext");
         dlclose(cpu);
     }
-    if (!fn || fn == (attention_fn)ggml_compute_forward_flash_attn_ext) abort();
+    if (!fn || fn == (attention_fn)ggml_compute_forward_flash_attn_ext)
+        fn = (attention_fn)dlsym(RTLD_NEXT, "ggml_compute_forward_flash_attn_ext");
+    if (!fn || fn == (attention_fn)ggml_compute_forward_flash_attn_ext) {
+        fputs("gemserve: llama.cpp's flash attention was not found\n", stderr);
+        abort();
+    }
     atomic_store_explicit(&attention_original, fn, memory_order_release);
     return fn;
 }
