@@ -15,13 +15,17 @@ maximum so far, the weights exp(s - max) (a polynomial of fixed steps), their su
 in single precision, in order. The cells a row sees and their order do not change with the pass: the row's sums
 are the same bits in a pass of 1 token, of 9, or beside 7 other sequences, and on any number of threads (rows are
 shared among them whole). (Cell order is position order as llama.cpp fills a cache; cells of one sequence placed
-out of order, in a fragmented cache, would be summed in that order.) The matrix products around it are made so by the kernels in this library and by
-llama.cpp's plain path below 32 tokens; the engine loads models without llama.cpp's repacked Q4_K products, whose
-4-token tiles round otherwise.
+out of order, in a fragmented cache, would be summed in that order.) The matrix products around it are made so by
+the kernels in this library and by llama.cpp's plain path below 32 tokens; the engine loads models without
+llama.cpp's repacked Q4_K products, whose 4-token tiles round otherwise. The query stays in single precision
+(llama.cpp's one-cell-at-a-time path rounds it to f16 first), so results differ from llama.cpp's by more than the
+order of sums, a little more precise here.
 
 Prompts (passes of ATTN_MAX_ROWS tokens or more) keep llama.cpp's tiled path, faster there; so do shapes this does
-not cover (other cache types than f16, ALiBi, attention sinks, head sizes not a multiple of 16), and everything when
-`attention_check` could not confirm that ggml's tensor layout is the one mirrored here. */
+not cover (other cache types than f16, ALiBi, attention sinks, key heads not a multiple of 16 wide, value heads not
+a multiple of 32 or wider than 512, caches split in streams), and everything when `q5_0_attention_check` could not
+confirm that ggml's tensor layout is the one mirrored here. That check runs once, before any pass (q5_0.install(),
+as the first model loads): every thread of a pass must decide alike, llama.cpp's function having barriers inside. */
 
 #define ATTN_MAX_ROWS 32
 #define ATTN_CHUNK 256
@@ -58,8 +62,8 @@ void ggml_compute_forward_flash_attn_ext(const struct compute_params *params, st
 /* e^x for 8 lanes: Cephes' range reduction and polynomial (relative error about 2e-7), the same steps for every
    lane and every call. Arguments below -87 give about 0 (they are differences from a maximum, never above 0). */
 AVX2 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x); /* the constant first: a NaN argument stays NaN */
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
     __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
     x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
     x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
@@ -100,7 +104,8 @@ AVX2 static inline bool hidden16(const uint16_t *m) {
     return _mm256_movemask_epi8(_mm256_cmpeq_epi16(v, _mm256_set1_epi16((short)0xFC00))) == -1;
 }
 
-/* One query row: `out` (dv floats) = softmax(scale * q.K + mask) V over the cells `mask` lets it see. */
+/* One query row: `out` (dv floats) = softmax(softcap(scale * q.K) + mask) V over the cells `mask` lets it see
+   (`scale` already divided by a non-zero softcap, as llama.cpp does). */
 AVX2 static void attend_row(const float *q, const struct ggml_tensor_view *k, const struct ggml_tensor_view *v,
                             const uint16_t *mask, int64_t ik2, int64_t iv2, float scale, float softcap, float *out) {
     const int64_t dk = k->ne[0], dv = v->ne[0], cells = k->ne[1];
@@ -169,7 +174,9 @@ static bool attention_takes(const struct ggml_tensor_view *dst) {
     const struct ggml_tensor_view *q = dst->src[0], *k = dst->src[1], *v = dst->src[2], *mask = dst->src[3];
     float max_bias;
     memcpy(&max_bias, dst->op_params + 1, sizeof(float));
-    return q && k && v && !dst->src[4] && dst->type == TYPE_F32 && q->type == TYPE_F32 && k->type == TYPE_F16 &&
+    for (int i = 4; i < 10; i++)
+        if (dst->src[i]) return false; /* attention sinks, or an input this does not know */
+    return q && k && v && dst->type == TYPE_F32 && q->type == TYPE_F32 && k->type == TYPE_F16 &&
            v->type == TYPE_F16 && (!mask || (mask->type == TYPE_F16 && mask->ne[3] == 1 && mask->nb[0] == 2)) &&
            max_bias == 0.0f && q->ne[1] < ATTN_MAX_ROWS && q->ne[3] == 1 && k->ne[3] == 1 && v->ne[3] == 1 &&
            q->ne[0] == k->ne[0] && k->ne[0] % 16 == 0 && v->ne[0] % 32 == 0 && v->ne[0] <= ATTN_MAX_DV &&
@@ -229,7 +236,7 @@ void ggml_compute_forward_flash_attn_ext(const struct compute_params *params, st
     attention_theirs()(params, dst);
 }
 
-/* Confirms the mirrored tensor layout on a flash-attention node built by the ggml in this process (no data), and
+/* Confirms the mirrored tensor layout on a flash-attention node built by the ggml in this process, and
    finds llama.cpp's own function; only then does this library take attention over. 1 if so. */
 typedef struct { size_t mem_size; void *mem_buffer; bool no_alloc; } ggml_init_params_view;
 
@@ -242,14 +249,15 @@ int q5_0_attention_check(void) {
         if (theirs == (attention_fn)ggml_compute_forward_flash_attn_ext) theirs = NULL;
         void *(*init)(ggml_init_params_view) = (void *(*)(ggml_init_params_view))dlsym(base, "ggml_init");
         void (*release)(void *) = (void (*)(void *))dlsym(base, "ggml_free");
+        void *(*data_of)(void *) = (void *(*)(void *))dlsym(base, "ggml_get_data");
         struct ggml_tensor_view *(*tensor)(void *, int, int64_t, int64_t, int64_t, int64_t) =
             (struct ggml_tensor_view * (*)(void *, int, int64_t, int64_t, int64_t, int64_t))
                 dlsym(base, "ggml_new_tensor_4d");
         struct ggml_tensor_view *(*fa)(void *, void *, void *, void *, void *, float, float, float) =
             (struct ggml_tensor_view * (*)(void *, void *, void *, void *, void *, float, float, float))
                 dlsym(base, "ggml_flash_attn_ext");
-        void *ctx = (theirs && init && release && tensor && fa)
-                        ? init((ggml_init_params_view){1 << 20, NULL, true})
+        void *ctx = (theirs && init && release && data_of && tensor && fa)
+                        ? init((ggml_init_params_view){1 << 20, NULL, false})
                         : NULL;
         if (ctx) {
             struct ggml_tensor_view *q = tensor(ctx, TYPE_F32, 64, 3, 4, 1);
@@ -263,7 +271,8 @@ int q5_0_attention_check(void) {
                  dst->type == TYPE_F32 && dst->src[0] == q && dst->src[1] == k && dst->src[2] == v &&
                  dst->src[3] == NULL && dst->src[4] == NULL && dst->ne[0] == 64 && dst->ne[1] == 4 &&
                  dst->ne[2] == 3 && dst->nb[0] == 4 && p[0] == 0.125f && p[1] == 0.0f && p[2] == 30.0f &&
-                 dst->data == NULL && dst->view_src == NULL;
+                 q->data != NULL && q->data == data_of(q) && k->data == data_of(k) && dst->data == data_of(dst) &&
+                 dst->view_src == NULL;
             if (ok) {
                 atomic_store(&attention_op, dst->op);
                 atomic_store_explicit(&attention_original, theirs, memory_order_release);
