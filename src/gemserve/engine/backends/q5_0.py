@@ -1,4 +1,5 @@
-"""gemserve's Q5_0 and Q6_K matrix products inside llama.cpp (`_q5_0.c` says how and why).
+"""gemserve's Q5_0 and Q6_K matrix products, and its attention for passes of fewer than 32 tokens, inside llama.cpp
+(`_q5_0.c` and `_attention.h` say how and why).
 
 `load()` puts the kernel where llama.cpp's CPU backend will find it: llama-cpp-python loads its libraries with
 RTLD_NOW, which binds every function they call as they load, so the kernel must be in the process's global scope
