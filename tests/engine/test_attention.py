@@ -232,3 +232,12 @@ def test_the_real_models_logits_are_the_same_bits_whatever_the_pass_holds(defaul
             assert np.array_equal(logits(step, others), one_at_a_time), (step, others)
     finally:
         model.close()
+
+
+def test_the_log_line_says_who_computes_attention(ggml: Ggml) -> None:
+    assert q5_0.describe().endswith(", its attention")
+    q5_0.set_attention(False)
+    try:
+        assert q5_0.describe().endswith(", llama.cpp's attention")
+    finally:
+        q5_0.set_attention(True)

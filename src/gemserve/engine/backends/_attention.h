@@ -291,3 +291,4 @@ void q5_0_attention_set_enabled(int on) {
     atomic_store(&attention_enabled, on && atomic_load(&attention_op) >= 0);
 }
 int64_t q5_0_attention_rows(void) { return atomic_load(&attention_rows); }
+int q5_0_attention_in_use(void) { return atomic_load(&attention_enabled); }

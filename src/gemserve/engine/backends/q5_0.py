@@ -88,6 +88,7 @@ def install() -> ctypes.CDLL | None:
         lib.q5_0_attention_check.restype = ctypes.c_int
         lib.q5_0_attention_set_enabled.argtypes = [ctypes.c_int]
         lib.q5_0_attention_rows.restype = _I64
+        lib.q5_0_attention_in_use.restype = ctypes.c_int
     except AttributeError as exc:  # a build older than this code: llama.cpp keeps its own products
         log.warning("Q5_0 kernel not used (%s); run scripts/setup.sh", exc)
         return None
@@ -141,7 +142,8 @@ def describe() -> str:
     lib = install()
     if lib is None:
         return "llama.cpp (gemserve's kernel is not built, this CPU lacks AVX2, or llama_cpp was imported first)"
-    return f"gemserve's kernel ({lib.q5_0_packed_matrices()} matrices of loaded models seen so far)"
+    attention = "its attention" if lib.q5_0_attention_in_use() else "llama.cpp's attention"
+    return f"gemserve's kernel ({lib.q5_0_packed_matrices()} matrices of loaded models seen so far), {attention}"
 
 
 def _mappings(path: Path) -> set[tuple[int, int, bool]]:
