@@ -213,13 +213,9 @@ AVX2 static void attention(const struct compute_params *params, struct ggml_tens
 static attention_fn attention_theirs(void) {
     attention_fn fn = atomic_load_explicit(&attention_original, memory_order_acquire);
     if (fn) return fn;
-    void *cpu = dlopen("libggml-cpu.so.0", RTLD_LAZY | RTLD_NOLOAD);
-    if (cpu) {
-        fn = (attention_fn)dlsym(cpu, "ggml_compute_forward_flash_attn_ext");
-        dlclose(cpu);
-    }
-    if (!fn || fn == (attention_fn)ggml_compute_forward_flash_attn_ext)
-        fn = (attention_fn)dlsym(RTLD_NEXT, "ggml_compute_forward_flash_attn_ext");
+    fn = (attention_fn)llama_cpp_symbol("ggml_compute_forward_flash_attn_ext",
+                                        (const void *)ggml_compute_forward_flash_attn_ext);
+    if (!fn) fn = (attention_fn)dlsym(RTLD_NEXT, "ggml_compute_forward_flash_attn_ext");
     if (!fn || fn == (attention_fn)ggml_compute_forward_flash_attn_ext) {
         fputs("gemserve: llama.cpp's flash attention was not found\n", stderr);
         abort();
@@ -241,12 +237,11 @@ void ggml_compute_forward_flash_attn_ext(const struct compute_params *params, st
 typedef struct { size_t mem_size; void *mem_buffer; bool no_alloc; } ggml_init_params_view;
 
 int q5_0_attention_check(void) {
-    void *cpu = dlopen("libggml-cpu.so.0", RTLD_LAZY | RTLD_NOLOAD);
     void *base = dlopen("libggml-base.so.0", RTLD_LAZY | RTLD_NOLOAD);
     int ok = 0;
-    if (cpu && base) {
-        attention_fn theirs = (attention_fn)dlsym(cpu, "ggml_compute_forward_flash_attn_ext");
-        if (theirs == (attention_fn)ggml_compute_forward_flash_attn_ext) theirs = NULL;
+    if (base) {
+        attention_fn theirs = (attention_fn)llama_cpp_symbol("ggml_compute_forward_flash_attn_ext",
+                                                             (const void *)ggml_compute_forward_flash_attn_ext);
         void *(*init)(ggml_init_params_view) = (void *(*)(ggml_init_params_view))dlsym(base, "ggml_init");
         void (*release)(void *) = (void (*)(void *))dlsym(base, "ggml_free");
         void *(*data_of)(void *) = (void *(*)(void *))dlsym(base, "ggml_get_data");
@@ -280,7 +275,6 @@ int q5_0_attention_check(void) {
             release(ctx);
         }
     }
-    if (cpu) dlclose(cpu);
     if (base) dlclose(base);
     atomic_store(&attention_enabled, ok);
     return ok;

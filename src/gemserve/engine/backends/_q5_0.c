@@ -375,19 +375,27 @@ static _Atomic(sgemm_fn) original;
 static atomic_int enabled = 1, enabled_q6_k = 1;
 static atomic_llong products, products_q6_k; /* token-rows multiplied here (Q5_0, Q6_K), for logs and tests */
 
-/* llama.cpp's own llamafile_sgemm: looked up in the libggml-cpu that llama.cpp loaded (by the name libllama asks
-   for), whose own definition a lookup through its handle finds first. NULL where there is none. */
+/* llama.cpp's own definition of a function this library also defines (`ours`): looked up in the libggml-cpu that
+   llama.cpp loaded (by the name libllama asks for), whose own definition a lookup through its handle finds first.
+   NULL where there is none. */
+static void *llama_cpp_symbol(const char *name, const void *ours) {
+    void *cpu = dlopen("libggml-cpu.so.0", RTLD_LAZY | RTLD_NOLOAD);
+    if (!cpu) return NULL;
+    void *fn = dlsym(cpu, name);
+    dlclose(cpu);
+    return fn == ours ? NULL : fn;
+}
+
+/* llama.cpp's own llamafile_sgemm; NULL where there is none. */
 static sgemm_fn llama_cpps(void) {
     sgemm_fn fn = atomic_load_explicit(&original, memory_order_acquire);
     if (fn) return fn;
-    void *cpu = dlopen("libggml-cpu.so.0", RTLD_LAZY | RTLD_NOLOAD);
-    if (!cpu) return NULL;
-    fn = (sgemm_fn)dlsym(cpu, "llamafile_sgemm");
-    dlclose(cpu);
 #if HAVE_X86
-    if (fn == (sgemm_fn)llamafile_sgemm) return NULL;
+    fn = (sgemm_fn)llama_cpp_symbol("llamafile_sgemm", (const void *)llamafile_sgemm);
+#else
+    fn = (sgemm_fn)llama_cpp_symbol("llamafile_sgemm", NULL);
 #endif
-    atomic_store_explicit(&original, fn, memory_order_release);
+    if (fn) atomic_store_explicit(&original, fn, memory_order_release);
     return fn;
 }
 
@@ -602,11 +610,9 @@ bool ggml_compute_forward_mul_mat_tiled(const struct compute_params *params, str
     if (decline) return false;
     tiled_fn fn = atomic_load_explicit(&tiled_original, memory_order_acquire);
     if (!fn) {
-        void *cpu = dlopen("libggml-cpu.so.0", RTLD_LAZY | RTLD_NOLOAD);
-        if (!cpu) return false;
-        fn = (tiled_fn)dlsym(cpu, "ggml_compute_forward_mul_mat_tiled");
-        dlclose(cpu);
-        if (!fn || fn == (tiled_fn)ggml_compute_forward_mul_mat_tiled) return false;
+        fn = (tiled_fn)llama_cpp_symbol("ggml_compute_forward_mul_mat_tiled",
+                                        (const void *)ggml_compute_forward_mul_mat_tiled);
+        if (!fn) return false;
         atomic_store_explicit(&tiled_original, fn, memory_order_release);
     }
     return fn(params, dst);
