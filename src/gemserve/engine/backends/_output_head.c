@@ -182,6 +182,12 @@ TARGET_AVX2 static inline __m256i block_avx2(const __m256i ws[QK / 4], const __m
     return _mm256_add_epi32(_mm256_add_epi32(d[0], d[1]), _mm256_add_epi32(d[2], d[3]));
 }
 
+/* With two tokens or more, each block is asked for this far ahead of its product (its 288 bytes: 5 cache lines):
+   a pass over 8 Gemma sequences 0.89 of the time, 4 sequences 0.93, 8 Qwen sequences 0.95; one token, whose
+   product waits on memory rather than arithmetic, is left to the hardware prefetcher (benchmarks.md). */
+#define PREFETCH_BYTES (4 * GROUP_BLOCK_BYTES)
+#define PREFETCH_LINES ((GROUP_BLOCK_BYTES + 63) / 64)
+
 /* Groups [g0, g1) of 8 rows for T tokens. LOAD reads a block's weights once for all T tokens; DOT is the
    block's integer dots for token j (`xc`, its activations for the block). */
 #define PASS(NAME, TARGET, T, LOAD, DOT)                                                                      \
@@ -193,6 +199,9 @@ TARGET static void NAME(const uint8_t *packed, int64_t g0, int64_t g1, int64_t n
         _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) acc[j] = _mm256_setzero_ps();                   \
         const uint8_t *p = packed + g * nb * GROUP_BLOCK_BYTES;                                               \
         for (int64_t b = 0; b < nb; b++, p += GROUP_BLOCK_BYTES) {                                            \
+            if (T > 1)                                                                                        \
+                _Pragma("GCC unroll 8") for (int q = 0; q < PREFETCH_LINES; q++)                              \
+                    _mm_prefetch((const char *)p + PREFETCH_BYTES + 64 * q, _MM_HINT_T0);                     \
             __m256i w[QK / 4], wa[QK / 4];                                                                    \
             _Pragma("GCC unroll 8") for (int c = 0; c < QK / 4; c++) { LOAD; }                                \
             const __m256 scale = _mm256_loadu_ps((const float *)(p + QK * ROWS));                            \
