@@ -4,10 +4,10 @@ llama.cpp (only of registered weights, handing the rest back), and the real mode
 from __future__ import annotations
 
 import ctypes
-import mmap
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -419,6 +419,21 @@ def _resident_kib(start: int) -> int:
     raise AssertionError("mapping not found")
 
 
+@contextmanager
+def _registered_file(path: Path, blocks: np.ndarray) -> Iterator[np.ndarray]:
+    """`blocks` written to `path` and mapped from it read-only and shared, the mapping registered as a model's
+    weights while the test uses it; on leaving, the range is released (freeing the one packed copy in it)."""
+    assert KERNEL is not None
+    blocks.tofile(path)
+    a = np.memmap(path, dtype=blocks.dtype, mode="r", shape=blocks.shape)
+    start = a.ctypes.data
+    assert KERNEL.q5_0_add_file_range(start, start + a.nbytes)
+    try:
+        yield a
+    finally:
+        assert KERNEL.q5_0_release_range(start, start + a.nbytes) == 1
+
+
 @needs_kernel
 def test_a_packed_matrix_lets_go_of_its_pages_in_a_file_mapping(tmp_path: Path) -> None:
     """Once a matrix in a read-only mapping of a file is packed whole, its pages there are no longer resident
@@ -426,30 +441,19 @@ def test_a_packed_matrix_lets_go_of_its_pages_in_a_file_mapping(tmp_path: Path) 
     assert KERNEL is not None
     ours = _signature(KERNEL.llamafile_sgemm)
     rng = np.random.default_rng(4)
-    rows, k = 512, 28
-    q5_0_matrix(rng, rows, k).tofile(tmp_path / "weights")
-    x = q8_0_tokens(rng, 3, k)
-    with open(tmp_path / "weights", "rb") as file:
-        mapping = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
-    try:
-        a = np.frombuffer(mapping, Q5_0_BLOCK).reshape(rows, k)
+    matrix = q5_0_matrix(rng, 512, 28)
+    x = q8_0_tokens(rng, 3, 28)
+    with _registered_file(tmp_path / "weights", matrix) as a:
         start = a.ctypes.data
         want = expected(a, x)  # reads every page
         assert _resident_kib(start) * 1024 >= a.nbytes - 4096
-        assert KERNEL.q5_0_add_file_range(start, start + mapping.size())
-        try:
-            products, done = _sgemm(ours, a, x)
-            assert done
-            assert _resident_kib(start) == 0
-            assert np.abs(products - want).max() <= 1e-5 * np.abs(want).max()
-            again, done = _sgemm(ours, a, x)
-            assert done and np.array_equal(again, products)
-            assert np.array_equal(expected(a, x), want)  # the file's bytes, read again
-        finally:
-            assert KERNEL.q5_0_release_range(start, start + mapping.size()) == 1
-        del a
-    finally:
-        mapping.close()
+        products, done = _sgemm(ours, a, x)
+        assert done
+        assert _resident_kib(start) == 0
+        assert np.abs(products - want).max() <= 1e-5 * np.abs(want).max()
+        again, done = _sgemm(ours, a, x)
+        assert done and np.array_equal(again, products)
+        assert np.array_equal(expected(a, x), want)  # the file's bytes, read again
 
 
 @needs_kernel
@@ -459,26 +463,14 @@ def test_a_packed_q6_k_matrix_keeps_its_pages_in_a_file_mapping(tmp_path: Path) 
     assert KERNEL is not None
     ours = _signature(KERNEL.llamafile_sgemm)
     rng = np.random.default_rng(9)
-    rows, k = 64, 19
-    q6_k_matrix(rng, rows, k)[0].tofile(tmp_path / "weights")
-    x = q8_k_tokens(rng, 2, k)
-    with open(tmp_path / "weights", "rb") as file:
-        mapping = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
-    try:
-        a = np.frombuffer(mapping, Q6_K_BLOCK).reshape(rows, k)
-        start = a.ctypes.data
+    matrix = q6_k_matrix(rng, 64, 19)[0]
+    x = q8_k_tokens(rng, 2, 19)
+    with _registered_file(tmp_path / "weights", matrix) as a:
         want = expected_q6_k(a, x)  # reads every page
-        assert KERNEL.q5_0_add_file_range(start, start + mapping.size())
-        try:
-            out, done = _sgemm(ours, a, x, types=(GGML_Q6_K, GGML_Q8_K))
-            assert done
-            assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
-            assert _resident_kib(start) * 1024 >= a.nbytes - 4096
-        finally:
-            assert KERNEL.q5_0_release_range(start, start + mapping.size()) == 1
-        del a
-    finally:
-        mapping.close()
+        out, done = _sgemm(ours, a, x, types=(GGML_Q6_K, GGML_Q8_K))
+        assert done
+        assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+        assert _resident_kib(a.ctypes.data) * 1024 >= a.nbytes - 4096
 
 
 @needs_kernel
