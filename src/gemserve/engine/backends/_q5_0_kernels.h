@@ -103,10 +103,13 @@ TARGET static inline __m256 NAME(block_step)(__m256 acc, const __m256i w[QK / 4]
 #ifndef Q5_0_PREFETCH_BYTES
 #define Q5_0_PREFETCH_BYTES (6 * GROUP_BYTES)
 #endif
-TARGET static inline void NAME(prefetch_block)(const uint8_t *block) {
+/* A packed block unpacked into `w` (the one further on asked for), and its 8 rows' scales. */
+TARGET static inline __m256 NAME(next_block)(const uint8_t *block, __m256i w[QK / 4]) {
     _mm_prefetch((const char *)block + Q5_0_PREFETCH_BYTES, _MM_HINT_T0);
     _mm_prefetch((const char *)block + Q5_0_PREFETCH_BYTES + 64, _MM_HINT_T0);
     _mm_prefetch((const char *)block + Q5_0_PREFETCH_BYTES + 128, _MM_HINT_T0);
+    NAME(unpack_packed)(block, w);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + NIB_BYTES + HIGH_BYTES)));
 }
 
 TARGET static void NAME(multiply_groups)(const uint8_t *packed, int64_t g0, int64_t g1, int64_t k, int64_t n,
@@ -118,11 +121,8 @@ TARGET static void NAME(multiply_groups)(const uint8_t *packed, int64_t g0, int6
         if (n >= ONE_UNPACKING_FROM) {
             for (int64_t j = 0; j < n; j++) _mm256_storeu_ps(dst + j * ldo, _mm256_setzero_ps());
             for (int64_t l = 0; l < k; l++) {
-                const uint8_t *block = group + l * GROUP_BYTES;
-                NAME(prefetch_block)(block);
                 __m256i w[QK / 4];
-                NAME(unpack_packed)(block, w);
-                const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + NIB_BYTES + HIGH_BYTES)));
+                const __m256 wd = NAME(next_block)(group + l * GROUP_BYTES, w);
                 for (int64_t j = 0; j < n; j++)
                     _mm256_storeu_ps(dst + j * ldo, NAME(block_step)(_mm256_loadu_ps(dst + j * ldo), w, wd,
                                                                      x[j * ldx + l].qs, xd[j * k + l], xs[j * k + l]));
@@ -134,11 +134,8 @@ TARGET static void NAME(multiply_groups)(const uint8_t *packed, int64_t g0, int6
             __m256 acc[COLS];
             for (int c = 0; c < COLS; c++) acc[c] = _mm256_setzero_ps();
             for (int64_t l = 0; l < k; l++) {
-                const uint8_t *block = group + l * GROUP_BYTES;
-                NAME(prefetch_block)(block);
                 __m256i w[QK / 4];
-                NAME(unpack_packed)(block, w);
-                const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + NIB_BYTES + HIGH_BYTES)));
+                const __m256 wd = NAME(next_block)(group + l * GROUP_BYTES, w);
                 for (int c = 0; c < cols; c++) {
                     const int64_t j = j0 + c;
                     acc[c] = NAME(block_step)(acc[c], w, wd, x[j * ldx + l].qs, xd[j * k + l], xs[j * k + l]);
