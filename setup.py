@@ -20,7 +20,7 @@ setup(
             "gemserve.engine.backends._q5_0",
             sources=["src/gemserve/engine/backends/_q5_0.c"],
             depends=["src/gemserve/engine/backends/_q5_0_kernels.h", "src/gemserve/engine/backends/_q6_k_kernels.h",
-                     "src/gemserve/engine/backends/_attention.h"],
+                     "src/gemserve/engine/backends/_q4_k_kernels.h", "src/gemserve/engine/backends/_attention.h"],
             extra_compile_args=["-O3"],
             libraries=["m"],
             optional=True,

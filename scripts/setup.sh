@@ -8,6 +8,7 @@ python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "gemserve
 stamp=.venv/.gemserve-setup
 want=$(cat pyproject.toml setup.py scripts/setup.sh src/gemserve/engine/backends/_output_head.c \
   src/gemserve/engine/backends/_q5_0.c src/gemserve/engine/backends/_q5_0_kernels.h src/gemserve/engine/backends/_q6_k_kernels.h \
+  src/gemserve/engine/backends/_q4_k_kernels.h \
   src/gemserve/engine/backends/_attention.h | sha256sum | cut -d" " -f1)
 kernel=src/gemserve/engine/backends/_output_head
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! compgen -G "$kernel*.so" > /dev/null; then

@@ -1,4 +1,4 @@
-"""gemserve's Q5_0 and Q6_K kernels: their arithmetic on matrices built here, how they take products over from
+"""gemserve's Q5_0, Q6_K and Q4_K kernels: their arithmetic on matrices built here, how they take products over from
 llama.cpp (only of registered weights, handing the rest back), and the real model's logits with them and without."""
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ needs_kernel = pytest.mark.skipif(KERNEL is None, reason="the Q5_0 kernel is not
 Q5_0_BLOCK = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
 Q8_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
 Q6_K_BLOCK = np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
+Q4_K_BLOCK = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)])
 Q8_K_BLOCK = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
-GGML_Q5_0, GGML_Q8_0, GGML_F32, GGML_Q6_K, GGML_Q8_K = 6, 8, 0, 14, 15
+GGML_Q5_0, GGML_Q8_0, GGML_F32, GGML_Q4_K, GGML_Q6_K, GGML_Q8_K = 6, 8, 0, 12, 14, 15
 
 
 def q5_0_matrix(rng: np.random.Generator, rows: int, k: int, values: np.ndarray | None = None) -> np.ndarray:
@@ -310,6 +311,113 @@ def test_q6_k_with_avx512_vnni_and_avx2_gives_the_same_bits() -> None:
     assert np.array_equal(results[1], results[0])
 
 
+def q4_k_matrix(rng: np.random.Generator, rows: int, k: int, values: np.ndarray | None = None,
+                scale: int | None = None, low: int | None = None) -> np.ndarray:
+    """Rows of k Q4_K blocks in llama.cpp's layout: 4-bit values `values` or random ones; 6-bit scales `scale`
+    and mins `low` (each 0..63) or random."""
+    q = rng.integers(0, 16, (rows, k * 256)) if values is None else values
+    q = q.reshape(rows, k, 4, 2, 32).astype(np.uint8)  # 64 columns per 32 bytes: low nibbles, then high
+    sc = rng.integers(0, 64, (rows, k, 8)) if scale is None else np.full((rows, k, 8), scale)
+    mn = rng.integers(0, 64, (rows, k, 8)) if low is None else np.full((rows, k, 8), low)
+    packed = np.zeros((rows, k, 12), np.uint8)  # llama.cpp's 12 bytes of 6-bit scales and mins
+    packed[..., 0:4] = sc[..., :4] | (sc[..., 4:] >> 4) << 6
+    packed[..., 4:8] = mn[..., :4] | (mn[..., 4:] >> 4) << 6
+    packed[..., 8:12] = (sc[..., 4:] & 15) | (mn[..., 4:] & 15) << 4
+    blocks = np.zeros((rows, k), Q4_K_BLOCK)
+    blocks["qs"] = (q[..., 0, :] | q[..., 1, :] << 4).reshape(rows, k, 128)
+    blocks["scales"] = packed
+    blocks["d"] = rng.uniform(1e-4, 1e-3, (rows, k))
+    blocks["dmin"] = rng.uniform(1e-4, 1e-3, (rows, k))
+    return blocks
+
+
+def expected_q4_k(a: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """(tokens x rows) with the weights as gguf's reference dequantizes them, exact sums in float64."""
+    w = dequantize(np.ascontiguousarray(a).view(np.uint8).reshape(a.shape[0], -1), GGMLQuantizationType.Q4_K)
+    t = (x["qs"].astype(np.float64) * x["d"].astype(np.float64)[..., None]).reshape(x.shape[0], -1)
+    return t @ w.astype(np.float64).T
+
+
+def multiply_q4_k(a: np.ndarray, x: np.ndarray, packed: bool = True, threads: int = 1) -> np.ndarray:
+    """Products from a packed copy of `a`, or (packed False) from its rows, a block packed at a time."""
+    assert KERNEL is not None
+    rows, k = a.shape
+    copy = np.zeros(KERNEL.q4_k_packed_bytes(rows, k), np.uint8)
+    assert KERNEL.q4_k_pack(a.ctypes.data, rows, k, k, copy.ctypes.data)
+    out = np.full((x.shape[0], rows), np.nan, np.float32)
+    for ith in range(threads):
+        assert KERNEL.q4_k_multiply(copy.ctypes.data if packed else None, a.ctypes.data, k, rows, k, x.shape[0],
+                                    x.ctypes.data, k, out.ctypes.data, rows, ith, threads)
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 3, 9, 17])
+def test_packed_q4_k_products_are_the_q4_k_products_whatever_the_batch(n: int, instruction_set: str) -> None:
+    """Q4_K (attention output, ffn_down of half the layers): against gguf's own dequantization; a token's result is
+    bit for bit the same alone as in a batch, and from the rows without a copy as from the copy."""
+    rng = np.random.default_rng(n)
+    rows, k = 48, 19
+    a = q4_k_matrix(rng, rows, k)
+    x = q8_k_tokens(rng, n, k)
+    together = multiply_q4_k(a, x, threads=4)
+    want = expected_q4_k(a, x)
+    assert np.abs(together - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.array_equal(multiply_q4_k(a, x, packed=False, threads=2), together)
+    for j in range(n):
+        assert np.array_equal(multiply_q4_k(a, x[j:j + 1])[0], together[j])
+
+
+@needs_kernel
+def test_q4_k_rows_further_apart_than_their_width(instruction_set: str) -> None:
+    assert KERNEL is not None
+    rng = np.random.default_rng(9)
+    rows, k, lda = 16, 3, 5
+    wide = q4_k_matrix(rng, rows, lda)
+    x = q8_k_tokens(rng, 2, k)
+    want = expected_q4_k(np.ascontiguousarray(wide[:, :k]), x)
+    copy = np.zeros(KERNEL.q4_k_packed_bytes(rows, k), np.uint8)
+    assert KERNEL.q4_k_pack(wide.ctypes.data, rows, k, lda, copy.ctypes.data)
+    for packed in (copy.ctypes.data, None):
+        out = np.full((2, rows), np.nan, np.float32)
+        assert KERNEL.q4_k_multiply(packed, wide.ctypes.data, lda, rows, k, 2, x.ctypes.data, k, out.ctypes.data,
+                                    rows, 0, 1)
+        assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@needs_kernel
+def test_extreme_q4_k_values_do_not_overflow(instruction_set: str) -> None:
+    """AVX2 sums byte products in pairs in 16 bits (2 * 15 * 128 at most); scales and mins at both ends, 4-bit
+    values at both ends, tokens at -128 and 127."""
+    rng = np.random.default_rng(0)
+    rows, k = 16, 3
+    for value, scale, low, token in ((15, 63, 63, -128), (15, 63, 0, 127), (0, 0, 63, -128), (15, 63, 63, 127),
+                                     (0, 63, 63, 127)):
+        a = q4_k_matrix(rng, rows, k, values=np.full((rows, k * 256), value), scale=scale, low=low)
+        x = q8_k_tokens(rng, 5, k, values=np.full((5, k * 256), token))
+        want = expected_q4_k(a, x)
+        for out in (multiply_q4_k(a, x), multiply_q4_k(a, x[:1]), multiply_q4_k(a, x, packed=False)):
+            assert np.abs(out - want[:out.shape[0]]).max() <= 1e-5 * np.abs(want).max(), (value, scale, low, token)
+
+
+@needs_kernel
+def test_q4_k_with_avx512_vnni_and_avx2_gives_the_same_bits() -> None:
+    assert KERNEL is not None
+    if not KERNEL.q5_0_use_vnni(1):
+        pytest.skip("this CPU lacks AVX-512 VNNI")
+    rng = np.random.default_rng(6)
+    a = q4_k_matrix(rng, 32, 5)
+    x = q8_k_tokens(rng, 11, 5)
+    results = {}
+    try:
+        for vnni in (1, 0):
+            assert KERNEL.q5_0_use_vnni(vnni) == vnni
+            results[vnni] = multiply_q4_k(a, x, threads=2)
+    finally:
+        KERNEL.q5_0_use_vnni(1)
+    assert np.array_equal(results[1], results[0])
+
+
 class _Params(ctypes.Structure):
     _fields_ = [("ith", ctypes.c_int), ("nth", ctypes.c_int)]
 
@@ -376,30 +484,34 @@ def test_only_registered_weights_are_packed_and_the_rest_goes_back_to_llama_cpp(
 
 
 @needs_kernel
-def test_registered_q6_k_weights_are_multiplied_here_and_others_left_to_llama_cpp(default_gguf: Path) -> None:
-    """llama.cpp asks its `llamafile_sgemm` for Q6_K products with tokens in Q8_K, which its own declines (it then
-    multiplies token by token): the kernel declines too outside registered weights, and takes those inside."""
+@pytest.mark.parametrize("kind", ["Q6_K", "Q4_K"])
+def test_registered_k_quant_weights_are_multiplied_here_and_others_left_to_llama_cpp(default_gguf: Path,
+                                                                                    kind: str) -> None:
+    """llama.cpp asks its `llamafile_sgemm` for Q6_K and Q4_K products with tokens in Q8_K, which its own declines
+    (it then multiplies token by token): the kernel declines too outside registered weights, and takes those
+    inside."""
     assert KERNEL is not None
     LlamaModel(default_gguf, context_size=256, sequences=1, threads=2, ubatch=64).close()  # llama.cpp initialized
     ours = _signature(KERNEL.llamafile_sgemm)
     rng = np.random.default_rng(7)
     rows, k = 32, 19
-    a, _ = q6_k_matrix(rng, rows, k)
+    a = q6_k_matrix(rng, rows, k)[0] if kind == "Q6_K" else q4_k_matrix(rng, rows, k)
+    multiply, counted = (multiply_q6_k, q5_0.q6_k_products) if kind == "Q6_K" else (multiply_q4_k, q5_0.q4_k_products)
     x = q8_k_tokens(rng, 3, k)
 
     def sgemm(tokens: np.ndarray) -> tuple[np.ndarray, bool]:
-        return _sgemm(ours, a, tokens, types=(GGML_Q6_K, GGML_Q8_K))
+        return _sgemm(ours, a, tokens, types=(GGML_Q6_K if kind == "Q6_K" else GGML_Q4_K, GGML_Q8_K))
 
     matrices = KERNEL.q5_0_packed_matrices()
     assert not sgemm(x)[1]
     start = a.ctypes.data
     assert KERNEL.q5_0_add_range(start, start + a.nbytes)
     try:
-        products = q5_0.q6_k_products()
+        products = counted()
         out, done = sgemm(x)
-        assert done and q5_0.q6_k_products() - products == rows * 3
+        assert done and counted() - products == rows * 3
         assert KERNEL.q5_0_packed_matrices() == matrices + 1
-        assert np.array_equal(out, multiply_q6_k(a, x))
+        assert np.array_equal(out, multiply(a, x))
         one, done = sgemm(x[:1])
         assert done and np.array_equal(one[0], out[0])
     finally:
@@ -475,8 +587,9 @@ def test_a_packed_q6_k_matrix_keeps_its_pages_in_a_file_mapping(tmp_path: Path) 
 
 @needs_kernel
 def test_the_real_model_gives_the_same_logits_with_the_kernel_as_without(default_gguf: Path) -> None:
-    """Gemma 3 270M keeps some matrices in Q5_0 and Q6_K: a prompt's pass goes through the kernel, its log-probabilities
-    agree with those from llama.cpp's own products as closely as llama.cpp's own batched and one-token passes agree
+    """Gemma 3 270M keeps some matrices in Q5_0, Q6_K and Q4_K: a prompt's pass goes through the kernel, its
+    log-probabilities agree with those from llama.cpp's own products as closely as llama.cpp's own batched and
+    one-token passes agree
     (mean 0.13 there: each product's activations are rounded to 8 bits again, so float rounding carries), and
     closing the model frees the packed copies."""
     assert KERNEL is not None
@@ -488,12 +601,13 @@ def test_the_real_model_gives_the_same_logits_with_the_kernel_as_without(default
         logits = {}
         for on in (True, False):
             q5_0.set_enabled(on)
-            products, q6_k = q5_0.products(), q5_0.q6_k_products()
+            products, q6_k, q4_k = q5_0.products(), q5_0.q6_k_products(), q5_0.q4_k_products()
             model.forget(0)
             assert model.decode([(0, 0, prompt, True)])
             logits[on] = np.array(model.logits(len(prompt) - 1), np.float64)
             assert (q5_0.products() > products) == on
             assert (q5_0.q6_k_products() > q6_k) == on  # its ffn_down matrices in Q6_K
+            assert (q5_0.q4_k_products() > q4_k) == on  # attention output and the other ffn_down in Q4_K
         assert KERNEL.q5_0_packed_matrices() > matrices
     finally:
         q5_0.set_enabled(True)

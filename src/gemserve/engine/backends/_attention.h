@@ -56,6 +56,10 @@ static _Atomic(attention_fn) attention_original;
 static atomic_int attention_enabled = 0;    /* set once attention_check confirms the layout */
 static atomic_int attention_op = -1;        /* ggml's op number for FLASH_ATTN_EXT, from attention_check */
 static atomic_llong attention_rows;         /* query rows (token x head) computed here, for tests */
+/* Passes of fewer tokens than this are computed here: ATTN_MAX_ROWS, or more for benchmarks that measure prompts
+   through this path. Only between passes. */
+static atomic_llong attention_max_rows = ATTN_MAX_ROWS;
+void q5_0_attention_set_max_rows(int64_t rows) { atomic_store(&attention_max_rows, rows); }
 
 void ggml_compute_forward_flash_attn_ext(const struct compute_params *params, struct ggml_tensor_view *dst);
 
@@ -178,7 +182,7 @@ static bool attention_takes(const struct ggml_tensor_view *dst) {
         if (dst->src[i]) return false; /* attention sinks, or an input this does not know */
     return q && k && v && dst->type == TYPE_F32 && q->type == TYPE_F32 && k->type == TYPE_F16 &&
            v->type == TYPE_F16 && (!mask || (mask->type == TYPE_F16 && mask->ne[3] == 1 && mask->nb[0] == 2)) &&
-           max_bias == 0.0f && q->ne[1] < ATTN_MAX_ROWS && q->ne[3] == 1 && k->ne[3] == 1 && v->ne[3] == 1 &&
+           max_bias == 0.0f && q->ne[1] < atomic_load_explicit(&attention_max_rows, memory_order_relaxed) && q->ne[3] == 1 && k->ne[3] == 1 && v->ne[3] == 1 &&
            q->ne[0] == k->ne[0] && k->ne[0] % 16 == 0 && v->ne[0] % 32 == 0 && v->ne[0] <= ATTN_MAX_DV &&
            k->ne[1] == v->ne[1] && k->ne[2] > 0 && v->ne[2] > 0 && q->ne[2] % k->ne[2] == 0 &&
            q->ne[2] % v->ne[2] == 0 && q->nb[0] == 4 && k->nb[0] == 2 && v->nb[0] == 2 && dst->nb[0] == 4 &&

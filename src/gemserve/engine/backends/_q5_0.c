@@ -1,4 +1,4 @@
-/* Products of Q5_0 and Q6_K weight matrices with tokens, in place of llama.cpp's.
+/* Products of Q5_0, Q6_K and Q4_K weight matrices with tokens, in place of llama.cpp's.
 
 Qwen2.5's 896-wide rows are not a multiple of 256, so its Q4_K_M file keeps attention and the feed-forward gate
 and up matrices in Q5_0 (173 of the 250 MB a token reads); Gemma 3's 640-wide ones likewise. llama.cpp multiplies
@@ -19,25 +19,26 @@ about a quarter of tinyBLAS's time (`benchmarks/q5_0.py`).
 Q6_K matrices (ffn_down in half of the layers of a Q4_K_M file: Qwen's 12 are 43 MB) are packed the same way, in
 groups of 8 rows (_q6_k_kernels.h): llama.cpp multiplies them token by token below 32 tokens (`ggml_vec_dot_q6_K_q8_K`,
 unpacking each block again for every token; its tiled path costs more there, below), 15% of a pass over 8 Qwen
-sequences. Without memory for their copy, each group's blocks are packed on the stack one at a time, with the
-same bits.
+sequences. Q4_K matrices (attention output and the other half of ffn_down: Gemma's 36, 13 MB; Qwen's 12, 29 MB)
+likewise (_q4_k_kernels.h), where llama.cpp's `ggml_vec_dot_q4_K_q8_K` unpacked each block again for every token:
+a pass over one token is 3-8% shorter with them, over 8 sequences 7-9%. Without memory for their copy, each
+group's blocks are packed on the stack one at a time, with the same bits.
 
 Where there is no memory for the copy, the Q5_0 products are computed token by token from llama.cpp's rows
 (`multiply_one`, 8 rows at a time, each block's sums for the 8 rows added across lanes together). Both paths
 compute the same exact integer sums and the same float steps in the same order, so a token's result is bit for
 bit the same whatever the path and the size of the pass (prompt lookup's passes, other sequences). The
-arithmetic is in _q5_0_kernels.h and _q6_k_kernels.h, compiled for AVX2 and for AVX-512 VNNI (used where the CPU has
-it), which give the same bits too. It is llama.cpp's: activations quantized to Q8_0 (Q8_K for Q6_K) by llama.cpp,
-each block's products summed
-exactly in integers, then scaled in float (in another order than llama.cpp's, so results differ from llama.cpp's
-by float rounding).
+arithmetic is in _q5_0_kernels.h, _q6_k_kernels.h and _q4_k_kernels.h, compiled for AVX2 and for AVX-512 VNNI
+(used where the CPU has it), which give the same bits too. It is llama.cpp's: activations quantized to Q8_0 (Q8_K
+for Q6_K and Q4_K) by llama.cpp, each block's products summed exactly in integers, then scaled in float (in
+another order than llama.cpp's, so results differ from llama.cpp's by float rounding).
 
 How it takes over: llama.cpp's CPU backend calls `llamafile_sgemm` through its PLT for matrix products (those
 its tiled K-quant path does not take), once with the float activations and, when that declines, again with them
 quantized. This library defines a function of that name; loaded with RTLD_GLOBAL before llama.cpp's libraries
 are loaded (llama-cpp-python loads them with RTLD_NOW, which binds the call then), it is found first. It computes
-Q5_0 and Q6_K products itself (tokens in Q8_0 and Q8_K, as llama.cpp quantized them) and hands everything else to
-llama.cpp's own function, which it looks up in the libggml-cpu that llama.cpp loaded. On other CPUs than x86 the
+Q5_0, Q6_K and Q4_K products itself (tokens in Q8_0 and Q8_K, as llama.cpp quantized them) and hands everything
+else to llama.cpp's own function, which it looks up in the libggml-cpu that llama.cpp loaded. On other CPUs than x86 the
 library defines no such function and llama.cpp runs untouched.
 
 Only matrices inside address ranges registered as a model's weights (`q5_0_add_file_range`: the model file's
@@ -45,8 +46,8 @@ mappings) are packed, since a packed copy is valid only while the original never
 frees the copies when the model is gone. Matrices whose rows are not a multiple of 8 stay with llama.cpp. Once a
 Q5_0 matrix of a shared read-only file mapping (rows contiguous) is packed whole, llama.cpp's copy is no longer
 read: its pages are let go (`MADV_DONTNEED`; read again from the file should anything need them), so the Q5_0
-copies add no resident memory to what llama.cpp held. Q6_K copies add their size: prompts take llama.cpp's tiled
-path for those matrices, which reads llama.cpp's rows.
+copies add no resident memory to what llama.cpp held. Q6_K and Q4_K copies add their size: prompts take
+llama.cpp's tiled path for those matrices (faster there: 4-7% of a 1000-token prompt), which reads llama.cpp's rows.
 
 Plain C functions, called through ctypes; the module init only makes the file importable as an extension.
 */
@@ -75,7 +76,7 @@ Plain C functions, called through ctypes; the module init only makes the file im
 #define AVX2
 #endif
 
-enum { TYPE_F32 = 0, TYPE_Q5_0 = 6, TYPE_Q8_0 = 8, TYPE_Q6_K = 14, TYPE_Q8_K = 15 }; /* ggml_type */
+enum { TYPE_F32 = 0, TYPE_Q5_0 = 6, TYPE_Q8_0 = 8, TYPE_Q4_K = 12, TYPE_Q6_K = 14, TYPE_Q8_K = 15 }; /* ggml_type */
 #define QK 32
 #define ROWS 8
 /* The packed copy, per group of 8 rows and block of 32 columns: the 4-bit values (128 bytes), the fifth bits (8
@@ -103,6 +104,20 @@ typedef struct { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; } block_q8_
 #define K6_SUB_BYTES (K6_SCALES_AT + ROWS)
 #define K6_D_AT (K6_SUB_BYTES * QK_K / 16)         /* in a block: after the 16 sub-blocks, the rows' d */
 #define K6_GROUP_BYTES (K6_D_AT + ROWS * 2)
+
+/* Q4_K (attention output and half of the ffn_down matrices in a Q4_K_M file). The packed copy, per group of 8 rows
+   and block of 256 columns: for each sub-block s of 32 columns in turn, its 4-bit values (4 vectors of 32 bytes,
+   vector h holding column 32s + 4h + i of row r in the low nibble of byte 4r + i, 32s + 16 + 4h + i in the high
+   one); then the 8 rows' scales (8 bytes per sub-block), their mins (16 bytes per pair of sub-blocks 2p, 2p + 1:
+   row r's two in bytes 2r, 2r + 1), their d and their dmin (fp16). As many bytes as the rows in Q4_K and 32 more,
+   read in one sequential stream. */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[QK_K / 2]; } block_q4_K;
+#define K4_SUB_BYTES (ROWS * 32 / 2)
+#define K4_SCALES_AT (K4_SUB_BYTES * QK_K / 32)
+#define K4_MINS_AT (K4_SCALES_AT + ROWS * QK_K / 32)
+#define K4_D_AT (K4_MINS_AT + ROWS * QK_K / 32)
+#define K4_DMIN_AT (K4_D_AT + ROWS * 2)
+#define K4_GROUP_BYTES (K4_DMIN_AT + ROWS * 2)
 
 /* What llama.cpp passes; only ith and nth are read. */
 struct compute_params { int ith, nth; };
@@ -172,6 +187,48 @@ static void pack_group_q6_k(const block_q6_K *a, int64_t lda, int64_t k, uint8_t
 }
 #endif
 
+int64_t q4_k_packed_bytes(int64_t rows, int64_t k) { return rows / ROWS * k * K4_GROUP_BYTES; }
+
+#if HAVE_X86
+static void pack_group_q4_k(const block_q4_K *a, int64_t lda, int64_t k, uint8_t *out) {
+    for (int64_t l = 0; l < k; l++) {
+        uint8_t *block = out + l * K4_GROUP_BYTES;
+        memset(block, 0, K4_GROUP_BYTES);
+        for (int r = 0; r < ROWS; r++) {
+            const block_q4_K *b = a + r * lda + l;
+            for (int e = 0; e < QK_K; e++) { /* llama.cpp's layout: 64 columns per 32 bytes, low nibbles first */
+                const int j = e / 64, i = e % 32;
+                const uint8_t q = b->qs[32 * j + i] >> (e % 64 < 32 ? 0 : 4) & 15;
+                const int s = e / 32, c = e % 32, h = c % 16 / 4;
+                block[K4_SUB_BYTES * s + 32 * h + 4 * r + c % 4] |= (uint8_t)(q << (c < 16 ? 0 : 4));
+            }
+            for (int s = 0; s < QK_K / 32; s++) { /* llama.cpp's get_scale_min_k4 */
+                const uint8_t *q = b->scales;
+                const uint8_t scale = s < 4 ? q[s] & 63 : (uint8_t)((q[s + 4] & 15) | (q[s - 4] >> 6) << 4);
+                const uint8_t min = s < 4 ? q[s + 4] & 63 : (uint8_t)((q[s + 4] >> 4) | (q[s] >> 6) << 4);
+                block[K4_SCALES_AT + 8 * s + r] = scale;
+                block[K4_MINS_AT + 16 * (s / 2) + 2 * r + s % 2] = min;
+            }
+            memcpy(block + K4_D_AT + 2 * r, &b->d, 2);
+            memcpy(block + K4_DMIN_AT + 2 * r, &b->dmin, 2);
+        }
+    }
+}
+#endif
+
+/* Packs all of a Q4_K matrix (m a multiple of 8) into `out` (q4_k_packed_bytes). For tests. */
+int q4_k_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
+#if HAVE_X86
+    if (!q5_0_supported() || m % ROWS) return 0;
+    for (int64_t g = 0; g < m / ROWS; g++)
+        pack_group_q4_k((const block_q4_K *)a + g * ROWS * lda, lda, k, out + g * k * K4_GROUP_BYTES);
+    return 1;
+#else
+    (void)a; (void)m; (void)k; (void)lda; (void)out;
+    return 0;
+#endif
+}
+
 /* Packs all of a Q6_K matrix (m a multiple of 8) into `out` (q6_k_packed_bytes). For tests. */
 int q6_k_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
 #if HAVE_X86
@@ -209,6 +266,7 @@ int q5_0_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
 #define VNNI 0
 #include "_q5_0_kernels.h"
 #include "_q6_k_kernels.h"
+#include "_q4_k_kernels.h"
 #undef TARGET
 #undef NAME
 #undef VNNI
@@ -218,6 +276,7 @@ int q5_0_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
 #define VNNI 1
 #include "_q5_0_kernels.h"
 #include "_q6_k_kernels.h"
+#include "_q4_k_kernels.h"
 #undef TARGET
 #undef NAME
 #undef VNNI
@@ -252,6 +311,11 @@ static void multiply_groups_q6_k(const uint8_t *packed, int64_t g0, int64_t g1, 
     (use_vnni() ? multiply_groups_q6_k_vnni : multiply_groups_q6_k_avx2)(packed, g0, g1, k, n, x, ldx, out, ldo, more);
 }
 
+static void multiply_groups_q4_k(const uint8_t *packed, int64_t g0, int64_t g1, int64_t k, int64_t n,
+                                 const block_q8_K *x, int64_t ldx, float *out, int64_t ldo, bool more) {
+    (use_vnni() ? multiply_groups_q4_k_vnni : multiply_groups_q4_k_avx2)(packed, g0, g1, k, n, x, ldx, out, ldo, more);
+}
+
 /* Thread ith's share of a matrix's groups of rows, [*g0, *g1), of nth threads' (llama.cpp's split of work). */
 static void share(int64_t groups, int ith, int nth, int64_t *g0, int64_t *g1) {
     *g0 = groups * ith / nth;
@@ -267,6 +331,17 @@ static void multiply_q6_k_without_copy(const block_q6_K *a, int64_t lda, int64_t
         for (int64_t l = 0; l < k; l++) {
             pack_group_q6_k(a + g * ROWS * lda + l, lda, 1, block);
             multiply_groups_q6_k(block, 0, 1, 1, n, x + l, ldx, out + g * ROWS, ldo, l > 0);
+        }
+    }
+}
+
+static void multiply_q4_k_without_copy(const block_q4_K *a, int64_t lda, int64_t g0, int64_t g1, int64_t k, int64_t n,
+                                       const block_q8_K *x, int64_t ldx, float *out, int64_t ldo) {
+    uint8_t block[K4_GROUP_BYTES] __attribute__((aligned(32)));
+    for (int64_t g = g0; g < g1; g++) {
+        for (int64_t l = 0; l < k; l++) {
+            pack_group_q4_k(a + g * ROWS * lda + l, lda, 1, block);
+            multiply_groups_q4_k(block, 0, 1, 1, n, x + l, ldx, out + g * ROWS, ldo, l > 0);
         }
     }
 }
@@ -350,13 +425,32 @@ int q6_k_multiply(const uint8_t *packed, const void *a, int64_t lda, int64_t m, 
 #endif
 }
 
+/* The same for a Q4_K matrix. For tests. */
+int q4_k_multiply(const uint8_t *packed, const void *a, int64_t lda, int64_t m, int64_t k, int64_t n, const void *x,
+                  int64_t ldx, float *out, int64_t ldo, int ith, int nth) {
+#if HAVE_X86
+    if (!q5_0_supported() || m % ROWS) return 0;
+    int64_t g0, g1;
+    share(m / ROWS, ith, nth, &g0, &g1);
+    if (packed)
+        multiply_groups_q4_k(packed, g0, g1, k, n, x, ldx, out, ldo, false);
+    else
+        multiply_q4_k_without_copy(a, lda, g0, g1, k, n, x, ldx, out, ldo);
+    return 1;
+#else
+    (void)packed; (void)a; (void)lda; (void)m; (void)k; (void)n; (void)x; (void)ldx; (void)out; (void)ldo; (void)ith;
+    (void)nth;
+    return 0;
+#endif
+}
+
 /* ---- matrices llama.cpp multiplies ---------------------------------------------------------------------------- */
 
 enum { UNPACKED = 0, PACKING = 1, PACKED = 2 };
 
 typedef struct {
     const void *weights;
-    int type; /* TYPE_Q5_0 or TYPE_Q6_K */
+    int type; /* TYPE_Q5_0, TYPE_Q6_K or TYPE_Q4_K */
     int64_t m, k, lda;
     uint8_t *packed;
     _Atomic uint8_t *state; /* per group of rows */
@@ -372,8 +466,8 @@ static int64_t n_matrices, cap_matrices;
 static range *ranges;
 static int64_t n_ranges, cap_ranges;
 static _Atomic(sgemm_fn) original;
-static atomic_int enabled = 1, enabled_q6_k = 1;
-static atomic_llong products, products_q6_k; /* token-rows multiplied here (Q5_0, Q6_K), for logs and tests */
+static atomic_int enabled = 1, enabled_q6_k = 1, enabled_q4_k = 1;
+static atomic_llong products, products_q6_k, products_q4_k; /* token-rows multiplied here, for logs and tests */
 
 /* llama.cpp's own definition of a function this library also defines (`ours`): looked up in the libggml-cpu that
    llama.cpp loaded (by the name libllama asks for), whose own definition a lookup through its handle finds first.
@@ -406,6 +500,8 @@ void q5_0_set_enabled(int on) { atomic_store(&enabled, on); } /* all products: b
 void q6_k_set_enabled(int on) { atomic_store(&enabled_q6_k, on); } /* Q6_K's alone, for benchmarks */
 int64_t q5_0_products(void) { return atomic_load(&products); }
 int64_t q6_k_products(void) { return atomic_load(&products_q6_k); }
+void q4_k_set_enabled(int on) { atomic_store(&enabled_q4_k, on); } /* Q4_K's alone, for benchmarks */
+int64_t q4_k_products(void) { return atomic_load(&products_q4_k); }
 
 int64_t q5_0_packed_matrices(void) {
     pthread_mutex_lock(&lock);
@@ -460,10 +556,14 @@ int64_t q5_0_release_range(uintptr_t start, uintptr_t end) {
     return freed;
 }
 
-static size_t block_bytes(int type) { return type == TYPE_Q6_K ? sizeof(block_q6_K) : sizeof(block_q5_0); }
+static size_t block_bytes(int type) {
+    return type == TYPE_Q6_K ? sizeof(block_q6_K) : type == TYPE_Q4_K ? sizeof(block_q4_K) : sizeof(block_q5_0);
+}
 
 static int64_t packed_bytes(int type, int64_t m, int64_t k) {
-    return type == TYPE_Q6_K ? q6_k_packed_bytes(m, k) : q5_0_packed_bytes(m, k);
+    return type == TYPE_Q6_K   ? q6_k_packed_bytes(m, k)
+           : type == TYPE_Q4_K ? q4_k_packed_bytes(m, k)
+                               : q5_0_packed_bytes(m, k);
 }
 
 static const range *in_ranges(uintptr_t start, uintptr_t end) {
@@ -499,7 +599,8 @@ static bool registered(const void *weights, int type, int64_t m, int64_t k, int6
         uint8_t *packed = aligned_alloc(32, ((size_t)packed_bytes(type, m, k) + 31) / 32 * 32);
         _Atomic uint8_t *state = calloc((size_t)(m / ROWS), 1);
         if (!e || !packed || !state) { free(e); free(packed); free((void *)state); goto done; }
-        /* Q6_K's pages stay: prompts (32 tokens and more) take llama.cpp's tiled path, which reads its rows */
+        /* Q6_K's and Q4_K's pages stay: prompts (32 tokens and more) take llama.cpp's tiled path, which reads
+           its rows */
         const bool let_pages_go = where->mapped && lda == k && type == TYPE_Q5_0;
         *e = (matrix){weights, type, m, k, lda, packed, state, m / ROWS, let_pages_go};
         matrices[n_matrices++] = found = e;
@@ -530,6 +631,9 @@ static void ensure_packed(matrix *e, int64_t g0, int64_t g1) {
             if (e->type == TYPE_Q6_K)
                 pack_group_q6_k((const block_q6_K *)e->weights + g * ROWS * e->lda, e->lda, e->k,
                                 e->packed + g * e->k * K6_GROUP_BYTES);
+            else if (e->type == TYPE_Q4_K)
+                pack_group_q4_k((const block_q4_K *)e->weights + g * ROWS * e->lda, e->lda, e->k,
+                                e->packed + g * e->k * K4_GROUP_BYTES);
             else
                 pack_group((const block_q5_0 *)e->weights + g * ROWS * e->lda, e->lda, e->k,
                            e->packed + g * e->k * GROUP_BYTES);
@@ -578,6 +682,20 @@ bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, 
             multiply_q6_k_without_copy(a, lda, g0, g1, k, n, b, ldb, c, ldc);
         }
         atomic_fetch_add_explicit(&products_q6_k, (long long)((g1 - g0) * ROWS * n), memory_order_relaxed);
+        return true;
+    }
+    if (atype == TYPE_Q4_K && btype == TYPE_Q8_K && ctype == TYPE_F32 && m % ROWS == 0 && n > 0 &&
+        atomic_load_explicit(&enabled, memory_order_relaxed) &&
+        atomic_load_explicit(&enabled_q4_k, memory_order_relaxed) && registered(a, TYPE_Q4_K, m, k, lda, &e)) {
+        int64_t g0, g1;
+        share(m / ROWS, params->ith, params->nth, &g0, &g1);
+        if (e) {
+            ensure_packed(e, g0, g1);
+            multiply_groups_q4_k(e->packed, g0, g1, k, n, b, ldb, c, ldc, false);
+        } else {
+            multiply_q4_k_without_copy(a, lda, g0, g1, k, n, b, ldb, c, ldc);
+        }
+        atomic_fetch_add_explicit(&products_q4_k, (long long)((g1 - g0) * ROWS * n), memory_order_relaxed);
         return true;
     }
     const sgemm_fn theirs = llama_cpps();

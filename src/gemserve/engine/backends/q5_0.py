@@ -1,16 +1,16 @@
-"""gemserve's Q5_0 and Q6_K matrix products, and its attention for passes of fewer than 32 tokens, inside llama.cpp
-(`_q5_0.c` and `_attention.h` say how and why).
+"""gemserve's Q5_0, Q6_K and Q4_K matrix products, and its attention for passes of fewer than 32 tokens, inside
+llama.cpp (`_q5_0.c` and `_attention.h` say how and why).
 
 `load()` puts the kernel where llama.cpp's CPU backend will find it: llama-cpp-python loads its libraries with
 RTLD_NOW, which binds every function they call as they load, so the kernel must be in the process's global scope
 before `llama_cpp` is imported. `gemserve/__init__.py` calls it first thing, so importing any part of gemserve does.
 `install()` then hands the kernel llama.cpp's own function, for the products it leaves to llama.cpp. The same
 library declines llama.cpp's tiled path for products of other quantized types over fewer than 32 tokens, slower
-there than llama.cpp's plain one, which is where the Q6_K products come to the kernel (`_q5_0.c`). `ModelWeights`
-registers the memory a model's file is mapped at while the model is loaded, and frees the kernel's packed copies
-when it is gone; pages of Q5_0 matrices in a shared read-only mapping are let go once packed. Without the built
-kernel, without AVX2, where `llama_cpp` was imported first, or where the model's file is not mapped (no /proc), the
-products stay llama.cpp's.
+there than llama.cpp's plain one, which is where the Q6_K and Q4_K products come to the kernel (`_q5_0.c`).
+`ModelWeights` registers the memory a model's file is mapped at while the model is loaded, and frees the kernel's
+packed copies when it is gone; pages of Q5_0 matrices in a shared read-only mapping are let go once packed.
+Without the built kernel, without AVX2, where `llama_cpp` was imported first, or where the model's file is not
+mapped (no /proc), the products stay llama.cpp's.
 """
 
 from __future__ import annotations
@@ -85,6 +85,14 @@ def install() -> ctypes.CDLL | None:
         lib.q6_k_pack.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
         lib.q6_k_multiply.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int,
                                       ctypes.c_int]
+        lib.q4_k_set_enabled.argtypes = [ctypes.c_int]
+        lib.q4_k_products.restype = _I64
+        lib.q4_k_packed_bytes.restype = _I64
+        lib.q4_k_packed_bytes.argtypes = [_I64, _I64]
+        lib.q4_k_pack.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
+        lib.q4_k_multiply.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int,
+                                      ctypes.c_int]
+        lib.q5_0_attention_set_max_rows.argtypes = [_I64]
         lib.q5_0_attention_check.restype = ctypes.c_int
         lib.q5_0_attention_set_enabled.argtypes = [ctypes.c_int]
         lib.q5_0_attention_rows.restype = _I64
@@ -129,6 +137,12 @@ def products() -> int:
     return int(lib.q5_0_products()) if lib is not None else 0
 
 
+def q4_k_products() -> int:
+    """Token-rows of Q4_K matrices multiplied by the kernel so far in this process."""
+    lib = install()
+    return int(lib.q4_k_products()) if lib is not None else 0
+
+
 def q6_k_products() -> int:
     """Token-rows of Q6_K matrices multiplied by the kernel so far in this process."""
     lib = install()
@@ -136,7 +150,7 @@ def q6_k_products() -> int:
 
 
 def describe() -> str:
-    """Who multiplies Q5_0 and Q6_K matrices in this process, for the log."""
+    """Who multiplies Q5_0, Q6_K and Q4_K matrices in this process, for the log."""
     if os.environ.get("GEMSERVE_Q5_0_KERNEL", "1") == "0":
         return "llama.cpp (GEMSERVE_Q5_0_KERNEL=0)"
     lib = install()
