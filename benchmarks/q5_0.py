@@ -8,10 +8,10 @@ Two parts:
   declines, the kernel's path without the copy, which reads llama.cpp's rows, stands beside it).
 - `q6_k`: one thread multiplies Qwen's 12 Q6_K matrices (random, 43 MB) by n tokens with the kernel, AVX-512
   VNNI and AVX2.
-- `passes`: a model's forward passes as the engine runs them, with the kernel, with it for Q5_0 only (Q6_K
-  left to llama.cpp) and without it (`q5_0_set_enabled`, `q6_k_set_enabled`), alternating: a pass over 1..9
-  tokens of one sequence (prompt lookup and grammar-forced tokens feed such passes), and a pass over one token of
-  each of 8 sequences (8 streams).
+- `passes`: a model's forward passes as the engine runs them, with the kernel, with it for all but Q4_K or Q6_K
+  (those left to llama.cpp) and without it (`q5_0_set_enabled`, `q6_k_set_enabled`, `q4_k_set_enabled`),
+  alternating: a pass over 1..9 tokens of one sequence (prompt lookup and grammar-forced tokens feed such passes),
+  and a pass over one token of each of 8 sequences (8 streams).
 
     .venv/bin/python benchmarks/q5_0.py kernel
     .venv/bin/python benchmarks/q5_0.py q6_k
@@ -195,16 +195,20 @@ def passes(model_path: Path, rounds: int) -> None:
     cases.append(("1 token of each of 8 sequences", eight_streams))
     lib = q5_0.install()
     assert lib is not None
-    modes = {"kernel": (1, 1), "kernel, Q6_K llama.cpp's": (1, 0), "llama.cpp": (0, 1)}  # (all, Q6_K)
+    # (all, Q6_K, Q4_K)
+    modes = {"kernel": (1, 1, 1), "kernel, Q4_K llama.cpp's": (1, 1, 0), "kernel, Q6_K llama.cpp's": (1, 0, 1),
+             "llama.cpp": (0, 1, 1)}
     results: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
         for name, run in cases:
-            for mode, (everything, q6_k) in modes.items():
+            for mode, (everything, q6_k, q4_k) in modes.items():
                 lib.q5_0_set_enabled(everything)
                 lib.q6_k_set_enabled(q6_k)
+                lib.q4_k_set_enabled(q4_k)
                 results.setdefault((name, mode), []).append(best(run, 3))
     lib.q5_0_set_enabled(1)
     lib.q6_k_set_enabled(1)
+    lib.q4_k_set_enabled(1)
     single = {mode: statistics.median(results[(cases[0][0], mode)]) for mode in modes}
     print(f"{model_path.name}: medians of {rounds} alternating rounds (best of 3 each), ms, and in single-token passes")
     print("| pass | " + " | ".join(modes) + " | " + " | ".join(f"{mode}, single-token passes" for mode in modes) + " |")

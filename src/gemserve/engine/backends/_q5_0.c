@@ -19,7 +19,7 @@ about a quarter of tinyBLAS's time (`benchmarks/q5_0.py`).
 Q6_K matrices (ffn_down in half of the layers of a Q4_K_M file: Qwen's 12 are 43 MB) are packed the same way, in
 groups of 8 rows (_q6_k_kernels.h): llama.cpp multiplies them token by token below 32 tokens (`ggml_vec_dot_q6_K_q8_K`,
 unpacking each block again for every token; its tiled path costs more there, below), 15% of a pass over 8 Qwen
-sequences. Q4_K matrices (attention output and the other half of ffn_down: Gemma's 36, 13 MB; Qwen's 12, 29 MB)
+sequences. Q4_K matrices (attention output and the other half of ffn_down: Gemma's 27, 13 MB; Qwen's 12, 29 MB)
 likewise (_q4_k_kernels.h), where llama.cpp's `ggml_vec_dot_q4_K_q8_K` unpacked each block again for every token:
 a pass over one token is 3-8% shorter with them, over 8 sequences 7-9%. Without memory for their copy, each
 group's blocks are packed on the stack one at a time, with the same bits.
