@@ -742,7 +742,7 @@ bool ggml_compute_forward_mul_mat_tiled(const struct compute_params *params, str
 /* ---- module ------------------------------------------------------------------------------------------------- */
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_q5_0",
-                                    "Q5_0 and Q6_K matrix products for llama.cpp; called through ctypes.", -1, NULL,
+                                    "Q5_0, Q6_K and Q4_K matrix products for llama.cpp; called through ctypes.", -1, NULL,
                                     NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__q5_0(void) { return PyModule_Create(&module); }

@@ -252,7 +252,7 @@ class LlamaCppEngine:
         finally:
             self._llm.forget(0)
         log.info("pass costs, in single-token passes by tokens fed: %s", costs)
-        log.info("Q5_0 and Q6_K products, attention: %s", q5_0.describe())
+        log.info("Q5_0, Q6_K and Q4_K products, attention: %s", q5_0.describe())
         return costs
 
     def _loop(self) -> None:
