@@ -352,7 +352,7 @@ def multiply_q4_k(a: np.ndarray, x: np.ndarray, packed: bool = True, threads: in
 
 
 @needs_kernel
-@pytest.mark.parametrize("n", [1, 3, 9, 17])
+@pytest.mark.parametrize("n", [1, 2, 3, 6, 7, 9, 17])
 def test_packed_q4_k_products_are_the_q4_k_products_whatever_the_batch(n: int, instruction_set: str) -> None:
     """Q4_K (attention output, ffn_down of half the layers): against gguf's own dequantization; a token's result is
     bit for bit the same alone as in a batch, and from the rows without a copy as from the copy."""
@@ -378,11 +378,14 @@ def test_q4_k_rows_further_apart_than_their_width(instruction_set: str) -> None:
     want = expected_q4_k(np.ascontiguousarray(wide[:, :k]), x)
     copy = np.zeros(KERNEL.q4_k_packed_bytes(rows, k), np.uint8)
     assert KERNEL.q4_k_pack(wide.ctypes.data, rows, k, lda, copy.ctypes.data)
+    outs = []
     for packed in (copy.ctypes.data, None):
         out = np.full((2, rows), np.nan, np.float32)
         assert KERNEL.q4_k_multiply(packed, wide.ctypes.data, lda, rows, k, 2, x.ctypes.data, k, out.ctypes.data,
                                     rows, 0, 1)
         assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1])
 
 
 @needs_kernel

@@ -5,7 +5,8 @@ A Q4_K block is 256 weights d * scale[s] * q - dmin * min[s]: q 0..15 in 4 bits,
 weights (sub-block s), fp16 d and dmin. Tokens come quantized to Q8_K by llama.cpp (256 int8 values, a float d, the
 sums of each 16: bsums). A row's product with a token's block is xd * (d * S - dmin * M), S = sum over s of
 scale[s] * sum(q * x) over the sub-block and M = sum over s of min[s] * (bsums of its two 16s): both integers, exact
-in 32 bits (S at most 8 * 63 * 32 * 15 * 128), then two float steps per block, in the same order on every path and
+in 32 bits (S at most 8 * 63 * 32 * 15 * 128; its conversion to float may round, the same way everywhere), then two
+float steps per block, in the same order on every path and
 with either instruction set, so a token's result is bit for bit the same whatever the pass. `dot4` with AVX2 sums
 pairs of byte products in 16 bits: 2 * 15 * 128 < 32768. */
 

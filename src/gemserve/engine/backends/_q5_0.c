@@ -19,9 +19,9 @@ about a quarter of tinyBLAS's time (`benchmarks/q5_0.py`).
 Q6_K matrices (ffn_down in half of the layers of a Q4_K_M file: Qwen's 12 are 43 MB) are packed the same way, in
 groups of 8 rows (_q6_k_kernels.h): llama.cpp multiplies them token by token below 32 tokens (`ggml_vec_dot_q6_K_q8_K`,
 unpacking each block again for every token; its tiled path costs more there, below), 15% of a pass over 8 Qwen
-sequences. Q4_K matrices (attention output and the other half of ffn_down: Gemma's 27, 13 MB; Qwen's 12, 29 MB)
-likewise (_q4_k_kernels.h), where llama.cpp's `ggml_vec_dot_q4_K_q8_K` unpacked each block again for every token:
-a pass over one token is 3-8% shorter with them, over 8 sequences 7-9%. Without memory for their copy, each
+sequences. Q4_K matrices (the other half of ffn_down, and Gemma's attention output: Gemma's 27, 13 MB; Qwen's 12,
+29 MB) likewise (_q4_k_kernels.h), where llama.cpp's `ggml_vec_dot_q4_K_q8_K` unpacked each block again for every
+token: a pass over one token is 2-8% shorter with them, over 8 sequences 7-12%. Without memory for their copy, each
 group's blocks are packed on the stack one at a time, with the same bits.
 
 Where there is no memory for the copy, the Q5_0 products are computed token by token from llama.cpp's rows
@@ -496,7 +496,7 @@ static sgemm_fn llama_cpps(void) {
 int q5_0_original_found(void) { return llama_cpps() != NULL; }
 
 /* Only between passes: the threads of one product must decide alike. */
-void q5_0_set_enabled(int on) { atomic_store(&enabled, on); } /* all products: both types */
+void q5_0_set_enabled(int on) { atomic_store(&enabled, on); } /* all products: every type */
 void q6_k_set_enabled(int on) { atomic_store(&enabled_q6_k, on); } /* Q6_K's alone, for benchmarks */
 int64_t q5_0_products(void) { return atomic_load(&products); }
 int64_t q6_k_products(void) { return atomic_load(&products_q6_k); }
@@ -573,9 +573,9 @@ static const range *in_ranges(uintptr_t start, uintptr_t end) {
 }
 
 /* Whether the matrix lies in a registered model's weights; if so *entry is its entry, made on first sight (NULL
-   if memory ran out: then the paths without a copy serve, Q5_0's lone-token one or Q6_K's that packs a block at a
-   time on the stack, which give the same bits). That every thread of a product decides alike matters: a share
-   computed here and another by llama.cpp would not fit. */
+   if memory ran out: then the paths without a copy serve, Q5_0's lone-token one or Q6_K's and Q4_K's that pack a
+   block at a time on the stack, which give the same bits). That every thread of a product decides alike matters: a
+   share computed here and another by llama.cpp would not fit. */
 static bool registered(const void *weights, int type, int64_t m, int64_t k, int64_t lda, matrix **entry) {
     matrix *found = NULL;
     bool inside = false;
@@ -742,7 +742,7 @@ bool ggml_compute_forward_mul_mat_tiled(const struct compute_params *params, str
 /* ---- module ------------------------------------------------------------------------------------------------- */
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_q5_0",
-                                    "Q5_0, Q6_K and Q4_K matrix products for llama.cpp; called through ctypes.", -1, NULL,
-                                    NULL, NULL, NULL, NULL};
+                                    "Q5_0, Q6_K and Q4_K matrix products for llama.cpp; called through ctypes.", -1,
+                                    NULL, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__q5_0(void) { return PyModule_Create(&module); }
