@@ -12,10 +12,15 @@ Two parts:
   (those left to llama.cpp) and without it (`q5_0_set_enabled`, `q6_k_set_enabled`, `q4_k_set_enabled`),
   alternating: a pass over 1..9 tokens of one sequence (prompt lookup and grammar-forced tokens feed such passes),
   and a pass over one token of each of 8 sequences (8 streams).
+- `prompts`: a prompt of --tokens tokens (chunks of 512 and the rest) as llama.cpp computes prompts (its tiled products
+  and attention from 32 tokens on), with gemserve's attention for every pass, and with that and no tiled products
+  (`q5_0_attention_set_max_rows`, `q5_0_set_tiled_from`), alternating; and whether the prompt's last logits are
+  the same bits when its cells sit in another cache slot, or when it is computed in other chunks.
 
     .venv/bin/python benchmarks/q5_0.py kernel
     .venv/bin/python benchmarks/q5_0.py q6_k
     .venv/bin/python benchmarks/q5_0.py passes --model data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+    .venv/bin/python benchmarks/q5_0.py prompts --model data/models/gemma-3-270m-q4_k_m.gguf
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class Params(ctypes.Structure):
     _fields_ = [("ith", ctypes.c_int), ("nth", ctypes.c_int)]
 
 
-def best(run: Callable[[], None], rounds: int) -> float:
+def best(run: Callable[[], object], rounds: int) -> float:
     run()
     times = []
     for _ in range(rounds):
@@ -220,16 +225,65 @@ def passes(model_path: Path, rounds: int) -> None:
     model.close()
 
 
+def prompts(model_path: Path, rounds: int, length: int) -> None:
+    lib = q5_0.install()
+    if lib is None:
+        raise SystemExit(f"the kernel is not in use: {q5_0.describe()}")
+    model = LlamaModel(model_path, context_size=8192, sequences=4, threads=None, ubatch=512)
+    text = (length // 10) * "The printing press was invented around 1440 by Johannes Gutenberg in Mainz. It allowed "
+    tokens = model.tokenize(text, add_bos=True, parse_special=False)[:length]
+    everything = 1 << 40
+    modes = {"llama.cpp's paths for prompts": (32, 32), "gemserve's attention": (everything, 32),
+             "gemserve's attention, no tiled products": (everything, everything)}
+
+    def prompt(seq: int, chunks: list[int]) -> np.ndarray:
+        model.forget(seq)
+        at = 0
+        for size in chunks:
+            if not model.decode([(seq, at, tokens[at:at + size], True)]):
+                raise SystemExit("no room in the cache for the prompt")
+            at += size
+        return np.array(model.logits(chunks[-1] - 1))
+
+    whole = [min(512, len(tokens) - at) for at in range(0, len(tokens), 512)]
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    same: dict[str, str] = {}
+    for r in range(rounds):
+        for mode in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
+            rows, tiled = modes[mode]
+            lib.q5_0_attention_set_max_rows(rows)
+            lib.q5_0_set_tiled_from(tiled)
+            times[mode].append(best(lambda: prompt(3, whole), 1))
+            if r == 0:  # the same prompt in slot 0, then in slot 1 (other cells), then in other chunks
+                first = prompt(0, whole)
+                checks = (prompt(1, whole), prompt(1, [100, 412, len(tokens) - 513, 1]))  # 100 and 1: small passes
+                same[mode] = " / ".join("same" if np.array_equal(first, other) else
+                                        f"differ by up to {np.abs(first - other).max():.3f}" for other in checks)
+    lib.q5_0_attention_set_max_rows(32)
+    lib.q5_0_set_tiled_from(32)
+    base = statistics.median(times[next(iter(modes))])
+    print(f"{model_path.name}: {len(tokens)}-token prompt, medians of {rounds} alternating rounds")
+    print("| prompts through | ms | ratio | last logits: other cache slot / other chunks |")
+    print("|---|---:|---:|---|")
+    for mode in modes:
+        ms = statistics.median(times[mode])
+        print(f"| {mode} | {ms:.0f} | {ms / base:.2f} | {same[mode]} |")
+    model.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["kernel", "q6_k", "passes"])
+    parser.add_argument("part", choices=["kernel", "q6_k", "passes", "prompts"])
     parser.add_argument("--model", type=Path, default=Path("data/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=1000, help="the prompt's length (prompts)")
     args = parser.parse_args()
     if args.part == "kernel":
         kernel(args.rounds)
     elif args.part == "q6_k":
         q6_k(args.rounds)
+    elif args.part == "prompts":
+        prompts(args.model, args.rounds, args.tokens)
     else:
         passes(args.model, args.rounds)
 

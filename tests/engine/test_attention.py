@@ -176,11 +176,13 @@ def test_rows_that_see_no_cell_attend_to_nothing(ggml: Ggml) -> None:
     np.testing.assert_allclose(got[1], reference(case)[1], rtol=0, atol=2e-5)
 
 
-def test_passes_of_32_tokens_and_attention_turned_off_are_left_to_llama_cpp(ggml: Ggml) -> None:
+def test_prompts_are_computed_here_and_attention_turned_off_is_left_to_llama_cpp(ggml: Ggml) -> None:
     rng = np.random.default_rng(3)
     before = q5_0.attention_rows()
-    compute(ggml, random_case(rng, 32, 200))  # a prompt: llama.cpp's tiles are faster there
-    assert q5_0.attention_rows() == before
+    case = random_case(rng, 40, 200)  # a prompt's pass
+    np.testing.assert_allclose(compute(ggml, case), reference(case), rtol=0, atol=2e-5)
+    assert q5_0.attention_rows() == before + 40 * 4
+    before = q5_0.attention_rows()
     q5_0.set_attention(False)
     try:
         compute(ggml, random_case(rng, 3, 100))
@@ -230,6 +232,43 @@ def test_the_real_models_logits_are_the_same_bits_whatever_the_pass_holds(defaul
         assert q5_0.attention_rows() > before
         for step, others in ((2, 0), (4, 0), (9, 0), (1, 3), (3, 2)):
             assert np.array_equal(logits(step, others), one_at_a_time), (step, others)
+    finally:
+        model.close()
+
+
+def test_a_prompt_gives_the_same_bits_whole_in_chunks_in_another_slot_and_beside_a_decoding_token(
+        default_gguf: Path) -> None:
+    """Prompts are computed here too: the same prompt's last logits whole, in other chunks, in another sequence's
+    cells and continued from a copy of its cache; and a decoding token's logits beside another's prompt of 100
+    tokens are those it has alone. With llama.cpp's attention for passes of 32 tokens and more, the prompt's
+    logits moved by up to 1.3 between two cache slots."""
+    from gemserve.engine.backends.llamacpp_model import LlamaModel
+
+    model = LlamaModel(default_gguf, context_size=4096, sequences=4, threads=2, ubatch=512)
+    try:
+        text = 20 * "The printing press was invented around 1440 by Johannes Gutenberg in Mainz. It allowed "
+        tokens = model.tokenize(text, add_bos=True, parse_special=False)[:300]
+
+        def prompt(seq: int, chunks: list[int], start: int = 0) -> np.ndarray:
+            at = start
+            for size in chunks:
+                assert model.decode([(seq, at, tokens[at:at + size], True)])
+                at += size
+            assert at == len(tokens)
+            return model.logits(chunks[-1] - 1).copy()
+
+        whole = prompt(0, [300])
+        assert np.array_equal(prompt(1, [100, 150, 49, 1]), whole)
+        model.forget(1)
+        model.copy(0, 2, 250)  # a kept cache of the first 250 tokens, continued
+        assert np.array_equal(prompt(2, [50], start=250), whole)
+        model.forget(2)
+        # token 300 decoded alone, then beside the first 100 tokens of another sequence's prompt
+        assert model.decode([(0, 300, [tokens[1]], True)])
+        alone = model.logits(0).copy()
+        model.forget(0, 300)
+        assert model.decode([(0, 300, [tokens[1]], True), (3, 0, tokens[:100], True)])
+        assert np.array_equal(model.logits(0), alone)
     finally:
         model.close()
 

@@ -1,5 +1,5 @@
-/* Attention of gemserve's own in place of llama.cpp's flash attention, for passes of fewer than ATTN_MAX_ROWS
-tokens; included by _q5_0.c, whose library llama.cpp's CPU backend calls through its PLT.
+/* Attention of gemserve's own in place of llama.cpp's flash attention, for every pass; included by _q5_0.c, whose
+library llama.cpp's CPU backend calls through its PLT.
 
 Why: llama.cpp's CPU flash attention (`ggml_compute_forward_flash_attn_ext`) picks its arithmetic by the shape of
 the pass. One query row over 512 or more cache cells has its cells split among the threads, whose partial sums are
@@ -21,13 +21,15 @@ llama.cpp's repacked Q4_K products, whose 4-token tiles round otherwise. The que
 (llama.cpp's one-cell-at-a-time path rounds it to f16 first), so results differ from llama.cpp's by more than the
 order of sums, a little more precise here.
 
-Prompts (passes of ATTN_MAX_ROWS tokens or more) keep llama.cpp's tiled path, faster there; so do shapes this does
-not cover (other cache types than f16, ALiBi, attention sinks, key heads not a multiple of 16 wide, value heads not
+Prompts too: a 1000-token prompt takes 0.93 (Qwen) and 0.96 (Gemma) of the time it took with llama.cpp's tiled
+path, whose sums also depended on which cache cells the sequence sat in (the same prompt's logits up to 1.3 apart
+between two slots), so a prompt computed whole and the same prompt continued from a kept cache could answer
+differently; now they are the same bits (`benchmarks/q5_0.py prompts`). Left to llama.cpp: shapes this does not
+cover (other cache types than f16, ALiBi, attention sinks, key heads not a multiple of 16 wide, value heads not
 a multiple of 32 or wider than 512, caches split in streams), and everything when `q5_0_attention_check` could not
 confirm that ggml's tensor layout is the one mirrored here. That check runs once, before any pass (q5_0.install(),
 as the first model loads): every thread of a pass must decide alike, llama.cpp's function having barriers inside. */
 
-#define ATTN_MAX_ROWS 32
 #define ATTN_CHUNK 256
 #define ATTN_MAX_DV 512
 #define TYPE_F32 0
@@ -56,9 +58,9 @@ static _Atomic(attention_fn) attention_original;
 static atomic_int attention_enabled = 0;    /* set once attention_check confirms the layout */
 static atomic_int attention_op = -1;        /* ggml's op number for FLASH_ATTN_EXT, from attention_check */
 static atomic_llong attention_rows;         /* query rows (token x head) computed here, for tests */
-/* Passes of fewer tokens than this are computed here: ATTN_MAX_ROWS, or more for benchmarks that measure prompts
-   through this path. Only between passes. */
-static atomic_llong attention_max_rows = ATTN_MAX_ROWS;
+/* Passes of fewer tokens than this are computed here: all of them, unless a benchmark gives passes of that many
+   tokens and more back to llama.cpp (`benchmarks/q5_0.py prompts`). Only between passes. */
+static atomic_llong attention_max_rows = INT64_MAX;
 void q5_0_attention_set_max_rows(int64_t rows) { atomic_store(&attention_max_rows, rows); }
 
 void ggml_compute_forward_flash_attn_ext(const struct compute_params *params, struct ggml_tensor_view *dst);
@@ -170,7 +172,8 @@ AVX2 static void attend_row(const float *q, const struct ggml_tensor_view *k, co
     for (int64_t d = 0; d < dv; d++) out[d] = acc[d] * inv;
 }
 
-/* Whether this library computes `dst`: shapes and types it covers, in a pass of fewer than ATTN_MAX_ROWS tokens. */
+/* Whether this library computes `dst`: shapes and types it covers (in a pass of fewer than attention_max_rows
+   tokens). */
 static bool attention_takes(const struct ggml_tensor_view *dst) {
     if (!atomic_load_explicit(&attention_enabled, memory_order_relaxed) ||
         dst->op != atomic_load_explicit(&attention_op, memory_order_relaxed))
@@ -182,7 +185,8 @@ static bool attention_takes(const struct ggml_tensor_view *dst) {
         if (dst->src[i]) return false; /* attention sinks, or an input this does not know */
     return q && k && v && dst->type == TYPE_F32 && q->type == TYPE_F32 && k->type == TYPE_F16 &&
            v->type == TYPE_F16 && (!mask || (mask->type == TYPE_F16 && mask->ne[3] == 1 && mask->nb[0] == 2)) &&
-           max_bias == 0.0f && q->ne[1] < atomic_load_explicit(&attention_max_rows, memory_order_relaxed) && q->ne[3] == 1 && k->ne[3] == 1 && v->ne[3] == 1 &&
+           max_bias == 0.0f && q->ne[1] < atomic_load_explicit(&attention_max_rows, memory_order_relaxed) &&
+           q->ne[3] == 1 && k->ne[3] == 1 && v->ne[3] == 1 &&
            q->ne[0] == k->ne[0] && k->ne[0] % 16 == 0 && v->ne[0] % 32 == 0 && v->ne[0] <= ATTN_MAX_DV &&
            k->ne[1] == v->ne[1] && k->ne[2] > 0 && v->ne[2] > 0 && q->ne[2] % k->ne[2] == 0 &&
            q->ne[2] % v->ne[2] == 0 && q->nb[0] == 4 && k->nb[0] == 2 && v->nb[0] == 2 && dst->nb[0] == 4 &&
