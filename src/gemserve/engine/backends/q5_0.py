@@ -1,4 +1,4 @@
-"""gemserve's Q5_0, Q6_K and Q4_K matrix products, and its attention for passes of fewer than 32 tokens, inside
+"""gemserve's Q5_0, Q6_K and Q4_K matrix products, and its attention for every forward pass, inside
 llama.cpp (`_q5_0.c` and `_attention.h` say how and why).
 
 `load()` puts the kernel where llama.cpp's CPU backend will find it: llama-cpp-python loads its libraries with
