@@ -9,7 +9,7 @@ Two parts:
 - `q6_k`: one thread multiplies Qwen's 12 Q6_K matrices (random, 43 MB) by n tokens with the kernel, AVX-512
   VNNI and AVX2.
 - `passes`: a model's forward passes as the engine runs them, with the kernel, with it for all but Q4_K or Q6_K
-  (those left to llama.cpp) and without it (`q5_0_set_enabled`, `q6_k_set_enabled`, `q4_k_set_enabled`),
+  (those left to llama.cpp) and without it (`q5_0_set_enabled`, `k_quant_set_enabled` for Q6_K and Q4_K),
   alternating: a pass over 1..9 tokens of one sequence (prompt lookup and grammar-forced tokens feed such passes),
   and a pass over one token of each of 8 sequences (8 streams).
 - `prompts`: a prompt of --tokens tokens (chunks of 512 and the rest) as llama.cpp computes prompts (its tiled products
@@ -128,6 +128,7 @@ def kernel(rounds: int) -> None:
 
 Q6_K_BLOCK = np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
 Q8_K_BLOCK = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
+Q4_K, Q6_K = q5_0.K_QUANT_TYPES["Q4_K"], q5_0.K_QUANT_TYPES["Q6_K"]
 
 
 def q6_k(rounds: int) -> None:
@@ -146,8 +147,8 @@ def q6_k(rounds: int) -> None:
         a["qh"] = rng.integers(0, 256, (rows, k, 64))
         a["scales"] = rng.integers(-128, 128, (rows, k, 16))
         a["d"] = rng.uniform(1e-4, 1e-3, a.shape)
-        packed = np.zeros(lib.q6_k_packed_bytes(rows, k), np.uint8)
-        lib.q6_k_pack(a.ctypes.data, rows, k, k, packed.ctypes.data)
+        packed = np.zeros(lib.k_quant_packed_bytes(Q6_K, rows, k), np.uint8)
+        lib.k_quant_pack(Q6_K, a.ctypes.data, rows, k, k, packed.ctypes.data)
         matrices.append((a, packed))
     megabytes = sum(p.nbytes for _, p in matrices) / 1e6
     print(f"{megabytes:.0f} MB packed; one thread; best of rounds, ms (GB/s of the copy read)")
@@ -162,8 +163,8 @@ def q6_k(rounds: int) -> None:
 
         def run(x: np.ndarray = x, out: np.ndarray = out, n: int = n) -> None:
             for a, packed in matrices:
-                lib.q6_k_multiply(packed.ctypes.data, a.ctypes.data, k, rows, k, n, x.ctypes.data, k,
-                                  out.ctypes.data, rows, 0, 1)
+                lib.k_quant_multiply(Q6_K, packed.ctypes.data, a.ctypes.data, k, rows, k, n, x.ctypes.data, k,
+                                     out.ctypes.data, rows, 0, 1)
 
         times = {}
         for vnni in (1, 0):
@@ -208,12 +209,12 @@ def passes(model_path: Path, rounds: int) -> None:
         for name, run in cases:
             for mode, (everything, q6_k, q4_k) in modes.items():
                 lib.q5_0_set_enabled(everything)
-                lib.q6_k_set_enabled(q6_k)
-                lib.q4_k_set_enabled(q4_k)
+                lib.k_quant_set_enabled(Q6_K, q6_k)
+                lib.k_quant_set_enabled(Q4_K, q4_k)
                 results.setdefault((name, mode), []).append(best(run, 3))
     lib.q5_0_set_enabled(1)
-    lib.q6_k_set_enabled(1)
-    lib.q4_k_set_enabled(1)
+    lib.k_quant_set_enabled(Q6_K, 1)
+    lib.k_quant_set_enabled(Q4_K, 1)
     single = {mode: statistics.median(results[(cases[0][0], mode)]) for mode in modes}
     print(f"{model_path.name}: medians of {rounds} alternating rounds (best of 3 each), ms, and in single-token passes")
     print("| pass | " + " | ".join(modes) + " | " + " | ".join(f"{mode}, single-token passes" for mode in modes) + " |")

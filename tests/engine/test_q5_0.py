@@ -57,9 +57,9 @@ def expected(a: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def q6_k_matrix(rng: np.random.Generator, rows: int, k: int, values: np.ndarray | None = None,
-                scale: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of k Q6_K blocks in llama.cpp's layout, and their 6-bit values (0..63, rows x 256k): `values` or
-    random ones; scales `scale` or random."""
+                scale: int | None = None) -> np.ndarray:
+    """Rows of k Q6_K blocks in llama.cpp's layout: 6-bit values (0..63, rows x 256k) `values` or random ones;
+    scales `scale` or random."""
     q = rng.integers(0, 64, (rows, k * 256)) if values is None else values
     q = q.reshape(rows, k, 256).astype(np.uint8)
     by_place = q.reshape(rows, k, 2, 4, 32)  # halves of 128, quarters of 32 within them
@@ -70,7 +70,7 @@ def q6_k_matrix(rng: np.random.Generator, rows: int, k: int, values: np.ndarray 
     blocks["ql"], blocks["qh"] = ql.reshape(rows, k, 128), qh.reshape(rows, k, 64)
     blocks["scales"] = rng.integers(-128, 128, (rows, k, 16)) if scale is None else scale
     blocks["d"] = rng.uniform(1e-4, 1e-3, (rows, k))
-    return blocks, q.reshape(rows, -1)
+    return blocks
 
 
 def q8_k_tokens(rng: np.random.Generator, n: int, k: int, values: np.ndarray | None = None) -> np.ndarray:
@@ -79,26 +79,6 @@ def q8_k_tokens(rng: np.random.Generator, n: int, k: int, values: np.ndarray | N
     blocks["qs"] = rng.integers(-128, 128, (n, k, 256)) if values is None else values.reshape(n, k, 256)
     blocks["bsums"] = blocks["qs"].reshape(n, k, 16, 16).astype(np.int64).sum(axis=-1)
     return blocks
-
-
-def expected_q6_k(a: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """(tokens x rows) with the weights as gguf's reference dequantizes them, exact sums in float64."""
-    w = dequantize(np.ascontiguousarray(a).view(np.uint8).reshape(a.shape[0], -1), GGMLQuantizationType.Q6_K)
-    t = (x["qs"].astype(np.float64) * x["d"].astype(np.float64)[..., None]).reshape(x.shape[0], -1)
-    return t @ w.astype(np.float64).T
-
-
-def multiply_q6_k(a: np.ndarray, x: np.ndarray, packed: bool = True, threads: int = 1) -> np.ndarray:
-    """Products from a packed copy of `a`, or (packed False) from its rows, a block packed at a time."""
-    assert KERNEL is not None
-    rows, k = a.shape
-    copy = np.zeros(KERNEL.q6_k_packed_bytes(rows, k), np.uint8)
-    assert KERNEL.q6_k_pack(a.ctypes.data, rows, k, k, copy.ctypes.data)
-    out = np.full((x.shape[0], rows), np.nan, np.float32)
-    for ith in range(threads):
-        assert KERNEL.q6_k_multiply(copy.ctypes.data if packed else None, a.ctypes.data, k, rows, k, x.shape[0],
-                                    x.ctypes.data, k, out.ctypes.data, rows, ith, threads)
-    return out
 
 
 def pack(a: np.ndarray) -> np.ndarray:
@@ -245,70 +225,17 @@ def test_avx512_vnni_and_avx2_give_the_same_bits() -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("n", [1, 3, 9, 17])
-def test_packed_q6_k_products_are_the_q6_k_products_whatever_the_batch(n: int, instruction_set: str) -> None:
-    """Q6_K (ffn_down of half the layers): against gguf's own dequantization; a token's result is bit for bit the
-    same alone as in a batch, and from the rows without a copy (each block packed in turn) as from the copy."""
-    rng = np.random.default_rng(n)
-    rows, k = 48, 19  # Qwen2.5 0.5B's ffn_down rows are 19 blocks wide
-    a, _ = q6_k_matrix(rng, rows, k)
-    x = q8_k_tokens(rng, n, k)
-    together = multiply_q6_k(a, x, threads=4)  # 6 groups of rows over 4 threads' shares
-    want = expected_q6_k(a, x)
-    assert np.abs(together - want).max() <= 1e-5 * np.abs(want).max()
-    assert np.array_equal(multiply_q6_k(a, x, packed=False, threads=2), together)
-    for j in range(n):
-        assert np.array_equal(multiply_q6_k(a, x[j:j + 1])[0], together[j])
-
-
-@needs_kernel
-def test_q6_k_rows_further_apart_than_their_width(instruction_set: str) -> None:
-    """A view into wider rows (lda > k): the copy and the path without one read the right blocks."""
-    assert KERNEL is not None
-    rng = np.random.default_rng(8)
-    rows, k, lda = 16, 3, 5
-    wide, _ = q6_k_matrix(rng, rows, lda)
-    x = q8_k_tokens(rng, 2, k)
-    want = expected_q6_k(np.ascontiguousarray(wide[:, :k]), x)
-    copy = np.zeros(KERNEL.q6_k_packed_bytes(rows, k), np.uint8)
-    assert KERNEL.q6_k_pack(wide.ctypes.data, rows, k, lda, copy.ctypes.data)
-    for packed in (copy.ctypes.data, None):
-        out = np.full((2, rows), np.nan, np.float32)
-        assert KERNEL.q6_k_multiply(packed, wide.ctypes.data, lda, rows, k, 2, x.ctypes.data, k, out.ctypes.data,
-                                    rows, 0, 1)
-        assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
-
-
-@needs_kernel
 def test_extreme_q6_k_values_do_not_overflow(instruction_set: str) -> None:
     """AVX2 sums byte products in pairs in 16 bits (2 * 63 * 128 at most); scales at both ends, 6-bit values at
     both ends, tokens at -128 and 127."""
     rng = np.random.default_rng(0)
     rows, k = 16, 3
     for value, scale, token in ((63, 127, -128), (63, -128, -128), (0, -128, 127), (0, 127, -128), (63, 127, 127)):
-        a, _ = q6_k_matrix(rng, rows, k, values=np.full((rows, k * 256), value), scale=scale)
+        a = q6_k_matrix(rng, rows, k, values=np.full((rows, k * 256), value), scale=scale)
         x = q8_k_tokens(rng, 5, k, values=np.full((5, k * 256), token))
-        want = expected_q6_k(a, x)
-        for out in (multiply_q6_k(a, x), multiply_q6_k(a, x[:1]), multiply_q6_k(a, x, packed=False)):
+        want = expected_k_quant(a, x)
+        for out in (multiply_k_quant(a, x), multiply_k_quant(a, x[:1]), multiply_k_quant(a, x, packed=False)):
             assert np.abs(out - want[:out.shape[0]]).max() <= 1e-5 * np.abs(want).max(), (value, scale, token)
-
-
-@needs_kernel
-def test_q6_k_with_avx512_vnni_and_avx2_gives_the_same_bits() -> None:
-    assert KERNEL is not None
-    if not KERNEL.q5_0_use_vnni(1):
-        pytest.skip("this CPU lacks AVX-512 VNNI")
-    rng = np.random.default_rng(6)
-    a, _ = q6_k_matrix(rng, 32, 5)
-    x = q8_k_tokens(rng, 11, 5)
-    results = {}
-    try:
-        for vnni in (1, 0):
-            assert KERNEL.q5_0_use_vnni(vnni) == vnni
-            results[vnni] = multiply_q6_k(a, x, threads=2)
-    finally:
-        KERNEL.q5_0_use_vnni(1)
-    assert np.array_equal(results[1], results[0])
 
 
 def q4_k_matrix(rng: np.random.Generator, rows: int, k: int, values: np.ndarray | None = None,
@@ -331,63 +258,6 @@ def q4_k_matrix(rng: np.random.Generator, rows: int, k: int, values: np.ndarray 
     return blocks
 
 
-def expected_q4_k(a: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """(tokens x rows) with the weights as gguf's reference dequantizes them, exact sums in float64."""
-    w = dequantize(np.ascontiguousarray(a).view(np.uint8).reshape(a.shape[0], -1), GGMLQuantizationType.Q4_K)
-    t = (x["qs"].astype(np.float64) * x["d"].astype(np.float64)[..., None]).reshape(x.shape[0], -1)
-    return t @ w.astype(np.float64).T
-
-
-def multiply_q4_k(a: np.ndarray, x: np.ndarray, packed: bool = True, threads: int = 1) -> np.ndarray:
-    """Products from a packed copy of `a`, or (packed False) from its rows, a block packed at a time."""
-    assert KERNEL is not None
-    rows, k = a.shape
-    copy = np.zeros(KERNEL.q4_k_packed_bytes(rows, k), np.uint8)
-    assert KERNEL.q4_k_pack(a.ctypes.data, rows, k, k, copy.ctypes.data)
-    out = np.full((x.shape[0], rows), np.nan, np.float32)
-    for ith in range(threads):
-        assert KERNEL.q4_k_multiply(copy.ctypes.data if packed else None, a.ctypes.data, k, rows, k, x.shape[0],
-                                    x.ctypes.data, k, out.ctypes.data, rows, ith, threads)
-    return out
-
-
-@needs_kernel
-@pytest.mark.parametrize("n", [1, 2, 3, 6, 7, 9, 17])
-def test_packed_q4_k_products_are_the_q4_k_products_whatever_the_batch(n: int, instruction_set: str) -> None:
-    """Q4_K (attention output, ffn_down of half the layers): against gguf's own dequantization; a token's result is
-    bit for bit the same alone as in a batch, and from the rows without a copy as from the copy."""
-    rng = np.random.default_rng(n)
-    rows, k = 48, 19
-    a = q4_k_matrix(rng, rows, k)
-    x = q8_k_tokens(rng, n, k)
-    together = multiply_q4_k(a, x, threads=4)
-    want = expected_q4_k(a, x)
-    assert np.abs(together - want).max() <= 1e-5 * np.abs(want).max()
-    assert np.array_equal(multiply_q4_k(a, x, packed=False, threads=2), together)
-    for j in range(n):
-        assert np.array_equal(multiply_q4_k(a, x[j:j + 1])[0], together[j])
-
-
-@needs_kernel
-def test_q4_k_rows_further_apart_than_their_width(instruction_set: str) -> None:
-    assert KERNEL is not None
-    rng = np.random.default_rng(9)
-    rows, k, lda = 16, 3, 5
-    wide = q4_k_matrix(rng, rows, lda)
-    x = q8_k_tokens(rng, 2, k)
-    want = expected_q4_k(np.ascontiguousarray(wide[:, :k]), x)
-    copy = np.zeros(KERNEL.q4_k_packed_bytes(rows, k), np.uint8)
-    assert KERNEL.q4_k_pack(wide.ctypes.data, rows, k, lda, copy.ctypes.data)
-    outs = []
-    for packed in (copy.ctypes.data, None):
-        out = np.full((2, rows), np.nan, np.float32)
-        assert KERNEL.q4_k_multiply(packed, wide.ctypes.data, lda, rows, k, 2, x.ctypes.data, k, out.ctypes.data,
-                                    rows, 0, 1)
-        assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
-        outs.append(out)
-    assert np.array_equal(outs[0], outs[1])
-
-
 @needs_kernel
 def test_extreme_q4_k_values_do_not_overflow(instruction_set: str) -> None:
     """AVX2 sums byte products in pairs in 16 bits (2 * 15 * 128 at most); scales and mins at both ends, 4-bit
@@ -398,24 +268,93 @@ def test_extreme_q4_k_values_do_not_overflow(instruction_set: str) -> None:
                                      (0, 63, 63, 127)):
         a = q4_k_matrix(rng, rows, k, values=np.full((rows, k * 256), value), scale=scale, low=low)
         x = q8_k_tokens(rng, 5, k, values=np.full((5, k * 256), token))
-        want = expected_q4_k(a, x)
-        for out in (multiply_q4_k(a, x), multiply_q4_k(a, x[:1]), multiply_q4_k(a, x, packed=False)):
+        want = expected_k_quant(a, x)
+        for out in (multiply_k_quant(a, x), multiply_k_quant(a, x[:1]), multiply_k_quant(a, x, packed=False)):
             assert np.abs(out - want[:out.shape[0]]).max() <= 1e-5 * np.abs(want).max(), (value, scale, low, token)
 
 
+def k_quant_matrix(kind: str, rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
+    """Random rows of k blocks of a K-quant, "Q6_K" or "Q4_K"."""
+    return q6_k_matrix(rng, rows, k) if kind == "Q6_K" else q4_k_matrix(rng, rows, k)
+
+
+def k_quant_type(a: np.ndarray) -> int:
+    return GGML_Q6_K if a.dtype == Q6_K_BLOCK else GGML_Q4_K
+
+
+def expected_k_quant(a: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """(tokens x rows) with the weights as gguf's reference dequantizes them, exact sums in float64."""
+    w = dequantize(np.ascontiguousarray(a).view(np.uint8).reshape(a.shape[0], -1),
+                   GGMLQuantizationType(k_quant_type(a)))
+    t = (x["qs"].astype(np.float64) * x["d"].astype(np.float64)[..., None]).reshape(x.shape[0], -1)
+    return t @ w.astype(np.float64).T
+
+
+def multiply_k_quant(a: np.ndarray, x: np.ndarray, packed: bool = True, threads: int = 1, k: int | None = None,
+                     ) -> np.ndarray:
+    """Products of the first k blocks of `a`'s rows (all by default) from a packed copy, or (packed False) from
+    its rows, a block packed at a time."""
+    assert KERNEL is not None
+    kind = k_quant_type(a)
+    rows, lda = a.shape
+    k = lda if k is None else k
+    copy = np.zeros(KERNEL.k_quant_packed_bytes(kind, rows, k), np.uint8)
+    assert KERNEL.k_quant_pack(kind, a.ctypes.data, rows, k, lda, copy.ctypes.data)
+    out = np.full((x.shape[0], rows), np.nan, np.float32)
+    for ith in range(threads):
+        assert KERNEL.k_quant_multiply(kind, copy.ctypes.data if packed else None, a.ctypes.data, lda, rows, k,
+                                       x.shape[0], x.ctypes.data, k, out.ctypes.data, rows, ith, threads)
+    return out
+
+
 @needs_kernel
-def test_q4_k_with_avx512_vnni_and_avx2_gives_the_same_bits() -> None:
+@pytest.mark.parametrize("kind", ["Q6_K", "Q4_K"])
+@pytest.mark.parametrize("n", [1, 2, 3, 6, 7, 9, 17])
+def test_packed_k_quant_products_are_the_products_whatever_the_batch(kind: str, n: int, instruction_set: str,
+                                                                     ) -> None:
+    """Q6_K (ffn_down of half the layers) and Q4_K (attention output, the other ffn_down): against gguf's own
+    dequantization; a token's result is bit for bit the same alone as in a batch, and from the rows without a
+    copy (each block packed in turn) as from the copy."""
+    rng = np.random.default_rng(n)
+    rows, k = 48, 19  # Qwen2.5 0.5B's ffn_down rows are 19 blocks wide
+    a = k_quant_matrix(kind, rng, rows, k)
+    x = q8_k_tokens(rng, n, k)
+    together = multiply_k_quant(a, x, threads=4)  # 6 groups of rows over 4 threads' shares
+    want = expected_k_quant(a, x)
+    assert np.abs(together - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.array_equal(multiply_k_quant(a, x, packed=False, threads=2), together)
+    for j in range(n):
+        assert np.array_equal(multiply_k_quant(a, x[j:j + 1])[0], together[j])
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["Q6_K", "Q4_K"])
+def test_k_quant_rows_further_apart_than_their_width(kind: str, instruction_set: str) -> None:
+    """A view into wider rows (lda > k): the copy and the path without one read the right blocks."""
+    rng = np.random.default_rng(8)
+    rows, k, lda = 16, 3, 5
+    wide = k_quant_matrix(kind, rng, rows, lda)
+    x = q8_k_tokens(rng, 2, k)
+    want = expected_k_quant(np.ascontiguousarray(wide[:, :k]), x)
+    out = multiply_k_quant(wide, x, k=k)
+    assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.array_equal(multiply_k_quant(wide, x, packed=False, k=k), out)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["Q6_K", "Q4_K"])
+def test_k_quants_with_avx512_vnni_and_avx2_give_the_same_bits(kind: str) -> None:
     assert KERNEL is not None
     if not KERNEL.q5_0_use_vnni(1):
         pytest.skip("this CPU lacks AVX-512 VNNI")
     rng = np.random.default_rng(6)
-    a = q4_k_matrix(rng, 32, 5)
+    a = k_quant_matrix(kind, rng, 32, 5)
     x = q8_k_tokens(rng, 11, 5)
     results = {}
     try:
         for vnni in (1, 0):
             assert KERNEL.q5_0_use_vnni(vnni) == vnni
-            results[vnni] = multiply_q4_k(a, x, threads=2)
+            results[vnni] = multiply_k_quant(a, x, threads=2)
     finally:
         KERNEL.q5_0_use_vnni(1)
     assert np.array_equal(results[1], results[0])
@@ -498,23 +437,22 @@ def test_registered_k_quant_weights_are_multiplied_here_and_others_left_to_llama
     ours = _signature(KERNEL.llamafile_sgemm)
     rng = np.random.default_rng(7)
     rows, k = 32, 19
-    a = q6_k_matrix(rng, rows, k)[0] if kind == "Q6_K" else q4_k_matrix(rng, rows, k)
-    multiply, counted = (multiply_q6_k, q5_0.q6_k_products) if kind == "Q6_K" else (multiply_q4_k, q5_0.q4_k_products)
+    a = k_quant_matrix(kind, rng, rows, k)
     x = q8_k_tokens(rng, 3, k)
 
     def sgemm(tokens: np.ndarray) -> tuple[np.ndarray, bool]:
-        return _sgemm(ours, a, tokens, types=(GGML_Q6_K if kind == "Q6_K" else GGML_Q4_K, GGML_Q8_K))
+        return _sgemm(ours, a, tokens, types=(k_quant_type(a), GGML_Q8_K))
 
     matrices = KERNEL.q5_0_packed_matrices()
     assert not sgemm(x)[1]
     start = a.ctypes.data
     assert KERNEL.q5_0_add_range(start, start + a.nbytes)
     try:
-        products = counted()
+        products = q5_0.k_quant_products(kind)
         out, done = sgemm(x)
-        assert done and counted() - products == rows * 3
+        assert done and q5_0.k_quant_products(kind) - products == rows * 3
         assert KERNEL.q5_0_packed_matrices() == matrices + 1
-        assert np.array_equal(out, multiply(a, x))
+        assert np.array_equal(out, multiply_k_quant(a, x))
         one, done = sgemm(x[:1])
         assert done and np.array_equal(one[0], out[0])
     finally:
@@ -578,10 +516,10 @@ def test_a_packed_q6_k_matrix_keeps_its_pages_in_a_file_mapping(tmp_path: Path) 
     assert KERNEL is not None
     ours = _signature(KERNEL.llamafile_sgemm)
     rng = np.random.default_rng(9)
-    matrix = q6_k_matrix(rng, 64, 19)[0]
+    matrix = q6_k_matrix(rng, 64, 19)
     x = q8_k_tokens(rng, 2, 19)
     with _registered_file(tmp_path / "weights", matrix) as a:
-        want = expected_q6_k(a, x)  # reads every page
+        want = expected_k_quant(a, x)  # reads every page
         out, done = _sgemm(ours, a, x, types=(GGML_Q6_K, GGML_Q8_K))
         assert done
         assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
@@ -604,13 +542,13 @@ def test_the_real_model_gives_the_same_logits_with_the_kernel_as_without(default
         logits = {}
         for on in (True, False):
             q5_0.set_enabled(on)
-            products, q6_k, q4_k = q5_0.products(), q5_0.q6_k_products(), q5_0.q4_k_products()
+            products, q6_k, q4_k = q5_0.products(), q5_0.k_quant_products("Q6_K"), q5_0.k_quant_products("Q4_K")
             model.forget(0)
             assert model.decode([(0, 0, prompt, True)])
             logits[on] = np.array(model.logits(len(prompt) - 1), np.float64)
             assert (q5_0.products() > products) == on
-            assert (q5_0.q6_k_products() > q6_k) == on  # its ffn_down matrices in Q6_K
-            assert (q5_0.q4_k_products() > q4_k) == on  # attention output and the other ffn_down in Q4_K
+            assert (q5_0.k_quant_products("Q6_K") > q6_k) == on  # its ffn_down matrices in Q6_K
+            assert (q5_0.k_quant_products("Q4_K") > q4_k) == on  # attention output and the other ffn_down in Q4_K
         assert KERNEL.q5_0_packed_matrices() > matrices
     finally:
         q5_0.set_enabled(True)

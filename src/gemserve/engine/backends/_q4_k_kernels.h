@@ -82,34 +82,5 @@ TARGET static inline __attribute__((always_inline)) void NAME(q4_k_group)(const 
     for (int c = 0; c < cols; c++) _mm256_storeu_ps(out + c * ldo, acc[c]);
 }
 
-/* Output rows of groups [g0, g1) for all n tokens (Q8_K, ldx blocks apart): out[j * ldo + row] (or added to, as
-   above). Tokens go up to COLS at a time, each sub-block unpacked once for them. */
-#if VNNI
-#define COLS 8
-#else
-#define COLS 4
-#endif
-TARGET static void NAME(multiply_groups_q4_k)(const uint8_t *packed, int64_t g0, int64_t g1, int64_t k, int64_t n,
-                                              const block_q8_K *x, int64_t ldx, float *out, int64_t ldo,
-                                              bool more) {
-    for (int64_t g = g0; g < g1; g++) {
-        const uint8_t *group = packed + g * k * K4_GROUP_BYTES;
-        for (int64_t j0 = 0; j0 < n; j0 += COLS) {
-            const block_q8_K *xj = x + j0 * ldx;
-            float *dst = out + j0 * ldo + g * ROWS;
-            switch (n - j0 < COLS ? (int)(n - j0) : COLS) {
-            case 1: NAME(q4_k_group)(group, k, 1, xj, ldx, dst, ldo, more); break;
-            case 2: NAME(q4_k_group)(group, k, 2, xj, ldx, dst, ldo, more); break;
-            case 3: NAME(q4_k_group)(group, k, 3, xj, ldx, dst, ldo, more); break;
-            case 4: NAME(q4_k_group)(group, k, 4, xj, ldx, dst, ldo, more); break;
-#if COLS == 8
-            case 5: NAME(q4_k_group)(group, k, 5, xj, ldx, dst, ldo, more); break;
-            case 6: NAME(q4_k_group)(group, k, 6, xj, ldx, dst, ldo, more); break;
-            case 7: NAME(q4_k_group)(group, k, 7, xj, ldx, dst, ldo, more); break;
-            case 8: NAME(q4_k_group)(group, k, 8, xj, ldx, dst, ldo, more); break;
-#endif
-            }
-        }
-    }
-}
-#undef COLS
+/* multiply_groups_q4_k: groups of rows by any number of tokens (K_QUANT_GROUPS, _q5_0.c) */
+K_QUANT_GROUPS(q4_k, K4_GROUP_BYTES)

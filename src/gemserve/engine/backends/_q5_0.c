@@ -162,10 +162,36 @@ AVX2 static void pack_group(const block_q5_0 *a, int64_t lda, int64_t k, uint8_t
 }
 #endif
 
-int64_t q6_k_packed_bytes(int64_t rows, int64_t k) { return rows / ROWS * k * K6_GROUP_BYTES; }
+/* The K-quants packed in groups of 8 rows (Q6_K, Q4_K), whose tokens llama.cpp quantizes to Q8_K: what sets them
+   apart, and how many of their products were taken here. */
+typedef struct {
+    int type;
+    size_t block_bytes;    /* llama.cpp's block of 256 columns of a row */
+    int64_t group_bytes;   /* a packed block of 8 rows */
+    atomic_int enabled;    /* for benchmarks; q5_0_set_enabled turns all types off */
+    atomic_llong products; /* token-rows multiplied here, for logs and tests */
+} k_quant;
+
+static k_quant k_quants[] = {
+    {TYPE_Q6_K, sizeof(block_q6_K), K6_GROUP_BYTES, 1, 0},
+    {TYPE_Q4_K, sizeof(block_q4_K), K4_GROUP_BYTES, 1, 0},
+};
+
+static k_quant *k_quant_of(int type) {
+    for (size_t i = 0; i < sizeof(k_quants) / sizeof(k_quants[0]); i++)
+        if (k_quants[i].type == type) return &k_quants[i];
+    return NULL;
+}
+
+/* Bytes of a packed copy of a K-quant matrix of `rows` rows of k blocks; 0 for other types. */
+int64_t k_quant_packed_bytes(int type, int64_t rows, int64_t k) {
+    const k_quant *q = k_quant_of(type);
+    return q ? rows / ROWS * k * q->group_bytes : 0;
+}
 
 #if HAVE_X86
-static void pack_group_q6_k(const block_q6_K *a, int64_t lda, int64_t k, uint8_t *out) {
+static void pack_group_q6_k(const void *rows, int64_t lda, int64_t k, uint8_t *out) {
+    const block_q6_K *a = rows;
     for (int64_t l = 0; l < k; l++) {
         uint8_t *block = out + l * K6_GROUP_BYTES;
         memset(block, 0, K6_GROUP_BYTES);
@@ -187,10 +213,9 @@ static void pack_group_q6_k(const block_q6_K *a, int64_t lda, int64_t k, uint8_t
 }
 #endif
 
-int64_t q4_k_packed_bytes(int64_t rows, int64_t k) { return rows / ROWS * k * K4_GROUP_BYTES; }
-
 #if HAVE_X86
-static void pack_group_q4_k(const block_q4_K *a, int64_t lda, int64_t k, uint8_t *out) {
+static void pack_group_q4_k(const void *rows, int64_t lda, int64_t k, uint8_t *out) {
+    const block_q4_K *a = rows;
     for (int64_t l = 0; l < k; l++) {
         uint8_t *block = out + l * K4_GROUP_BYTES;
         memset(block, 0, K4_GROUP_BYTES);
@@ -214,30 +239,24 @@ static void pack_group_q4_k(const block_q4_K *a, int64_t lda, int64_t k, uint8_t
         }
     }
 }
-#endif
 
-/* Packs all of a Q4_K matrix (m a multiple of 8) into `out` (q4_k_packed_bytes). For tests. */
-int q4_k_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
-#if HAVE_X86
-    if (!q5_0_supported() || m % ROWS) return 0;
-    for (int64_t g = 0; g < m / ROWS; g++)
-        pack_group_q4_k((const block_q4_K *)a + g * ROWS * lda, lda, k, out + g * k * K4_GROUP_BYTES);
-    return 1;
-#else
-    (void)a; (void)m; (void)k; (void)lda; (void)out;
-    return 0;
-#endif
+/* Packs the 8 rows from `rows` (lda blocks apart), k blocks of each, of a K-quant `type`. */
+static void pack_k_group(int type, const void *rows, int64_t lda, int64_t k, uint8_t *out) {
+    (type == TYPE_Q6_K ? pack_group_q6_k : pack_group_q4_k)(rows, lda, k, out);
 }
+#endif
 
-/* Packs all of a Q6_K matrix (m a multiple of 8) into `out` (q6_k_packed_bytes). For tests. */
-int q6_k_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
+/* Packs all of a K-quant matrix (m a multiple of 8) into `out` (k_quant_packed_bytes). For tests. */
+int k_quant_pack(int type, const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
 #if HAVE_X86
-    if (!q5_0_supported() || m % ROWS) return 0;
+    const k_quant *q = k_quant_of(type);
+    if (!q || !q5_0_supported() || m % ROWS) return 0;
     for (int64_t g = 0; g < m / ROWS; g++)
-        pack_group_q6_k((const block_q6_K *)a + g * ROWS * lda, lda, k, out + g * k * K6_GROUP_BYTES);
+        pack_k_group(type, (const uint8_t *)a + (size_t)(g * ROWS * lda) * q->block_bytes, lda, k,
+                     out + g * k * q->group_bytes);
     return 1;
 #else
-    (void)a; (void)m; (void)k; (void)lda; (void)out;
+    (void)type; (void)a; (void)m; (void)k; (void)lda; (void)out;
     return 0;
 #endif
 }
@@ -260,6 +279,32 @@ int q5_0_pack(const void *a, int64_t m, int64_t k, int64_t lda, uint8_t *out) {
 #if HAVE_X86
 #define CONCAT_(a, b) a##_##b
 #define CONCAT(a, b) CONCAT_(a, b)
+
+/* Output rows of groups [g0, g1) of a packed K-quant matrix for all n tokens (Q8_K, ldx blocks apart):
+   out[j * ldo + row], or added to (`more`, as the kind's group function says). Tokens go up to K_COLS at a time,
+   each sub-block unpacked once for them; the group function is inlined for each count so that their sums stay in
+   registers. Each K-quant's kernel header defines its multiply_groups_<kind> with it. */
+#define K_COLS (VNNI ? 8 : 4)
+#define K_CASE(kind, cols)                                                                                    \
+    case cols:                                                                                                \
+        if ((cols) <= K_COLS) NAME(kind##_group)(group, k, cols, xj, ldx, dst, ldo, more);                    \
+        break;
+#define K_QUANT_GROUPS(kind, group_bytes)                                                                     \
+    TARGET static void NAME(multiply_groups_##kind)(const uint8_t *packed, int64_t g0, int64_t g1, int64_t k,    \
+                                                    int64_t n, const block_q8_K *x, int64_t ldx, float *out,    \
+                                                    int64_t ldo, bool more) {                                   \
+        for (int64_t g = g0; g < g1; g++) {                                                                     \
+            const uint8_t *group = packed + g * k * (group_bytes);                                              \
+            for (int64_t j0 = 0; j0 < n; j0 += K_COLS) {                                                        \
+                const block_q8_K *xj = x + j0 * ldx;                                                            \
+                float *dst = out + j0 * ldo + g * ROWS;                                                         \
+                switch (n - j0 < K_COLS ? (int)(n - j0) : K_COLS) {                                             \
+                    K_CASE(kind, 1) K_CASE(kind, 2) K_CASE(kind, 3) K_CASE(kind, 4)                             \
+                    K_CASE(kind, 5) K_CASE(kind, 6) K_CASE(kind, 7) K_CASE(kind, 8)                             \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+    }
 
 #define TARGET AVX2
 #define NAME(x) CONCAT(x, avx2)
@@ -306,14 +351,12 @@ static void multiply_groups(const uint8_t *packed, int64_t g0, int64_t g1, int64
     (use_vnni() ? multiply_groups_vnni : multiply_groups_avx2)(packed, g0, g1, k, n, x, ldx, xd, xs, out, ldo);
 }
 
-static void multiply_groups_q6_k(const uint8_t *packed, int64_t g0, int64_t g1, int64_t k, int64_t n,
-                                 const block_q8_K *x, int64_t ldx, float *out, int64_t ldo, bool more) {
-    (use_vnni() ? multiply_groups_q6_k_vnni : multiply_groups_q6_k_avx2)(packed, g0, g1, k, n, x, ldx, out, ldo, more);
-}
-
-static void multiply_groups_q4_k(const uint8_t *packed, int64_t g0, int64_t g1, int64_t k, int64_t n,
-                                 const block_q8_K *x, int64_t ldx, float *out, int64_t ldo, bool more) {
-    (use_vnni() ? multiply_groups_q4_k_vnni : multiply_groups_q4_k_avx2)(packed, g0, g1, k, n, x, ldx, out, ldo, more);
+static void multiply_k_groups(int type, const uint8_t *packed, int64_t g0, int64_t g1, int64_t k, int64_t n,
+                              const block_q8_K *x, int64_t ldx, float *out, int64_t ldo, bool more) {
+    const bool v = use_vnni();
+    (type == TYPE_Q6_K ? (v ? multiply_groups_q6_k_vnni : multiply_groups_q6_k_avx2)
+                       : (v ? multiply_groups_q4_k_vnni : multiply_groups_q4_k_avx2))(packed, g0, g1, k, n, x, ldx,
+                                                                                      out, ldo, more);
 }
 
 /* Thread ith's share of a matrix's groups of rows, [*g0, *g1), of nth threads' (llama.cpp's split of work). */
@@ -324,24 +367,13 @@ static void share(int64_t groups, int ith, int nth, int64_t *g0, int64_t *g1) {
 
 /* Without a packed copy (no memory for one): each group's blocks packed one at a time on the stack, each product
    adding to the sums so far, the same float steps as from a whole copy: the same bits. */
-static void multiply_q6_k_without_copy(const block_q6_K *a, int64_t lda, int64_t g0, int64_t g1, int64_t k, int64_t n,
-                                   const block_q8_K *x, int64_t ldx, float *out, int64_t ldo) {
-    uint8_t block[K6_GROUP_BYTES] __attribute__((aligned(32)));
+static void multiply_k_without_copy(const k_quant *q, const void *a, int64_t lda, int64_t g0, int64_t g1, int64_t k,
+                                    int64_t n, const block_q8_K *x, int64_t ldx, float *out, int64_t ldo) {
+    uint8_t block[K4_GROUP_BYTES > K6_GROUP_BYTES ? K4_GROUP_BYTES : K6_GROUP_BYTES] __attribute__((aligned(32)));
     for (int64_t g = g0; g < g1; g++) {
         for (int64_t l = 0; l < k; l++) {
-            pack_group_q6_k(a + g * ROWS * lda + l, lda, 1, block);
-            multiply_groups_q6_k(block, 0, 1, 1, n, x + l, ldx, out + g * ROWS, ldo, l > 0);
-        }
-    }
-}
-
-static void multiply_q4_k_without_copy(const block_q4_K *a, int64_t lda, int64_t g0, int64_t g1, int64_t k, int64_t n,
-                                       const block_q8_K *x, int64_t ldx, float *out, int64_t ldo) {
-    uint8_t block[K4_GROUP_BYTES] __attribute__((aligned(32)));
-    for (int64_t g = g0; g < g1; g++) {
-        for (int64_t l = 0; l < k; l++) {
-            pack_group_q4_k(a + g * ROWS * lda + l, lda, 1, block);
-            multiply_groups_q4_k(block, 0, 1, 1, n, x + l, ldx, out + g * ROWS, ldo, l > 0);
+            pack_k_group(q->type, (const uint8_t *)a + (size_t)(g * ROWS * lda + l) * q->block_bytes, lda, 1, block);
+            multiply_k_groups(q->type, block, 0, 1, 1, n, x + l, ldx, out + g * ROWS, ldo, l > 0);
         }
     }
 }
@@ -405,41 +437,23 @@ int q5_0_multiply(const uint8_t *packed, int64_t m, int64_t k, int64_t n, const 
 #endif
 }
 
-/* The same for a packed Q6_K matrix and tokens in Q8_K; with `packed` NULL, from the rows of `a` (lda blocks apart)
-   without a copy. For tests. */
-int q6_k_multiply(const uint8_t *packed, const void *a, int64_t lda, int64_t m, int64_t k, int64_t n, const void *x,
-                  int64_t ldx, float *out, int64_t ldo, int ith, int nth) {
+/* The same for a packed K-quant matrix of `type` and tokens in Q8_K; with `packed` NULL, from the rows of `a` (lda
+   blocks apart) without a copy. For tests. */
+int k_quant_multiply(int type, const uint8_t *packed, const void *a, int64_t lda, int64_t m, int64_t k, int64_t n,
+                     const void *x, int64_t ldx, float *out, int64_t ldo, int ith, int nth) {
 #if HAVE_X86
-    if (!q5_0_supported() || m % ROWS) return 0;
+    const k_quant *q = k_quant_of(type);
+    if (!q || !q5_0_supported() || m % ROWS) return 0;
     int64_t g0, g1;
     share(m / ROWS, ith, nth, &g0, &g1);
     if (packed)
-        multiply_groups_q6_k(packed, g0, g1, k, n, x, ldx, out, ldo, false);
+        multiply_k_groups(type, packed, g0, g1, k, n, x, ldx, out, ldo, false);
     else
-        multiply_q6_k_without_copy(a, lda, g0, g1, k, n, x, ldx, out, ldo);
+        multiply_k_without_copy(q, a, lda, g0, g1, k, n, x, ldx, out, ldo);
     return 1;
 #else
-    (void)packed; (void)a; (void)lda; (void)m; (void)k; (void)n; (void)x; (void)ldx; (void)out; (void)ldo; (void)ith;
-    (void)nth;
-    return 0;
-#endif
-}
-
-/* The same for a Q4_K matrix. For tests. */
-int q4_k_multiply(const uint8_t *packed, const void *a, int64_t lda, int64_t m, int64_t k, int64_t n, const void *x,
-                  int64_t ldx, float *out, int64_t ldo, int ith, int nth) {
-#if HAVE_X86
-    if (!q5_0_supported() || m % ROWS) return 0;
-    int64_t g0, g1;
-    share(m / ROWS, ith, nth, &g0, &g1);
-    if (packed)
-        multiply_groups_q4_k(packed, g0, g1, k, n, x, ldx, out, ldo, false);
-    else
-        multiply_q4_k_without_copy(a, lda, g0, g1, k, n, x, ldx, out, ldo);
-    return 1;
-#else
-    (void)packed; (void)a; (void)lda; (void)m; (void)k; (void)n; (void)x; (void)ldx; (void)out; (void)ldo; (void)ith;
-    (void)nth;
+    (void)type; (void)packed; (void)a; (void)lda; (void)m; (void)k; (void)n; (void)x; (void)ldx; (void)out; (void)ldo;
+    (void)ith; (void)nth;
     return 0;
 #endif
 }
@@ -466,8 +480,8 @@ static int64_t n_matrices, cap_matrices;
 static range *ranges;
 static int64_t n_ranges, cap_ranges;
 static _Atomic(sgemm_fn) original;
-static atomic_int enabled = 1, enabled_q6_k = 1, enabled_q4_k = 1;
-static atomic_llong products, products_q6_k, products_q4_k; /* token-rows multiplied here, for logs and tests */
+static atomic_int enabled = 1;
+static atomic_llong products; /* token-rows of Q5_0 multiplied here, for logs and tests */
 
 /* llama.cpp's own definition of a function this library also defines (`ours`): looked up in the libggml-cpu that
    llama.cpp loaded (by the name libllama asks for), whose own definition a lookup through its handle finds first.
@@ -497,11 +511,18 @@ int q5_0_original_found(void) { return llama_cpps() != NULL; }
 
 /* Only between passes: the threads of one product must decide alike. */
 void q5_0_set_enabled(int on) { atomic_store(&enabled, on); } /* all products: every type */
-void q6_k_set_enabled(int on) { atomic_store(&enabled_q6_k, on); } /* Q6_K's alone, for benchmarks */
 int64_t q5_0_products(void) { return atomic_load(&products); }
-int64_t q6_k_products(void) { return atomic_load(&products_q6_k); }
-void q4_k_set_enabled(int on) { atomic_store(&enabled_q4_k, on); } /* Q4_K's alone, for benchmarks */
-int64_t q4_k_products(void) { return atomic_load(&products_q4_k); }
+
+/* One K-quant's products alone (Q6_K or Q4_K), for benchmarks. */
+void k_quant_set_enabled(int type, int on) {
+    k_quant *q = k_quant_of(type);
+    if (q) atomic_store(&q->enabled, on);
+}
+
+int64_t k_quant_products(int type) {
+    k_quant *q = k_quant_of(type);
+    return q ? atomic_load(&q->products) : 0;
+}
 
 int64_t q5_0_packed_matrices(void) {
     pthread_mutex_lock(&lock);
@@ -556,14 +577,13 @@ int64_t q5_0_release_range(uintptr_t start, uintptr_t end) {
     return freed;
 }
 
+/* For TYPE_Q5_0 and the K-quants' types. */
 static size_t block_bytes(int type) {
-    return type == TYPE_Q6_K ? sizeof(block_q6_K) : type == TYPE_Q4_K ? sizeof(block_q4_K) : sizeof(block_q5_0);
+    return type == TYPE_Q5_0 ? sizeof(block_q5_0) : k_quant_of(type)->block_bytes;
 }
 
 static int64_t packed_bytes(int type, int64_t m, int64_t k) {
-    return type == TYPE_Q6_K   ? q6_k_packed_bytes(m, k)
-           : type == TYPE_Q4_K ? q4_k_packed_bytes(m, k)
-                               : q5_0_packed_bytes(m, k);
+    return type == TYPE_Q5_0 ? q5_0_packed_bytes(m, k) : k_quant_packed_bytes(type, m, k);
 }
 
 static const range *in_ranges(uintptr_t start, uintptr_t end) {
@@ -628,15 +648,12 @@ static void ensure_packed(matrix *e, int64_t g0, int64_t g1) {
         if (s == PACKED) continue;
         uint8_t expected = UNPACKED;
         if (atomic_compare_exchange_strong(&e->state[g], &expected, PACKING)) {
-            if (e->type == TYPE_Q6_K)
-                pack_group_q6_k((const block_q6_K *)e->weights + g * ROWS * e->lda, e->lda, e->k,
-                                e->packed + g * e->k * K6_GROUP_BYTES);
-            else if (e->type == TYPE_Q4_K)
-                pack_group_q4_k((const block_q4_K *)e->weights + g * ROWS * e->lda, e->lda, e->k,
-                                e->packed + g * e->k * K4_GROUP_BYTES);
-            else
+            if (e->type == TYPE_Q5_0)
                 pack_group((const block_q5_0 *)e->weights + g * ROWS * e->lda, e->lda, e->k,
                            e->packed + g * e->k * GROUP_BYTES);
+            else
+                pack_k_group(e->type, (const uint8_t *)e->weights + (size_t)(g * ROWS * e->lda) * block_bytes(e->type),
+                             e->lda, e->k, e->packed + g * e->k * k_quant_of(e->type)->group_bytes);
             atomic_store_explicit(&e->state[g], PACKED, memory_order_release);
             if (atomic_fetch_sub_explicit(&e->unpacked, 1, memory_order_acq_rel) == 1 && e->let_pages_go)
                 let_go((uintptr_t)e->weights,
@@ -670,32 +687,18 @@ bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, 
         atomic_fetch_add_explicit(&products, (long long)((g1 - g0) * ROWS * n), memory_order_relaxed);
         return true;
     }
-    if (atype == TYPE_Q6_K && btype == TYPE_Q8_K && ctype == TYPE_F32 && m % ROWS == 0 && n > 0 &&
-        atomic_load_explicit(&enabled, memory_order_relaxed) &&
-        atomic_load_explicit(&enabled_q6_k, memory_order_relaxed) && registered(a, TYPE_Q6_K, m, k, lda, &e)) {
+    k_quant *q = btype == TYPE_Q8_K ? k_quant_of(atype) : NULL;
+    if (q && ctype == TYPE_F32 && m % ROWS == 0 && n > 0 && atomic_load_explicit(&enabled, memory_order_relaxed) &&
+        atomic_load_explicit(&q->enabled, memory_order_relaxed) && registered(a, atype, m, k, lda, &e)) {
         int64_t g0, g1;
         share(m / ROWS, params->ith, params->nth, &g0, &g1);
         if (e) {
             ensure_packed(e, g0, g1);
-            multiply_groups_q6_k(e->packed, g0, g1, k, n, b, ldb, c, ldc, false);
+            multiply_k_groups(atype, e->packed, g0, g1, k, n, b, ldb, c, ldc, false);
         } else {
-            multiply_q6_k_without_copy(a, lda, g0, g1, k, n, b, ldb, c, ldc);
+            multiply_k_without_copy(q, a, lda, g0, g1, k, n, b, ldb, c, ldc);
         }
-        atomic_fetch_add_explicit(&products_q6_k, (long long)((g1 - g0) * ROWS * n), memory_order_relaxed);
-        return true;
-    }
-    if (atype == TYPE_Q4_K && btype == TYPE_Q8_K && ctype == TYPE_F32 && m % ROWS == 0 && n > 0 &&
-        atomic_load_explicit(&enabled, memory_order_relaxed) &&
-        atomic_load_explicit(&enabled_q4_k, memory_order_relaxed) && registered(a, TYPE_Q4_K, m, k, lda, &e)) {
-        int64_t g0, g1;
-        share(m / ROWS, params->ith, params->nth, &g0, &g1);
-        if (e) {
-            ensure_packed(e, g0, g1);
-            multiply_groups_q4_k(e->packed, g0, g1, k, n, b, ldb, c, ldc, false);
-        } else {
-            multiply_q4_k_without_copy(a, lda, g0, g1, k, n, b, ldb, c, ldc);
-        }
-        atomic_fetch_add_explicit(&products_q4_k, (long long)((g1 - g0) * ROWS * n), memory_order_relaxed);
+        atomic_fetch_add_explicit(&q->products, (long long)((g1 - g0) * ROWS * n), memory_order_relaxed);
         return true;
     }
     const sgemm_fn theirs = llama_cpps();

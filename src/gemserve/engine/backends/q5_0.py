@@ -27,6 +27,7 @@ from pathlib import Path
 log = logging.getLogger("gemserve.engine")
 
 _I64, _PTR, _UPTR = ctypes.c_int64, ctypes.c_void_p, ctypes.c_size_t
+K_QUANT_TYPES = {"Q4_K": 12, "Q6_K": 14}  # ggml_type of the K-quants the kernel multiplies (k_quant_* in _q5_0.c)
 
 # Model loads that register weights run one at a time: a model's weights are the mappings of its file that
 # appeared while it loaded, which another load of the same file at the same time would blur.
@@ -78,20 +79,14 @@ def install() -> ctypes.CDLL | None:
         lib.q5_0_multiply.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
         lib.q5_0_multiply_one.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int, ctypes.c_int]
         lib.q5_0_use_vnni.argtypes = [ctypes.c_int]
-        lib.q6_k_set_enabled.argtypes = [ctypes.c_int]
-        lib.q6_k_products.restype = _I64
-        lib.q6_k_packed_bytes.restype = _I64
-        lib.q6_k_packed_bytes.argtypes = [_I64, _I64]
-        lib.q6_k_pack.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
-        lib.q6_k_multiply.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int,
-                                      ctypes.c_int]
-        lib.q4_k_set_enabled.argtypes = [ctypes.c_int]
-        lib.q4_k_products.restype = _I64
-        lib.q4_k_packed_bytes.restype = _I64
-        lib.q4_k_packed_bytes.argtypes = [_I64, _I64]
-        lib.q4_k_pack.argtypes = [_PTR, _I64, _I64, _I64, _PTR]
-        lib.q4_k_multiply.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int,
-                                      ctypes.c_int]
+        lib.k_quant_set_enabled.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.k_quant_products.restype = _I64
+        lib.k_quant_products.argtypes = [ctypes.c_int]
+        lib.k_quant_packed_bytes.restype = _I64
+        lib.k_quant_packed_bytes.argtypes = [ctypes.c_int, _I64, _I64]
+        lib.k_quant_pack.argtypes = [ctypes.c_int, _PTR, _I64, _I64, _I64, _PTR]
+        lib.k_quant_multiply.argtypes = [ctypes.c_int, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64,
+                                         ctypes.c_int, ctypes.c_int]
         lib.q5_0_attention_set_max_rows.argtypes = [_I64]
         lib.q5_0_attention_check.restype = ctypes.c_int
         lib.q5_0_attention_set_enabled.argtypes = [ctypes.c_int]
@@ -137,16 +132,11 @@ def products() -> int:
     return int(lib.q5_0_products()) if lib is not None else 0
 
 
-def q4_k_products() -> int:
-    """Token-rows of Q4_K matrices multiplied by the kernel so far in this process."""
+def k_quant_products(kind: str) -> int:
+    """Token-rows of matrices of a K-quant `kind` ("Q6_K" or "Q4_K") multiplied by the kernel so far in this
+    process."""
     lib = install()
-    return int(lib.q4_k_products()) if lib is not None else 0
-
-
-def q6_k_products() -> int:
-    """Token-rows of Q6_K matrices multiplied by the kernel so far in this process."""
-    lib = install()
-    return int(lib.q6_k_products()) if lib is not None else 0
+    return int(lib.k_quant_products(K_QUANT_TYPES[kind])) if lib is not None else 0
 
 
 def describe() -> str:
