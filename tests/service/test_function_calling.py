@@ -308,3 +308,62 @@ def test_a_dropped_first_attempt_sends_no_logprobs() -> None:
             for c in chunk["candidates"][0].get("logprobsResult", {}).get("chosenCandidates", [])]
     text = "".join(p.get("text", "") for chunk in chunks for p in parts(chunk))
     assert "".join(sent) == text  # exactly the tokens of the answer that went out, none of the dropped call
+
+
+def test_a_streamed_answer_sent_back_a_content_a_chunk_is_one_turn() -> None:
+    """google-genai's chats keep a streamed answer as one model content per chunk, the last one an empty text
+    (the chunk that carries finishReason), and send them all back: that is the model's one turn, as it wrote it."""
+    chunked = request_body(tools=TOOLS, contents=[
+        {"role": "user", "parts": [{"text": "Weather in Paris?"}]},
+        {"role": "model", "parts": [{"text": "Let me "}]},
+        {"role": "model", "parts": [{"text": "check.\n"}]},
+        {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]},
+        {"role": "model", "parts": [{"text": ""}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp_c": 21}}}]},
+    ])
+    whole = request_body(tools=TOOLS, contents=[
+        chunked["contents"][0],
+        {"role": "model", "parts": [{"text": "Let me check.\n"},
+                                    {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]},
+        chunked["contents"][-1],
+    ])
+    response, engine = run("It is 21 degrees.", chunked)
+    assert parts(response) == [{"text": "It is 21 degrees."}]
+    _, reference = run("It is 21 degrees.", whole)
+    assert engine.prompts == reference.prompts
+    assert engine.detokenize(engine.prompts[0]).count("<|im_start|>assistant") == 2  # the turn, and the answer
+
+
+def test_the_empty_last_chunk_of_a_stream_goes_back_as_history() -> None:
+    chunks, _ = run("Hello there!", request_body(), stream=True)
+    history = [{"role": "user", "parts": [{"text": "Hello"}]}]
+    history += [c["candidates"][0]["content"] for c in chunks]
+    assert history[-1]["parts"] == [{"text": ""}]  # the chunk with finishReason STOP, as Google sends it
+    history.append({"role": "user", "parts": [{"text": "And again?"}]})
+    response, engine = run("Hello again!", request_body(contents=history))
+    assert parts(response) == [{"text": "Hello again!"}]
+    assert "Hello there!<|im_end|>" in engine.detokenize(engine.prompts[0])
+
+
+def test_a_call_sent_back_with_whole_numbers_as_floats_counts_as_answered() -> None:
+    """google-generativeai (protobuf's Struct) sends a call's integer arguments back as floats: 3 is 3.0."""
+    days = {"name": "forecast", "parameters": {"type": "OBJECT", "properties": {"days": {"type": "INTEGER"}},
+                                               "required": ["days"]}}
+    body = request_body(tools=[{"functionDeclarations": [days]}], contents=[
+        {"role": "user", "parts": [{"text": "The forecast for three days?"}]},
+        {"role": "model", "parts": [{"functionCall": {"name": "forecast", "args": {"days": 3.0}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "forecast", "response": {"sky": "clear"}}}]},
+    ])
+    response, engine = run('<tool_call>\n{"name": "forecast", "arguments": {"days": 3}}\n</tool_call>', body)
+    assert calls(response) == []
+    assert len(engine.prompts) == 2  # the repeated call was left out, and the model asked again for text
+
+
+@pytest.mark.parametrize("mode", ["AUTO", "ANY"])
+def test_a_function_declared_without_parameters_is_called_without_arguments(mode: str) -> None:
+    clock = {"name": "get_time", "description": "The current time."}
+    body = request_body(tools=[{"functionDeclarations": [clock]}], toolConfig=with_mode(mode))
+    response, _ = run('<tool_call>\n{"name": "get_time", "arguments": {"type": "object", "zone": "CET"}}\n'
+                      '</tool_call>', body)
+    found = calls(response)
+    assert found and all(call == {"name": "get_time", "args": {}} for call in found)

@@ -2,9 +2,11 @@
 
 Google's conversation is a list of Contents (role `user`, `model`, or `function` for function results), each a
 list of typed Parts. Chat templates take messages in Hugging Face's shape: `system`, `user`, `assistant` with
-`tool_calls`, and `tool` for a function's result. The part types keep their meaning on the way:
+`tool_calls`, and `tool` for a function's result; model contents in a row are one assistant message (a streamed
+answer comes back as a content a chunk). The part types keep their meaning on the way:
 
-- text -> the message's text (thought parts, the model's own reasoning, are left out of the prompt);
+- text -> the message's text (thought parts, the model's own reasoning, are left out of the prompt; so is an
+  empty text in a model turn, which streams end with);
 - functionCall -> a tool call of the model's message;
 - functionResponse -> a `tool` message holding the response as JSON;
 - executableCode / codeExecutionResult -> ```python and ```output blocks in the text, as the model writes them
@@ -42,8 +44,19 @@ def conversation(request: GenerateContentRequest) -> list[Message]:
                 f"Please use a valid role: user, model. (contents[{i}].role is {content.role!r})",
                 f"contents[{i}].role",
             )
-        messages += _messages_of(content, role, f"contents[{i}]")
+        for message in _messages_of(content, role, f"contents[{i}]"):
+            if message.role == "assistant" and messages and messages[-1].role == "assistant":
+                message = _joined(messages.pop(), message)
+            messages.append(message)
     return messages
+
+
+def _joined(first: Message, second: Message) -> Message:
+    """Model contents that follow one another are one turn: a streamed answer sent back as history comes as a
+    content a chunk (google-genai's chats keep it so), and the model must see the turn it wrote."""
+    calls = first.tool_calls + second.tool_calls
+    text = first.content + second.content
+    return Message("assistant", text.strip() if calls else text, calls)
 
 
 def _system_text(content: Content) -> str:
@@ -80,8 +93,9 @@ def _messages_of(content: Content, role: str, where: str) -> list[Message]:
     for j, part in enumerate(content.parts):
         field = f"{where}.parts[{j}]"
         if part.text is not None:
-            if not part.thought:
-                texts.append(_text(part, field))
+            if part.thought or (role == "model" and not part.text):
+                continue  # an empty text of the model's: the last chunk of a stream, sent back as history
+            texts.append(_text(part, field))
         elif part.function_call is not None:
             if role != "model":
                 raise invalid_argument(f"{field}.function_call: function calls belong to the model's turns "

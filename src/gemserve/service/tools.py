@@ -102,7 +102,8 @@ def _function(declaration: FunctionDeclaration, field: str) -> Function:
     if declaration.parameters is not None and declaration.parameters_json_schema is not None:
         raise invalid_argument(f"{field}: parameters and parameters_json_schema are mutually exclusive.",
                                f"{field}.parameters")
-    parameters: dict[str, Any] = {"type": "object", "properties": {}}
+    # A function declared without parameters takes none: its arguments are an empty object.
+    parameters: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
     if declaration.parameters is not None:
         kind = declaration.parameters.type
         if kind not in (None, "TYPE_UNSPECIFIED", "OBJECT"):
@@ -121,8 +122,19 @@ def _function(declaration: FunctionDeclaration, field: str) -> Function:
 
 
 def call_key(name: str, args: dict[str, Any]) -> str:
-    """A call's identity: its name and arguments, key order aside."""
-    return json.dumps([name, args], sort_keys=True, ensure_ascii=False)
+    """A call's identity: its name and arguments, key order aside and numbers by value (clients built on protobuf's
+    Struct, google-generativeai among them, send a call's 17 back as 17.0)."""
+    return json.dumps([name, _by_value(args)], sort_keys=True, ensure_ascii=False)
+
+
+def _by_value(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _by_value(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_by_value(item) for item in value]
+    return value
 
 
 def answered_calls(request: GenerateContentRequest) -> frozenset[str]:
