@@ -367,3 +367,25 @@ def test_a_function_declared_without_parameters_is_called_without_arguments(mode
                       '</tool_call>', body)
     found = calls(response)
     assert found and all(call == {"name": "get_time", "args": {}} for call in found)
+
+
+RECORD = {"name": "record", "description": "Record a person.", "parametersJsonSchema": {
+    "type": "object", "properties": {"name": {"type": "string"}, "color": {"$ref": "#/$defs/Color"},
+                                     "friends": {"type": "array", "items": {"$ref": "#"}, "maxItems": 1}},
+    "required": ["name", "color"], "additionalProperties": False,
+    "$defs": {"Color": {"type": "string", "enum": ["red", "green"]}}}}
+
+
+@pytest.mark.parametrize("mode", ["AUTO", "ANY"])
+def test_parameters_with_references_are_held_to_their_schema(mode: str) -> None:
+    """pydantic-ai and others write nested and recursive models as `$defs` and `$ref` (`#` for the whole schema):
+    they keep their meaning inside the grammar of calls, where each function's schema is nested."""
+    body = request_body(tools=[{"functionDeclarations": [RECORD, WEATHER]}], toolConfig=with_mode(mode))
+    script = ('<tool_call>\n{"name": "record", "arguments": {"name": "Alice", "color": "green", '
+              '"friends": [{"name": "Bob", "color": "blue"}]}}\n</tool_call>')
+    response, _ = run(script, body)
+    (call,) = calls(response)
+    assert call["name"] == "record"
+    jsonschema.validate(call["args"], RECORD["parametersJsonSchema"])
+    assert call["args"]["color"] == "green"
+    assert call["args"]["friends"][0]["color"] in ("red", "green")  # "blue" is not among the enum's values

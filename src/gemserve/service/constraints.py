@@ -130,7 +130,7 @@ def grammar(answer: Answer, tools: ToolPlan | None, special_call_tags: bool) -> 
         return _lines("start: answer", answer_rule)
     assert tools is not None
     opening, closing = (CALL_OPEN, CALL_CLOSE) if special_call_tags else map(_lark_string, (CALL_OPEN, CALL_CLOSE))
-    body = {"anyOf": [_call_schema(name, tools.arguments_schema(name)) for name in tools.allowed]}
+    body = _calls_schema({name: tools.arguments_schema(name) for name in tools.allowed})
     call_rules = [
         f"body: %json {_json(body)}",
         f'tail: "\\n" body "\\n" {closing}',
@@ -159,6 +159,47 @@ def _lines(*rules: str) -> str:
 
 def _regex_escape(text: str) -> str:
     return "".join("\\" + c if c in "\\.^$|?*+()[]{}/" else c for c in text)
+
+
+def _calls_schema(functions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One call of any of `functions` (name -> JSON Schema of its arguments). A function's schema is nested in
+    this one, so the references in it (`#/$defs/...`, `#` for itself, as pydantic writes nested and recursive
+    models) would point into the wrong document: such a schema moves to this one's `$defs`, and its references
+    with it."""
+    calls, moved = [], {}
+    for i, (name, arguments) in enumerate(functions.items()):
+        if _has_local_ref(arguments):
+            key = f"arguments{i}"
+            moved[key] = _rebased(arguments, f"#/$defs/{key}")
+            arguments = {"$ref": f"#/$defs/{key}"}
+        calls.append(_call_schema(name, arguments))
+    return {"anyOf": calls, "$defs": moved} if moved else {"anyOf": calls}
+
+
+_DATA_KEYS = ("const", "enum", "default", "examples")  # values there are data, not schemas
+
+
+def _has_local_ref(schema: Any) -> bool:
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        return (isinstance(ref, str) and ref.startswith("#")) or any(
+            _has_local_ref(value) for key, value in schema.items() if key not in _DATA_KEYS)
+    return isinstance(schema, list) and any(_has_local_ref(item) for item in schema)
+
+
+def _rebased(schema: Any, root: str) -> Any:
+    """`schema` with its local references (`#...`) made relative to `root`, where it is moved to."""
+    if isinstance(schema, dict):
+        out = {}
+        for key, value in schema.items():
+            if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+                out[key] = root + value[1:]
+            else:
+                out[key] = value if key in _DATA_KEYS else _rebased(value, root)
+        return out
+    if isinstance(schema, list):
+        return [_rebased(item, root) for item in schema]
+    return schema
 
 
 def _call_schema(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
