@@ -51,6 +51,8 @@ def test_langchain(results: dict[str, Any]) -> None:
 def test_pydantic_ai(results: dict[str, Any]) -> None:
     person = value(results, "pydantic_ai.output_type")
     assert isinstance(person["name"], str) and isinstance(person["age"], int)
+    resident = value(results, "pydantic_ai.nested_output_type")  # its final_result tool's schema has $defs
+    assert isinstance(resident["name"], str) and isinstance(resident["address"]["city"], str)
     assert isinstance(value(results, "pydantic_ai.tool"), str)
     assert results["pydantic_ai.tool"]["called"], "the agent never ran the tool"
 

@@ -31,6 +31,16 @@ class Person(BaseModel):
     age: int
 
 
+class Address(BaseModel):
+    city: str
+    country: str
+
+
+class Resident(BaseModel):  # nested: pydantic writes it with $defs and $ref
+    name: str
+    address: Address
+
+
 def get_weather(city: str) -> str:
     """Get the current weather for a city."""
     CALLED.append(city)
@@ -97,6 +107,8 @@ def pydantic_ai() -> None:
     settings = GoogleModelSettings(temperature=0, max_tokens=150)
     check("pydantic_ai.output_type")(lambda: Agent(model, output_type=Person, model_settings=settings).run_sync(
         "Alice is 30 years old. Extract the person.").output.model_dump())
+    check("pydantic_ai.nested_output_type")(lambda: Agent(model, output_type=Resident, model_settings=settings)
+                                            .run_sync("Alice lives in Paris, France.").output.model_dump())
     agent = Agent(model, model_settings=settings, system_prompt="Use the tools to answer.")
     agent.tool_plain(get_weather)
     check("pydantic_ai.tool")(lambda: agent.run_sync("What is the weather in Paris?").output)
