@@ -155,3 +155,32 @@ def test_google_generativeai_function_calling_and_json(server: Server) -> None:
         "response_schema": {"type": "OBJECT", "properties": {"recipe_name": {"type": "STRING"}},
                             "required": ["recipe_name"]}})
     assert isinstance(json.loads(answer.text)["recipe_name"], str)
+
+
+def test_a_streamed_chat_goes_on_to_its_second_turn(client: genai.Client) -> None:
+    """google-genai's chats keep a streamed answer as a content a chunk, the last one the empty text that carries
+    finishReason, and send them all back with the next message."""
+    chat = client.chats.create(model=MODEL, config=types.GenerateContentConfig(temperature=0, max_output_tokens=48))
+    first = list(chat.send_message_stream("Hi, I'm Carl. Remember my name."))
+    assert first[-1].candidates[0].finish_reason == types.FinishReason.STOP
+    second = "".join(chunk.text or "" for chunk in chat.send_message_stream("What is my name?"))
+    assert "Carl" in second
+    assert len(chat.get_history()) > 4  # the model turns as one content per chunk, as the SDK keeps them
+
+
+def test_old_sdk_automatic_function_calling_runs_a_call_once(server: Server) -> None:
+    """google-generativeai sends a call's integers back as floats (17.0): the same call, answered already."""
+    old_genai.configure(api_key="anything", transport="rest", client_options={"api_endpoint": server.url})
+    called: list[tuple[int, int]] = []
+
+    def add(a: int, b: int) -> int:
+        """Adds two integers."""
+        called.append((a, b))
+        return a + b
+
+    model = old_genai.GenerativeModel(MODEL, tools=[add],
+                                      generation_config={"temperature": 0, "max_output_tokens": 128})
+    chat = model.start_chat(enable_automatic_function_calling=True)
+    answer = chat.send_message("What is 17 plus 25? Use the add tool.")
+    assert called == [(17, 25)]  # (17.0, 25.0) from the SDK
+    assert "42" in answer.text
