@@ -371,7 +371,8 @@ def test_a_function_declared_without_parameters_is_called_without_arguments(mode
 
 RECORD = {"name": "record", "description": "Record a person.", "parametersJsonSchema": {
     "type": "object", "properties": {"name": {"type": "string"}, "color": {"$ref": "#/$defs/Color"},
-                                     "friends": {"type": "array", "items": {"$ref": "#"}, "maxItems": 1}},
+                                     "friends": {"type": "array", "items": {"$ref": "#"}, "maxItems": 1},
+                                     "default": {"$ref": "#/$defs/Color"}},  # a property's name, not a keyword
     "required": ["name", "color"], "additionalProperties": False,
     "$defs": {"Color": {"type": "string", "enum": ["red", "green"]}}}}
 

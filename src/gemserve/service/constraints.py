@@ -177,29 +177,35 @@ def _calls_schema(functions: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 _DATA_KEYS = ("const", "enum", "default", "examples")  # values there are data, not schemas
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
 
 
 def _has_local_ref(schema: Any) -> bool:
-    if isinstance(schema, dict):
-        ref = schema.get("$ref")
-        return (isinstance(ref, str) and ref.startswith("#")) or any(
-            _has_local_ref(value) for key, value in schema.items() if key not in _DATA_KEYS)
-    return isinstance(schema, list) and any(_has_local_ref(item) for item in schema)
+    found: list[str] = []
+    _rebased(schema, "#", found)
+    return bool(found)
 
 
-def _rebased(schema: Any, root: str) -> Any:
-    """`schema` with its local references (`#...`) made relative to `root`, where it is moved to."""
-    if isinstance(schema, dict):
-        out = {}
-        for key, value in schema.items():
-            if key == "$ref" and isinstance(value, str) and value.startswith("#"):
-                out[key] = root + value[1:]
-            else:
-                out[key] = value if key in _DATA_KEYS else _rebased(value, root)
-        return out
+def _rebased(schema: Any, root: str, found: list[str] | None = None) -> Any:
+    """`schema` with its local references (`#...`) made relative to `root`, where it is moved to; each reference
+    met is added to `found`."""
     if isinstance(schema, list):
-        return [_rebased(item, root) for item in schema]
-    return schema
+        return [_rebased(item, root, found) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = root + value[1:]
+            if found is not None:
+                found.append(value)
+        elif key in _DATA_KEYS:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _rebased(sub, root, found) for name, sub in value.items()}
+        else:
+            out[key] = _rebased(value, root, found)
+    return out
 
 
 def _call_schema(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
