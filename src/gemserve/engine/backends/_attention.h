@@ -14,8 +14,12 @@ the cells its mask lets it see (not -inf), in cell order, in chunks of ATTN_CHUN
 maximum so far, the weights exp(s - max) (a polynomial of fixed steps), their sum and the values weighted by them,
 in single precision, in order. The cells a row sees and their order do not change with the pass: the row's sums
 are the same bits in a pass of 1 token, of 9, or beside 7 other sequences, and on any number of threads (rows are
-shared among them whole). (Cell order is position order as llama.cpp fills a cache; cells of one sequence placed
-out of order, in a fragmented cache, would be summed in that order.) The matrix products around it are made so by
+shared among them whole). What it does depend on is where llama.cpp put the sequence's cells: it fills the
+holes that freed cells leave, so a later token of a sequence can sit before its earlier ones (seen: a request's
+first output token in cell 0, freed by an earlier request, its prompt in cells 120-124), and its cells are then
+summed in that order (Gemma's log-probabilities moved by up to 0.06). So the same placement gives the same bits,
+and a cache with another history may not; seeded requests run in a context of their own (llamacpp.py), whose
+placement nothing else changes. The matrix products around it are made so by
 the kernels in this library and by llama.cpp's plain path below 32 tokens; the engine loads models without
 llama.cpp's repacked Q4_K products, whose 4-token tiles round otherwise. The query stays in single precision
 (llama.cpp's one-cell-at-a-time path rounds it to f16 first), so results differ from llama.cpp's by more than the
