@@ -88,6 +88,7 @@ def test_token_counts_are_the_embedding_models(embedder: ServedEmbedder) -> None
     ({"content": {"parts": []}}, "content.parts", "must not be empty"),
     ({"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": "AAAA"}}]}}, "content.parts[0]",
      "only text parts"),
+    ({"content": {"parts": [{"text": "a"}, {"text": ""}]}}, "content.parts[1].text", "contains an empty Part"),
     ({"content": text("a"), "title": "T"}, "title", "RETRIEVAL_DOCUMENT"),
     ({"content": text("a"), "title": "T", "taskType": "RETRIEVAL_QUERY"}, "title", "RETRIEVAL_DOCUMENT"),
     ({"content": text("a"), "outputDimensionality": 33}, "output_dimensionality", "between 1 and 32"),

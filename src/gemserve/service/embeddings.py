@@ -45,6 +45,9 @@ def _text(content: Content | None, field: str) -> str:
         if part.text is None:
             raise invalid_argument(f"* {field}.parts[{i}]: only text parts can be embedded by this model.",
                                    f"{field}.parts[{i}]")
+        if not part.text:  # as Google answers an empty string
+            raise invalid_argument(f"* {field}.parts[{i}].text: EmbedContentRequest.content contains an empty Part.",
+                                   f"{field}.parts[{i}].text")
         texts.append(part.text)
     return "\n".join(texts)
 
