@@ -273,6 +273,40 @@ def test_a_prompt_gives_the_same_bits_whole_in_chunks_in_another_slot_and_beside
         model.close()
 
 
+def test_a_sequence_placed_out_of_order_in_the_cache_gets_the_bits_it_gets_in_order(default_gguf: Path) -> None:
+    """llama.cpp fills the holes forgotten sequences leave: here a sequence's next tokens go to cells 0-9, before its
+    prompt's (60-159). Its rows are summed in position order all the same (positions noted as llama.cpp writes the
+    keys), so its logits are those of the same tokens placed in order; summed in cell order they were not (the
+    failure CI saw: a greedy request's log-probabilities 0.06 apart after earlier requests had come and gone)."""
+    from gemserve.engine.backends.llamacpp_model import LlamaModel
+
+    model = LlamaModel(default_gguf, context_size=1024, sequences=4, threads=2, ubatch=512)
+    try:
+        text = 12 * "The printing press was invented around 1440 by Johannes Gutenberg in Mainz. It allowed "
+        tokens = model.tokenize(text, add_bos=True, parse_special=False)
+        prompt, extra = tokens[:100], tokens[100:110]
+
+        def decoded_one_at_a_time() -> np.ndarray:
+            rows = []
+            for i, token in enumerate(extra):
+                assert model.decode([(0, 100 + i, [token], True)])
+                rows.append(model.logits(0).copy())
+            return np.array(rows)
+
+        assert model.decode([(0, 0, prompt, False)])  # cells 0-99, then 100-109: in order
+        in_order = decoded_one_at_a_time()
+        model.forget(0)
+
+        assert model.decode([(1, 0, tokens[200:260], False)])  # another sequence in cells 0-59
+        assert model.decode([(0, 0, prompt, False)])  # the prompt in cells 60-159
+        model.forget(1)  # a hole before it, where its next tokens go
+        before = q5_0.reordered_rows()
+        assert np.array_equal(decoded_one_at_a_time(), in_order)
+        assert q5_0.reordered_rows() > before  # they did go there, and were put back in order
+    finally:
+        model.close()
+
+
 def test_the_log_line_says_who_computes_attention(ggml: Ggml) -> None:
     assert q5_0.describe().endswith(", its attention")
     q5_0.set_attention(False)

@@ -10,16 +10,18 @@ other sequences decoding in the same pass and with how many cells the cache held
 up to 1.1 between a position computed alone and in a pass of 2 tokens, once the cache held 512 cells).
 
 Here each query row (one head of one token) is computed the same way whatever else its pass holds: its scores with
-the cells its mask lets it see (not -inf), in cell order, in chunks of ATTN_CHUNK of those cells; per chunk the
-maximum so far, the weights exp(s - max) (a polynomial of fixed steps), their sum and the values weighted by them,
-in single precision, in order. The cells a row sees and their order do not change with the pass: the row's sums
-are the same bits in a pass of 1 token, of 9, or beside 7 other sequences, and on any number of threads (rows are
-shared among them whole). What it does depend on is where llama.cpp put the sequence's cells: it fills the
-holes that freed cells leave, so a later token of a sequence can sit before its earlier ones (seen: a request's
-first output token in cell 0, freed by an earlier request, its prompt in cells 120-124), and its cells are then
-summed in that order (Gemma's log-probabilities moved by up to 0.06). So the same placement gives the same bits,
-and a cache with another history may not; seeded requests run in a context of their own (llamacpp.py), whose
-placement nothing else changes. The matrix products around it are made so by
+the cells its mask lets it see (not -inf), in the order of their positions, in chunks of ATTN_CHUNK of those
+cells; per chunk the maximum so far, the weights exp(s - max) (a polynomial of fixed steps), their sum and the
+values weighted by them, in single precision, in order. The cells a row sees and their order do not change with
+the pass: the row's sums are the same bits in a pass of 1 token, of 9, or beside 7 other sequences, and on any
+number of threads (rows are shared among them whole). Nor with where llama.cpp put the cells: it fills the holes
+that forgotten sequences leave, so a later token of a sequence can sit before its earlier ones (seen: a request's
+first output token in cell 0, freed by an earlier request, its prompt in cells 120-124), and summed in cell
+order such a row's bits depended on the cache's history (Gemma's log-probabilities 0.06 apart). So the cells'
+positions are noted as llama.cpp writes keys into the cache (`ggml_compute_forward_set_rows`, with the positions
+the keys were rotated with: `ggml_compute_forward_rope`, both also called through the PLT), and a row whose cells
+are out of order is put in order (a bucket per position: linear in its cells). Cells whose position is not known
+(read back from a saved state, or more caches than POS_TABLES) keep cell order. The matrix products around it are made so by
 the kernels in this library and by llama.cpp's plain path below 32 tokens; the engine loads models without
 llama.cpp's repacked Q4_K products, whose 4-token tiles round otherwise. The query stays in single precision
 (llama.cpp's one-cell-at-a-time path rounds it to f16 first), so results differ from llama.cpp's by more than the
@@ -32,12 +34,16 @@ differently; now they are the same bits (`benchmarks/q5_0.py prompts`). Left to 
 cover (other cache types than f16, ALiBi, attention sinks, key heads not a multiple of 16 wide, value heads not
 a multiple of 32 or wider than 512, caches split in streams), and everything when `q5_0_attention_check` could not
 confirm that ggml's tensor layout is the one mirrored here. That check runs once, before any pass (q5_0.install(),
-as the first model loads): every thread of a pass must decide alike, llama.cpp's function having barriers inside. */
+as the first model loads): every thread of a pass must decide alike, llama.cpp's function having barriers inside.
+It also confirms where a rotation's positions and a cache write's cells are found (`positions_check`); without
+that, rows are summed in cell order. */
 
 #define ATTN_CHUNK 256
 #define ATTN_MAX_DV 512
 #define TYPE_F32 0
 #define TYPE_F16 1
+#define TYPE_I32 26
+#define TYPE_I64 27
 
 /* ggml.h's struct ggml_tensor, as the llama.cpp this runs against lays it out; `attention_check` confirms it. */
 struct ggml_tensor_view {
@@ -114,65 +120,274 @@ AVX2 static inline bool hidden16(const uint16_t *m) {
     return _mm256_movemask_epi8(_mm256_cmpeq_epi16(v, _mm256_set1_epi16((short)0xFC00))) == -1;
 }
 
+/* Where a cache's cells sit in their sequences: each cell's position, recorded as llama.cpp writes keys into the
+cache (`ggml_compute_forward_set_rows`, with the positions the keys were rotated with: `ggml_compute_forward_rope`),
+so that a row can sum its cells in position order whatever cells llama.cpp chose. One table per cache tensor (a
+layer's keys), found by its data; -1 where a cell's position is not known (never written since the table was
+made, or read back from a saved state: `q5_0_positions_forget`). At most POS_TABLES tables: a new one replaces the
+one least recently used that no pass is reading (a replaced table's cache, if still in use, is summed in cell order
+until its cells are written again). */
+#define POS_TABLES 256
+typedef struct {
+    const void *data;
+    int64_t cells;
+    int32_t *pos;
+    int users;          /* passes reading or writing it now, under pos_lock */
+    uint64_t used_at;
+} pos_table;
+static pos_table pos_tables[POS_TABLES];
+static pthread_mutex_t pos_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t pos_clock;
+static atomic_int positions_enabled = 0; /* set once attention_check confirms the ops' layout */
+static atomic_int rope_op = -1, set_rows_op = -1;
+static atomic_llong reordered_rows; /* rows summed in another order than their cells': for tests */
+
+/* The table of the cache whose data starts at `data` (`cells` long), made if need be; NULL if none can be.
+   Held until pos_release. */
+static pos_table *pos_acquire(const void *data, int64_t cells, bool make) {
+    pos_table *found = NULL, *oldest = NULL;
+    pthread_mutex_lock(&pos_lock);
+    for (int i = 0; i < POS_TABLES; i++) {
+        pos_table *t = &pos_tables[i];
+        if (t->data == data && t->pos) { found = t; break; }
+        if (t->users == 0 && (!oldest || !t->pos || (oldest->pos && t->used_at < oldest->used_at))) oldest = t;
+    }
+    if (found && found->cells < cells) { /* a new cache where an old one was: start again */
+        if (found->users || !make) found = NULL;
+        else { oldest = found; found = NULL; }
+    }
+    if (!found && make && oldest) {
+        int32_t *pos = malloc(sizeof(int32_t) * (size_t)cells);
+        if (pos) {
+            for (int64_t i = 0; i < cells; i++) pos[i] = -1;
+            free(oldest->pos);
+            *oldest = (pos_table){data, cells, pos, 0, 0};
+            found = oldest;
+        }
+    }
+    if (found) {
+        found->users++;
+        found->used_at = ++pos_clock;
+    }
+    pthread_mutex_unlock(&pos_lock);
+    return found;
+}
+
+static void pos_release(pos_table *t) {
+    if (!t) return;
+    pthread_mutex_lock(&pos_lock);
+    t->users--;
+    pthread_mutex_unlock(&pos_lock);
+}
+
+/* Every cell's position unknown again: after llama.cpp read a sequence's cache back from a file (its keys were
+   written without set_rows). Only between passes. */
+void q5_0_positions_forget(void) {
+    pthread_mutex_lock(&pos_lock);
+    for (int i = 0; i < POS_TABLES; i++) {
+        pos_table *t = &pos_tables[i];
+        if (t->pos)
+            for (int64_t c = 0; c < t->cells; c++) t->pos[c] = -1;
+    }
+    pthread_mutex_unlock(&pos_lock);
+}
+
+int64_t q5_0_attention_reordered_rows(void) { return atomic_load(&reordered_rows); }
+
+/* The positions the latest rotation on this thread used (thread 0 of a pass computes both a layer's rotation and
+   its write into the cache, in that order): copied, since llama.cpp may reuse the positions' memory once the last
+   rotation has read them. */
+static __thread const void *rope_positions;
+static __thread int32_t *rope_values;
+static __thread int64_t rope_count, rope_capacity;
+
+typedef void (*op_fn)(const struct compute_params *, struct ggml_tensor_view *);
+static _Atomic(op_fn) rope_original, set_rows_original;
+
+static op_fn op_theirs(_Atomic(op_fn) *slot, const char *name, const void *ours) {
+    op_fn fn = atomic_load_explicit(slot, memory_order_acquire);
+    if (fn) return fn;
+    fn = (op_fn)llama_cpp_symbol(name, ours);
+    if (!fn) fn = (op_fn)dlsym(RTLD_NEXT, name);
+    if (!fn || fn == (op_fn)ours) {
+        fprintf(stderr, "gemserve: llama.cpp's %s was not found\n", name);
+        abort();
+    }
+    atomic_store_explicit(slot, fn, memory_order_release);
+    return fn;
+}
+
+void ggml_compute_forward_rope(const struct compute_params *params, struct ggml_tensor_view *dst) {
+    const struct ggml_tensor_view *positions = dst->src[1];
+    if (params->ith == 0 && atomic_load_explicit(&positions_enabled, memory_order_relaxed) && positions &&
+        positions->type == TYPE_I32 && positions->ne[1] == 1 && positions->nb[0] == 4) {
+        const int64_t n = positions->ne[0];
+        if (n > rope_capacity) {
+            int32_t *grown = realloc(rope_values, sizeof(int32_t) * (size_t)n);
+            if (grown) { rope_values = grown; rope_capacity = n; }
+        }
+        if (n <= rope_capacity) {
+            memcpy(rope_values, positions->data, sizeof(int32_t) * (size_t)n);
+            rope_positions = positions;
+            rope_count = n;
+        } else {
+            rope_positions = NULL;
+        }
+    }
+    op_theirs(&rope_original, "ggml_compute_forward_rope", (const void *)ggml_compute_forward_rope)(params, dst);
+}
+
+/* Keys written into a cache: their cells' positions noted, from the rotation that made the keys (found through
+   the views between them). Values, not rotated, note nothing. */
+static void note_positions(const struct ggml_tensor_view *dst) {
+    const struct ggml_tensor_view *src = dst->src[0], *idx = dst->src[1], *cache = dst->view_src;
+    if (!src || !idx || !cache || cache->ne[2] != 1 || cache->ne[3] != 1 || idx->ne[1] != 1 ||
+        (idx->type != TYPE_I64 && idx->type != TYPE_I32))
+        return;
+    const struct ggml_tensor_view *made = src->view_src ? src->view_src : src;
+    const int64_t n = idx->ne[0];
+    if (made->op != atomic_load_explicit(&rope_op, memory_order_relaxed) || made->src[1] != rope_positions ||
+        rope_count != n || src->ne[1] != n)
+        return;
+    pos_table *t = pos_acquire(cache->data, cache->ne[1], true);
+    if (!t) return;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t cell = idx->type == TYPE_I64 ? ((const int64_t *)idx->data)[i] : ((const int32_t *)idx->data)[i];
+        if (cell >= 0 && cell < t->cells) t->pos[cell] = rope_values[i];
+    }
+    pos_release(t);
+}
+
+void ggml_compute_forward_set_rows(const struct compute_params *params, struct ggml_tensor_view *dst) {
+    if (params->ith == 0 && atomic_load_explicit(&positions_enabled, memory_order_relaxed) &&
+        dst->op == atomic_load_explicit(&set_rows_op, memory_order_relaxed))
+        note_positions(dst);
+    op_theirs(&set_rows_original, "ggml_compute_forward_set_rows",
+              (const void *)ggml_compute_forward_set_rows)(params, dst);
+}
+
+/* A row's running softmax: the maximum so far, the sum of weights and the weighted values (dv floats). */
+typedef struct { float m, total; float *acc; int64_t dv; } attend_state;
+
+/* Adds `n` cells' scores `s` (mask added; room for 8 more) at cells `at` to the row's sums, in that order. */
+AVX2 static void attend_chunk(attend_state *st, float *s, const int32_t *at, int n, const char *vbase,
+                              const struct ggml_tensor_view *v) {
+    float cm = st->m;
+    for (int j = 0; j < n; j++) cm = s[j] > cm ? s[j] : cm;
+    if (cm > st->m) { /* a new maximum: what was summed so far is scaled down to it */
+        if (st->m != -INFINITY) {
+            const float r = expf(st->m - cm);
+            st->total *= r;
+            for (int64_t d = 0; d < st->dv; d += 8)
+                _mm256_store_ps(st->acc + d, _mm256_mul_ps(_mm256_load_ps(st->acc + d), _mm256_set1_ps(r)));
+        }
+        st->m = cm;
+    }
+    for (int j = n; j < n + 8; j++) s[j] = st->m; /* the lanes past the end weigh exp(0); never read below */
+    for (int j = 0; j < n; j += 8)
+        _mm256_store_ps(s + j, exp8(_mm256_sub_ps(_mm256_load_ps(s + j), _mm256_set1_ps(st->m))));
+    for (int j = 0; j < n; j++) st->total += s[j];
+    for (int64_t d0 = 0; d0 < st->dv; d0 += 32) { /* 32 of the values' columns at a time, in registers */
+        float *acc = st->acc;
+        __m256 a0 = _mm256_load_ps(acc + d0), a1 = _mm256_load_ps(acc + d0 + 8);
+        __m256 a2 = _mm256_load_ps(acc + d0 + 16), a3 = _mm256_load_ps(acc + d0 + 24);
+        for (int j = 0; j < n; j++) {
+            const uint16_t *row = (const uint16_t *)(vbase + at[j] * v->nb[1]) + d0;
+            const __m256 w = _mm256_set1_ps(s[j]);
+            a0 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)row)), a0);
+            a1 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 8))), a1);
+            a2 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 16))), a2);
+            a3 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 24))), a3);
+        }
+        _mm256_store_ps(acc + d0, a0);
+        _mm256_store_ps(acc + d0 + 8, a1);
+        _mm256_store_ps(acc + d0 + 16, a2);
+        _mm256_store_ps(acc + d0 + 24, a3);
+    }
+}
+
+/* The next cells from *ic on that `mask` lets a row see, at most `room`, in cell order, into `seen`; how many. */
+AVX2 static int64_t visible_cells(const uint16_t *mask, int64_t cells, int64_t *ic, int32_t *seen, int64_t room) {
+    int64_t n = 0, c = *ic;
+    for (; c < cells && n < room; c++) {
+        /* other sequences' cells, hidden from this row, come in runs: 16 at a time */
+        while (mask && c + 16 <= cells && hidden16(mask + c)) c += 16;
+        if (c == cells) break;
+        if (mask && f16_to_f32(mask[c]) == -INFINITY) continue;
+        seen[n++] = (int32_t)c;
+    }
+    *ic = c;
+    return n;
+}
+
+/* `seen` (n cells) put in position order, `pos` giving the position of cell c at pos[c]; `bucket` has room for
+   `room` entries. False, and `seen` as it was, where a cell's position is unknown, two cells share one, or their
+   span exceeds `room`; true if the order is now their positions' (also when it already was). */
+static bool in_position_order(int32_t *seen, int64_t n, const int32_t *pos, int32_t *bucket, int64_t room,
+                              bool *moved) {
+    *moved = false;
+    if (n == 0) return true;
+    int32_t lo = INT32_MAX, hi = -1, last = -1;
+    bool sorted = true;
+    for (int64_t j = 0; j < n; j++) {
+        const int32_t p = pos[seen[j]];
+        if (p < 0) return false;
+        sorted = sorted && p > last;
+        last = p;
+        lo = p < lo ? p : lo;
+        hi = p > hi ? p : hi;
+    }
+    if (sorted) return true;
+    const int64_t span = (int64_t)hi - lo + 1;
+    if (span > room) return false;
+    for (int64_t i = 0; i < span; i++) bucket[i] = -1;
+    for (int64_t j = 0; j < n; j++) {
+        int32_t *slot = &bucket[pos[seen[j]] - lo];
+        if (*slot >= 0) return false; /* two cells at one position: not one sequence's */
+        *slot = seen[j];
+    }
+    int64_t k = 0;
+    for (int64_t i = 0; i < span; i++)
+        if (bucket[i] >= 0) seen[k++] = bucket[i];
+    *moved = true;
+    return true;
+}
+
 /* One query row: `out` (dv floats) = softmax(softcap(scale * q.K) + mask) V over the cells `mask` lets it see
-   (`scale` already divided by a non-zero softcap, as llama.cpp does). */
+   (`scale` already divided by a non-zero softcap, as llama.cpp does), in chunks of ATTN_CHUNK of them: in position
+   order where `pos` knows the cells' positions (`seen` and `bucket` with room for `cells` entries each), else in
+   cell order (also where `seen` is NULL: then gathered a chunk at a time). */
 AVX2 static void attend_row(const float *q, const struct ggml_tensor_view *k, const struct ggml_tensor_view *v,
-                            const uint16_t *mask, int64_t ik2, int64_t iv2, float scale, float softcap, float *out) {
+                            const uint16_t *mask, int64_t ik2, int64_t iv2, float scale, float softcap, float *out,
+                            const int32_t *pos, int32_t *seen, int32_t *bucket) {
     const int64_t dk = k->ne[0], dv = v->ne[0], cells = k->ne[1];
     const char *kbase = (const char *)k->data + ik2 * k->nb[2], *vbase = (const char *)v->data + iv2 * v->nb[2];
     float acc[ATTN_MAX_DV] __attribute__((aligned(32)));
     float s[ATTN_CHUNK + 8] __attribute__((aligned(32)));
-    int32_t at[ATTN_CHUNK];
+    int32_t chunk[ATTN_CHUNK];
     memset(acc, 0, sizeof(float) * (size_t)dv);
-    float m = -INFINITY, total = 0.0f;
-    int64_t ic = 0;
-    while (ic < cells) {
-        int n = 0; /* the next chunk of the cells this row sees, and their scores */
-        for (; ic < cells && n < ATTN_CHUNK; ic++) {
-            /* other sequences' cells, hidden from this row, come in runs: 16 at a time */
-            while (mask && ic + 16 <= cells && hidden16(mask + ic)) ic += 16;
-            if (ic == cells) break;
-            const float mv = mask ? f16_to_f32(mask[ic]) : 0.0f;
-            if (mv == -INFINITY) continue;
-            float score = dot_f16(q, (const uint16_t *)(kbase + ic * k->nb[1]), dk) * scale;
-            if (softcap != 0.0f) score = softcap * tanhf(score);
-            s[n] = score + mv;
-            at[n++] = (int32_t)ic;
-        }
-        if (n == 0) break;
-        float cm = m;
-        for (int j = 0; j < n; j++) cm = s[j] > cm ? s[j] : cm;
-        if (cm > m) { /* a new maximum: what was summed so far is scaled down to it */
-            if (m != -INFINITY) {
-                const float r = expf(m - cm);
-                total *= r;
-                for (int64_t d = 0; d < dv; d += 8)
-                    _mm256_store_ps(acc + d, _mm256_mul_ps(_mm256_load_ps(acc + d), _mm256_set1_ps(r)));
-            }
-            m = cm;
-        }
-        for (int j = n; j < n + 8; j++) s[j] = m; /* the lanes past the end weigh exp(0); never read below */
-        for (int j = 0; j < n; j += 8)
-            _mm256_store_ps(s + j, exp8(_mm256_sub_ps(_mm256_load_ps(s + j), _mm256_set1_ps(m))));
-        for (int j = 0; j < n; j++) total += s[j];
-        for (int64_t d0 = 0; d0 < dv; d0 += 32) { /* 32 of the values' columns at a time, in registers */
-            __m256 a0 = _mm256_load_ps(acc + d0), a1 = _mm256_load_ps(acc + d0 + 8);
-            __m256 a2 = _mm256_load_ps(acc + d0 + 16), a3 = _mm256_load_ps(acc + d0 + 24);
-            for (int j = 0; j < n; j++) {
-                const uint16_t *row = (const uint16_t *)(vbase + at[j] * v->nb[1]) + d0;
-                const __m256 w = _mm256_set1_ps(s[j]);
-                a0 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)row)), a0);
-                a1 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 8))), a1);
-                a2 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 16))), a2);
-                a3 = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 24))), a3);
-            }
-            _mm256_store_ps(acc + d0, a0);
-            _mm256_store_ps(acc + d0 + 8, a1);
-            _mm256_store_ps(acc + d0 + 16, a2);
-            _mm256_store_ps(acc + d0 + 24, a3);
-        }
+    attend_state st = {-INFINITY, 0.0f, acc, dv};
+    int64_t n = 0, ic = 0; /* with `seen`: all the cells the row sees, n of them; without: the next cell to look at */
+    if (seen) {
+        n = visible_cells(mask, cells, &ic, seen, cells);
+        bool moved = false;
+        if (pos && in_position_order(seen, n, pos, bucket, cells, &moved) && moved)
+            atomic_fetch_add_explicit(&reordered_rows, 1, memory_order_relaxed);
     }
-    const float inv = total == 0.0f ? 0.0f : 1.0f / total;
+    for (int64_t j0 = 0;; j0 += ATTN_CHUNK) {
+        const int32_t *at = seen ? seen + j0 : chunk;
+        const int c = (int)(seen ? (n - j0 < ATTN_CHUNK ? n - j0 : ATTN_CHUNK)
+                                 : visible_cells(mask, cells, &ic, chunk, ATTN_CHUNK));
+        if (c <= 0) break;
+        for (int j = 0; j < c; j++) {
+            const float mv = mask ? f16_to_f32(mask[at[j]]) : 0.0f;
+            float score = dot_f16(q, (const uint16_t *)(kbase + at[j] * k->nb[1]), dk) * scale;
+            if (softcap != 0.0f) score = softcap * tanhf(score);
+            s[j] = score + mv;
+        }
+        attend_chunk(&st, s, at, c, vbase, v);
+    }
+    const float inv = st.total == 0.0f ? 0.0f : 1.0f / st.total;
     for (int64_t d = 0; d < dv; d++) out[d] = acc[d] * inv;
 }
 
@@ -204,9 +419,28 @@ AVX2 static void attention(const struct compute_params *params, struct ggml_tens
     memcpy(&scale, dst->op_params + 0, sizeof(float));
     memcpy(&softcap, dst->op_params + 2, sizeof(float));
     if (softcap != 0.0f) scale /= softcap;
-    const int64_t rows = q->ne[1], heads = q->ne[2];
+    const int64_t rows = q->ne[1], heads = q->ne[2], cells = k->ne[1];
     int64_t u0, u1; /* this thread's (head, token) rows, head-major as llama.cpp numbers them */
     share(rows * heads, params->ith, params->nth, &u0, &u1);
+    /* the cells' positions, where the keys' cache has a table: k views the cache from cell `first` on */
+    const struct ggml_tensor_view *cache = k->view_src;
+    pos_table *table = NULL;
+    const int32_t *pos = NULL;
+    if (u1 > u0 && cache && cache->nb[1] == k->nb[1] && atomic_load_explicit(&positions_enabled, memory_order_relaxed)) {
+        const ptrdiff_t offset = (const char *)k->data - (const char *)cache->data;
+        const int64_t first = offset >= 0 && offset % (ptrdiff_t)k->nb[1] == 0 ? offset / (ptrdiff_t)k->nb[1] : -1;
+        table = first >= 0 ? pos_acquire(cache->data, 0, false) : NULL;
+        if (table && first + cells <= table->cells) pos = table->pos + first;
+    }
+    /* room for a row's cells, kept by each thread from pass to pass; without it, rows go in cell order */
+    static __thread int32_t *room;
+    static __thread int64_t room_cells;
+    if (cells > room_cells) {
+        free(room);
+        room = malloc(sizeof(int32_t) * 2 * (size_t)cells);
+        room_cells = room ? cells : 0;
+    }
+    int32_t *seen = room, *bucket = room ? room + cells : NULL;
     for (int64_t u = u0; u < u1; u++) {
         const int64_t head = u / rows, token = u % rows;
         const float *qrow = (const float *)((const char *)q->data + token * q->nb[1] + head * q->nb[2]);
@@ -214,8 +448,10 @@ AVX2 static void attention(const struct compute_params *params, struct ggml_tens
                                                           (head % mask->ne[2]) * mask->nb[2])
                                     : NULL;
         float *out = (float *)((char *)dst->data + (head + token * dst->ne[1]) * dst->nb[1]);
-        attend_row(qrow, k, v, mrow, head / (heads / k->ne[2]), head / (heads / v->ne[2]), scale, softcap, out);
+        attend_row(qrow, k, v, mrow, head / (heads / k->ne[2]), head / (heads / v->ne[2]), scale, softcap, out,
+                   pos, seen, bucket);
     }
+    pos_release(table);
     atomic_fetch_add_explicit(&attention_rows, (long long)(u1 - u0), memory_order_relaxed);
 }
 
@@ -248,9 +484,49 @@ void ggml_compute_forward_flash_attn_ext(const struct compute_params *params, st
    finds llama.cpp's own function; only then does this library take attention over. 1 if so. */
 typedef struct { size_t mem_size; void *mem_buffer; bool no_alloc; } ggml_init_params_view;
 
+/* Confirms, on a key rotated and written into a cache as llama.cpp's graphs do it, where the positions and the cells
+   are found, and finds llama.cpp's own rope and set_rows; 1 if positions can be noted. */
+static int positions_check(void *base, void *ctx, struct ggml_tensor_view *(*tensor)(void *, int, int64_t, int64_t,
+                                                                                     int64_t, int64_t),
+                           void *(*data_of)(void *)) {
+    struct ggml_tensor_view *(*rope)(void *, void *, void *, void *, int, int, int, float, float, float, float, float,
+                                     float) =
+        (struct ggml_tensor_view * (*)(void *, void *, void *, void *, int, int, int, float, float, float, float,
+                                       float, float))dlsym(base, "ggml_rope_ext");
+    struct ggml_tensor_view *(*view_2d)(void *, void *, int64_t, int64_t, size_t, size_t) =
+        (struct ggml_tensor_view * (*)(void *, void *, int64_t, int64_t, size_t, size_t))dlsym(base, "ggml_view_2d");
+    struct ggml_tensor_view *(*set_rows)(void *, void *, void *, void *) =
+        (struct ggml_tensor_view * (*)(void *, void *, void *, void *))dlsym(base, "ggml_set_rows");
+    op_fn rope_theirs = (op_fn)llama_cpp_symbol("ggml_compute_forward_rope", (const void *)ggml_compute_forward_rope);
+    op_fn set_rows_theirs = (op_fn)llama_cpp_symbol("ggml_compute_forward_set_rows",
+                                                    (const void *)ggml_compute_forward_set_rows);
+    if (!rope || !view_2d || !set_rows || !rope_theirs || !set_rows_theirs) return 0;
+    struct ggml_tensor_view *cache = tensor(ctx, TYPE_F16, 64, 8, 1, 1);
+    struct ggml_tensor_view *key = tensor(ctx, TYPE_F32, 64, 1, 3, 1); /* a head of 64, one head, 3 tokens */
+    struct ggml_tensor_view *positions = tensor(ctx, TYPE_I32, 3, 1, 1, 1);
+    struct ggml_tensor_view *cells = tensor(ctx, TYPE_I64, 3, 1, 1, 1);
+    struct ggml_tensor_view *rotated = rope(ctx, key, positions, NULL, 64, 0, 0, 10000.0f, 1.0f, 0.0f, 1.0f, 0.0f,
+                                            0.0f);
+    struct ggml_tensor_view *rows = view_2d(ctx, rotated, 64, 3, rotated->nb[2], 0);
+    struct ggml_tensor_view *written = set_rows(ctx, cache, rows, cells);
+    const int ok = rotated->src[0] == key && rotated->src[1] == positions && rows->view_src == rotated &&
+                   rows->ne[1] == 3 && written->src[0] == rows && written->src[1] == cells &&
+                   written->view_src == cache && written->data == data_of(cache) && cache->ne[1] == 8 &&
+                   cache->nb[1] == 128 && cache->ne[2] == 1 && positions->type == TYPE_I32 &&
+                   positions->ne[0] == 3 && positions->nb[0] == 4 && cells->type == TYPE_I64 &&
+                   rotated->op != written->op && rows->op != rotated->op;
+    if (ok) {
+        atomic_store(&rope_op, rotated->op);
+        atomic_store(&set_rows_op, written->op);
+        atomic_store_explicit(&rope_original, rope_theirs, memory_order_release);
+        atomic_store_explicit(&set_rows_original, set_rows_theirs, memory_order_release);
+    }
+    return ok;
+}
+
 int q5_0_attention_check(void) {
     void *base = dlopen("libggml-base.so.0", RTLD_LAZY | RTLD_NOLOAD);
-    int ok = 0;
+    int ok = 0, noting = 0;
     if (base) {
         attention_fn theirs = (attention_fn)llama_cpp_symbol("ggml_compute_forward_flash_attn_ext",
                                                              (const void *)ggml_compute_forward_flash_attn_ext);
@@ -283,11 +559,13 @@ int q5_0_attention_check(void) {
             if (ok) {
                 atomic_store(&attention_op, dst->op);
                 atomic_store_explicit(&attention_original, theirs, memory_order_release);
+                noting = positions_check(base, ctx, tensor, data_of);
             }
             release(ctx);
         }
     }
     if (base) dlclose(base);
+    atomic_store(&positions_enabled, noting);
     atomic_store(&attention_enabled, ok);
     return ok;
 }

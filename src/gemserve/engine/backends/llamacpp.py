@@ -11,9 +11,8 @@ away (client disconnect, stop sequence) is dropped at the next step.
 A seeded request runs in a llama.cpp context of its own (`LlamaModel.solo`, sized to the request and freed when
 it ends), one forward pass per step for it alone. Decoding gives a token the same logits in any pass of fewer
 than 32 tokens (gemserve's products and attention), but a prompt's numbers depend on the passes it was computed
-in (llama.cpp's tiled kernels) and on whether it came from a kept cache, and any sequence's on where llama.cpp
-placed its cells in the shared cache (the holes earlier requests left: `_attention.h`), so only this gives the
-same tokens and log-probabilities alone, repeated, and beside any other requests. Its prompt advances SOLO_CHUNK
+in (llama.cpp's tiled kernels) and on whether it came from a kept cache, so only this gives the same tokens and
+log-probabilities alone, repeated, and beside any other requests. Its prompt advances SOLO_CHUNK
 tokens a step, whatever else runs. It costs that request the batching, and a context's set-up (10 ms for a short
 request, about 100 ms for one that may write 8192 tokens); requests without a seed are batched as ever.
 

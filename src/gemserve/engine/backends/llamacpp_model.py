@@ -294,6 +294,7 @@ class LlamaModel:
         count = ctypes.c_size_t(0)
         read = llama.llama_state_seq_load_file(self._ctx, str(path).encode(), seq_id, array, capacity,
                                                ctypes.byref(count))
+        q5_0.forget_positions()  # the cells it filled hold positions gemserve's attention did not see written
         return tuple(array[: count.value]) if read else None
 
     def forget(self, seq_id: int, start: int = 0) -> bool:

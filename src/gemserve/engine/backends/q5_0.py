@@ -92,6 +92,7 @@ def install() -> ctypes.CDLL | None:
         lib.q5_0_attention_set_enabled.argtypes = [ctypes.c_int]
         lib.q5_0_attention_rows.restype = _I64
         lib.q5_0_attention_in_use.restype = ctypes.c_int
+        lib.q5_0_attention_reordered_rows.restype = _I64
     except AttributeError as exc:  # a build older than this code: llama.cpp keeps its own products
         log.warning("Q5_0 kernel not used (%s); run scripts/setup.sh", exc)
         return None
@@ -124,6 +125,21 @@ def attention_rows() -> int:
     """Query rows (a head of a token) whose attention gemserve computed so far in this process."""
     lib = install()
     return int(lib.q5_0_attention_rows()) if lib is not None else 0
+
+
+def reordered_rows() -> int:
+    """Query rows whose cells gemserve's attention summed in position order, which was not their cells' order in
+    the cache (llama.cpp had put a later token before earlier ones), so far in this process."""
+    lib = install()
+    return int(lib.q5_0_attention_reordered_rows()) if lib is not None else 0
+
+
+def forget_positions() -> None:
+    """Every cache cell's position unknown again (its rows summed in cell order until the cell is written again):
+    after llama.cpp read a sequence's cache back from a file, whose keys it wrote without noting positions."""
+    lib = install()
+    if lib is not None:
+        lib.q5_0_positions_forget()
 
 
 def products() -> int:
