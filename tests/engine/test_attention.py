@@ -273,11 +273,13 @@ def test_a_prompt_gives_the_same_bits_whole_in_chunks_in_another_slot_and_beside
         model.close()
 
 
-def test_a_sequence_placed_out_of_order_in_the_cache_gets_the_bits_it_gets_in_order(default_gguf: Path) -> None:
+def test_a_sequence_placed_out_of_order_in_the_cache_gets_the_bits_it_gets_in_order(default_gguf: Path,
+                                                                                   tmp_path: Path) -> None:
     """llama.cpp fills the holes forgotten sequences leave: here a sequence's next tokens go to cells 0-9, before its
     prompt's (60-159). Its rows are summed in position order all the same (positions noted as llama.cpp writes the
     keys), so its logits are those of the same tokens placed in order; summed in cell order they were not (the
-    failure CI saw: a greedy request's log-probabilities 0.06 apart after earlier requests had come and gone)."""
+    failure CI saw: a greedy request's log-probabilities 0.06 apart after earlier requests had come and gone). The
+    same with the prompt read back from a saved state."""
     from gemserve.engine.backends.llamacpp_model import LlamaModel
 
     model = LlamaModel(default_gguf, context_size=1024, sequences=4, threads=2, ubatch=512)
@@ -303,6 +305,20 @@ def test_a_sequence_placed_out_of_order_in_the_cache_gets_the_bits_it_gets_in_or
         before = q5_0.reordered_rows()
         assert np.array_equal(decoded_one_at_a_time(), in_order)
         assert q5_0.reordered_rows() > before  # they did go there, and were put back in order
+        model.forget(0)
+
+        # a prompt read back from a file (its keys written without rotation or set_rows) behind another sequence,
+        # which then goes, leaving the hole its next tokens take: the cells read back have their positions too
+        assert model.decode([(0, 0, prompt, False)])
+        saved = tmp_path / "prompt.cache"
+        assert model.save_sequence(0, saved, tuple(prompt))
+        model.forget(0)
+        assert model.decode([(1, 0, tokens[200:280], False)])  # cells 0-79, the prompt read back into 80-179
+        assert model.load_sequence(0, saved, len(prompt)) == tuple(prompt)
+        model.forget(1)
+        before = q5_0.reordered_rows()
+        assert np.array_equal(decoded_one_at_a_time(), in_order)
+        assert q5_0.reordered_rows() > before
     finally:
         model.close()
 

@@ -20,8 +20,9 @@ first output token in cell 0, freed by an earlier request, its prompt in cells 1
 order such a row's bits depended on the cache's history (Gemma's log-probabilities 0.06 apart). So the cells'
 positions are noted as llama.cpp writes keys into the cache (`ggml_compute_forward_set_rows`, with the positions
 the keys were rotated with: `ggml_compute_forward_rope`, both also called through the PLT), and a row whose cells
-are out of order is put in order (a bucket per position: linear in its cells). Cells whose position is not known
-(read back from a saved state, or more caches than POS_TABLES) keep cell order. The matrix products around it are made so by
+are out of order is put in order (a bucket per position: linear in its cells); keys read back from a saved state
+take their positions from the order llama.cpp writes them (`ggml_backend_tensor_set`). A row that sees a cell
+whose position is not known (more caches in use than POS_TABLES) keeps cell order. The matrix products around it are made so by
 the kernels in this library and by llama.cpp's plain path below 32 tokens; the engine loads models without
 llama.cpp's repacked Q4_K products, whose 4-token tiles round otherwise. The query stays in single precision
 (llama.cpp's one-cell-at-a-time path rounds it to f16 first), so results differ from llama.cpp's by more than the
@@ -124,45 +125,52 @@ AVX2 static inline bool hidden16(const uint16_t *m) {
 cache (`ggml_compute_forward_set_rows`, with the positions the keys were rotated with: `ggml_compute_forward_rope`),
 so that a row can sum its cells in position order whatever cells llama.cpp chose. One table per cache tensor (a
 layer's keys), found by its data; -1 where a cell's position is not known (never written since the table was
-made, or read back from a saved state: `q5_0_positions_forget`). At most POS_TABLES tables: a new one replaces the
-one least recently used that no pass is reading (a replaced table's cache, if still in use, is summed in cell order
-until its cells are written again). */
+made). Keys read back from a saved state are written otherwise (`ggml_backend_tensor_set`): between
+q5_0_positions_loading(first) and q5_0_positions_loading(-1) the rows written into a known cache take positions
+first, first + 1, ... in the order written (llama.cpp writes a sequence's cells in position order, layer by
+layer). At most POS_TABLES tables: a new one replaces the one least recently used that no pass is reading (a
+replaced table's cache, if still in use, is summed in cell order where its cells' positions are not known again). */
 #define POS_TABLES 256
 typedef struct {
     const void *data;
     int64_t cells;
+    size_t row_bytes;   /* from one cell's keys to the next */
     int32_t *pos;
     int users;          /* passes reading or writing it now, under pos_lock */
     uint64_t used_at;
+    int32_t next;       /* the position of the next row read back from a saved state */
 } pos_table;
 static pos_table pos_tables[POS_TABLES];
 static pthread_mutex_t pos_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint64_t pos_clock;
 static atomic_int positions_enabled = 0; /* set once attention_check confirms the ops' layout */
 static atomic_int rope_op = -1, set_rows_op = -1;
+static atomic_int loading_first = -1;
 static atomic_llong reordered_rows; /* rows summed in another order than their cells': for tests */
 
-/* The table of the cache whose data starts at `data` (`cells` long), made if need be; NULL if none can be.
-   Held until pos_release. */
-static pos_table *pos_acquire(const void *data, int64_t cells, bool make) {
-    pos_table *found = NULL, *oldest = NULL;
+/* The table of the cache whose data starts at `data`, made if need be (`make`: `cells` cells `row_bytes` apart);
+   NULL if there is none. Held until pos_release. */
+static pos_table *pos_acquire(const void *data, int64_t cells, size_t row_bytes, bool make) {
+    pos_table *found = NULL, *free_slot = NULL;
     pthread_mutex_lock(&pos_lock);
     for (int i = 0; i < POS_TABLES; i++) {
         pos_table *t = &pos_tables[i];
-        if (t->data == data && t->pos) { found = t; break; }
-        if (t->users == 0 && (!oldest || !t->pos || (oldest->pos && t->used_at < oldest->used_at))) oldest = t;
+        if (t->pos && t->data == data) { found = t; break; }
+        if (t->users == 0 && (!free_slot || !t->pos || (free_slot->pos && t->used_at < free_slot->used_at)))
+            free_slot = t;
     }
-    if (found && found->cells < cells) { /* a new cache where an old one was: start again */
-        if (found->users || !make) found = NULL;
-        else { oldest = found; found = NULL; }
+    if (found && make && (found->cells != cells || found->row_bytes != row_bytes)) {
+        /* another cache where an old one was: start again, unless a pass still reads the old table */
+        free_slot = found->users ? NULL : found;
+        found = NULL;
     }
-    if (!found && make && oldest) {
+    if (!found && make && free_slot) {
         int32_t *pos = malloc(sizeof(int32_t) * (size_t)cells);
         if (pos) {
             for (int64_t i = 0; i < cells; i++) pos[i] = -1;
-            free(oldest->pos);
-            *oldest = (pos_table){data, cells, pos, 0, 0};
-            found = oldest;
+            free(free_slot->pos);
+            *free_slot = (pos_table){data, cells, row_bytes, pos, 0, 0, atomic_load(&loading_first)};
+            found = free_slot;
         }
     }
     if (found) {
@@ -180,16 +188,52 @@ static void pos_release(pos_table *t) {
     pthread_mutex_unlock(&pos_lock);
 }
 
-/* Every cell's position unknown again: after llama.cpp read a sequence's cache back from a file (its keys were
-   written without set_rows). Only between passes. */
-void q5_0_positions_forget(void) {
+/* Around llama.cpp reading a sequence's cache back from a file: `first`, the position of its first cell (its
+   cells come in position order), then -1 when it is done. */
+void q5_0_positions_loading(int first) {
+    pthread_mutex_lock(&pos_lock);
+    for (int i = 0; i < POS_TABLES; i++) pos_tables[i].next = first;
+    atomic_store(&loading_first, first);
+    pthread_mutex_unlock(&pos_lock);
+}
+
+typedef void (*tensor_set_fn)(struct ggml_tensor_view *, const void *, size_t, size_t);
+static _Atomic(tensor_set_fn) tensor_set_original;
+
+void ggml_backend_tensor_set(struct ggml_tensor_view *tensor, const void *data, size_t offset, size_t size);
+
+/* Rows read back into a known cache's keys: their positions, in the order written (a row not whole: unknown). */
+static void note_loaded(const struct ggml_tensor_view *tensor, size_t offset, size_t size) {
+    const char *at = (const char *)tensor->data + offset;
     pthread_mutex_lock(&pos_lock);
     for (int i = 0; i < POS_TABLES; i++) {
         pos_table *t = &pos_tables[i];
-        if (t->pos)
-            for (int64_t c = 0; c < t->cells; c++) t->pos[c] = -1;
+        const char *start = (const char *)t->data;
+        if (!t->pos || at < start || at >= start + (size_t)t->cells * t->row_bytes) continue;
+        const size_t from = (size_t)(at - start);
+        const bool whole = from % t->row_bytes == 0 && size % t->row_bytes == 0;
+        const int64_t c0 = (int64_t)(from / t->row_bytes);
+        const int64_t c1 = c0 + (int64_t)((size + t->row_bytes - 1) / t->row_bytes);
+        for (int64_t c = c0; c < c1 && c < t->cells; c++) t->pos[c] = whole && t->next >= 0 ? t->next++ : -1;
+        break;
     }
     pthread_mutex_unlock(&pos_lock);
+}
+
+void ggml_backend_tensor_set(struct ggml_tensor_view *tensor, const void *data, size_t offset, size_t size) {
+    if (atomic_load_explicit(&loading_first, memory_order_relaxed) >= 0) note_loaded(tensor, offset, size);
+    tensor_set_fn fn = atomic_load_explicit(&tensor_set_original, memory_order_acquire);
+    if (!fn) {
+        fn = (tensor_set_fn)llama_cpp_symbol_in(GGML_BASE, "ggml_backend_tensor_set",
+                                                (const void *)ggml_backend_tensor_set);
+        if (!fn) fn = (tensor_set_fn)dlsym(RTLD_NEXT, "ggml_backend_tensor_set");
+        if (!fn || fn == (tensor_set_fn)ggml_backend_tensor_set) {
+            fputs("gemserve: ggml's ggml_backend_tensor_set was not found\n", stderr);
+            abort();
+        }
+        atomic_store_explicit(&tensor_set_original, fn, memory_order_release);
+    }
+    fn(tensor, data, offset, size);
 }
 
 int64_t q5_0_attention_reordered_rows(void) { return atomic_load(&reordered_rows); }
@@ -219,6 +263,7 @@ static op_fn op_theirs(_Atomic(op_fn) *slot, const char *name, const void *ours)
 
 void ggml_compute_forward_rope(const struct compute_params *params, struct ggml_tensor_view *dst) {
     const struct ggml_tensor_view *positions = dst->src[1];
+    if (params->ith == 0) rope_positions = NULL;
     if (params->ith == 0 && atomic_load_explicit(&positions_enabled, memory_order_relaxed) && positions &&
         positions->type == TYPE_I32 && positions->ne[1] == 1 && positions->nb[0] == 4) {
         const int64_t n = positions->ne[0];
@@ -230,8 +275,6 @@ void ggml_compute_forward_rope(const struct compute_params *params, struct ggml_
             memcpy(rope_values, positions->data, sizeof(int32_t) * (size_t)n);
             rope_positions = positions;
             rope_count = n;
-        } else {
-            rope_positions = NULL;
         }
     }
     op_theirs(&rope_original, "ggml_compute_forward_rope", (const void *)ggml_compute_forward_rope)(params, dst);
@@ -246,10 +289,11 @@ static void note_positions(const struct ggml_tensor_view *dst) {
         return;
     const struct ggml_tensor_view *made = src->view_src ? src->view_src : src;
     const int64_t n = idx->ne[0];
+    /* row i of what is written is token i of the rotation */
     if (made->op != atomic_load_explicit(&rope_op, memory_order_relaxed) || made->src[1] != rope_positions ||
-        rope_count != n || src->ne[1] != n)
+        rope_count != n || src->ne[1] != n || src->view_offs != 0 || made->ne[2] != n || src->nb[1] != made->nb[2])
         return;
-    pos_table *t = pos_acquire(cache->data, cache->ne[1], true);
+    pos_table *t = pos_acquire(cache->data, cache->ne[1], cache->nb[1], true);
     if (!t) return;
     for (int64_t i = 0; i < n; i++) {
         const int64_t cell = idx->type == TYPE_I64 ? ((const int64_t *)idx->data)[i] : ((const int32_t *)idx->data)[i];
@@ -342,9 +386,9 @@ static bool in_position_order(int32_t *seen, int64_t n, const int32_t *pos, int3
     if (span > room) return false;
     for (int64_t i = 0; i < span; i++) bucket[i] = -1;
     for (int64_t j = 0; j < n; j++) {
-        int32_t *slot = &bucket[pos[seen[j]] - lo];
-        if (*slot >= 0) return false; /* two cells at one position: not one sequence's */
-        *slot = seen[j];
+        const int64_t at = (int64_t)pos[seen[j]] - lo; /* read again: within the span, or the order stays */
+        if (at < 0 || at >= span || bucket[at] >= 0) return false; /* (two cells at one position: two sequences) */
+        bucket[at] = seen[j];
     }
     int64_t k = 0;
     for (int64_t i = 0; i < span; i++)
@@ -429,7 +473,7 @@ AVX2 static void attention(const struct compute_params *params, struct ggml_tens
     if (u1 > u0 && cache && cache->nb[1] == k->nb[1] && atomic_load_explicit(&positions_enabled, memory_order_relaxed)) {
         const ptrdiff_t offset = (const char *)k->data - (const char *)cache->data;
         const int64_t first = offset >= 0 && offset % (ptrdiff_t)k->nb[1] == 0 ? offset / (ptrdiff_t)k->nb[1] : -1;
-        table = first >= 0 ? pos_acquire(cache->data, 0, false) : NULL;
+        table = first >= 0 ? pos_acquire(cache->data, 0, 0, false) : NULL;
         if (table && first + cells <= table->cells) pos = table->pos + first;
     }
     /* room for a row's cells, kept by each thread from pass to pass; without it, rows go in cell order */

@@ -483,16 +483,20 @@ static _Atomic(sgemm_fn) original;
 static atomic_int enabled = 1;
 static atomic_llong products; /* token-rows of Q5_0 multiplied here, for logs and tests */
 
-/* llama.cpp's own definition of a function this library also defines (`ours`): looked up in the libggml-cpu that
-   llama.cpp loaded (by the name libllama asks for), whose own definition a lookup through its handle finds first.
-   NULL where there is none. */
-static void *llama_cpp_symbol(const char *name, const void *ours) {
-    void *cpu = dlopen("libggml-cpu.so.0", RTLD_LAZY | RTLD_NOLOAD);
-    if (!cpu) return NULL;
-    void *fn = dlsym(cpu, name);
-    dlclose(cpu);
+/* llama.cpp's own definition of a function this library also defines (`ours`): looked up in the library of
+   ggml's that llama.cpp loaded (GGML_CPU or GGML_BASE, by the name libllama asks for), whose own definition a
+   lookup through its handle finds first. NULL where there is none. */
+#define GGML_CPU "libggml-cpu.so.0"
+#define GGML_BASE "libggml-base.so.0"
+static void *llama_cpp_symbol_in(const char *library, const char *name, const void *ours) {
+    void *lib = dlopen(library, RTLD_LAZY | RTLD_NOLOAD);
+    if (!lib) return NULL;
+    void *fn = dlsym(lib, name);
+    dlclose(lib);
     return fn == ours ? NULL : fn;
 }
+
+static void *llama_cpp_symbol(const char *name, const void *ours) { return llama_cpp_symbol_in(GGML_CPU, name, ours); }
 
 /* llama.cpp's own llamafile_sgemm; NULL where there is none. */
 static sgemm_fn llama_cpps(void) {

@@ -292,9 +292,9 @@ class LlamaModel:
         """Read a cache `save_sequence` wrote into sequence `seq_id`; its tokens, or None if it cannot."""
         array = (llama.llama_token * capacity)()
         count = ctypes.c_size_t(0)
-        read = llama.llama_state_seq_load_file(self._ctx, str(path).encode(), seq_id, array, capacity,
-                                               ctypes.byref(count))
-        q5_0.forget_positions()  # the cells it filled hold positions gemserve's attention did not see written
+        with q5_0.loading_positions(0):  # a saved sequence starts at position 0 (save_sequence)
+            read = llama.llama_state_seq_load_file(self._ctx, str(path).encode(), seq_id, array, capacity,
+                                                   ctypes.byref(count))
         return tuple(array[: count.value]) if read else None
 
     def forget(self, seq_id: int, start: int = 0) -> bool:

@@ -22,6 +22,8 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("gemserve.engine")
@@ -93,6 +95,7 @@ def install() -> ctypes.CDLL | None:
         lib.q5_0_attention_rows.restype = _I64
         lib.q5_0_attention_in_use.restype = ctypes.c_int
         lib.q5_0_attention_reordered_rows.restype = _I64
+        lib.q5_0_positions_loading.argtypes = [ctypes.c_int]
     except AttributeError as exc:  # a build older than this code: llama.cpp keeps its own products
         log.warning("Q5_0 kernel not used (%s); run scripts/setup.sh", exc)
         return None
@@ -134,12 +137,19 @@ def reordered_rows() -> int:
     return int(lib.q5_0_attention_reordered_rows()) if lib is not None else 0
 
 
-def forget_positions() -> None:
-    """Every cache cell's position unknown again (its rows summed in cell order until the cell is written again):
-    after llama.cpp read a sequence's cache back from a file, whose keys it wrote without noting positions."""
+@contextmanager
+def loading_positions(first: int = 0) -> Iterator[None]:
+    """Around llama.cpp reading a sequence's cache back from a file (which writes its keys without the positions
+    gemserve's attention notes): the cells it fills take positions `first`, `first` + 1, ... in the order it
+    writes them, as llama.cpp writes a sequence's cells. Only on the thread that owns the model, between passes."""
     lib = install()
     if lib is not None:
-        lib.q5_0_positions_forget()
+        lib.q5_0_positions_loading(first)
+    try:
+        yield
+    finally:
+        if lib is not None:
+            lib.q5_0_positions_loading(-1)
 
 
 def products() -> int:
