@@ -226,6 +226,9 @@ def passes(model_path: Path, rounds: int) -> None:
     model.close()
 
 
+SHORT_PROMPTS = (33, 36, 40, 64, 100, 200)
+
+
 def prompts(model_path: Path, rounds: int, length: int) -> None:
     lib = q5_0.install()
     if lib is None:
@@ -255,16 +258,20 @@ def prompts(model_path: Path, rounds: int, length: int) -> None:
             lib.q5_0_attention_set_max_rows(rows)
             lib.q5_0_set_tiled_from(tiled)
             times[mode].append(best(lambda: prompt(3, whole), 1))
-            if r == 0:  # the same prompt in slot 0, then in slot 1 (other cells), then in other chunks
+            if r == 0:  # the same prompt in slot 0, then in slot 1 (other cells), then in other chunks; and
+                # shorter prompts whole against their last token alone (a kept cache continued)
                 first = prompt(0, whole)
-                checks = (prompt(1, whole), prompt(1, [100, 412, len(tokens) - 513, 1]))  # 100 and 1: small passes
-                same[mode] = " / ".join("same" if np.array_equal(first, other) else
-                                        f"differ by up to {np.abs(first - other).max():.3f}" for other in checks)
-    lib.q5_0_attention_set_max_rows(32)
-    lib.q5_0_set_tiled_from(32)
+                checks = [(first, prompt(1, whole)), (first, prompt(1, [100, 412, len(tokens) - 513, 1]))]
+                gaps = [float(np.abs(prompt(2, [n]) - prompt(2, [n - 1, 1])).max()) for n in SHORT_PROMPTS]
+                same[mode] = " / ".join("same" if np.array_equal(a, b) else
+                                        f"differ by up to {np.abs(a - b).max():.3f}" for a, b in checks)
+                same[mode] += " / " + ("same" if max(gaps) == 0 else f"differ by up to {max(gaps):.3f}")
+    lib.q5_0_attention_set_max_rows(everything)  # the defaults back
+    lib.q5_0_set_tiled_from(everything)
     base = statistics.median(times[next(iter(modes))])
     print(f"{model_path.name}: {len(tokens)}-token prompt, medians of {rounds} alternating rounds")
-    print("| prompts through | ms | ratio | last logits: other cache slot / other chunks |")
+    print("| prompts through | ms | ratio | last logits: other cache slot / other chunks / prompts of "
+          + ", ".join(map(str, SHORT_PROMPTS)) + " tokens continued |")
     print("|---|---:|---:|---|")
     for mode in modes:
         ms = statistics.median(times[mode])

@@ -511,8 +511,8 @@ def test_a_packed_matrix_lets_go_of_its_pages_in_a_file_mapping(tmp_path: Path) 
 
 @needs_kernel
 def test_a_packed_q6_k_matrix_keeps_its_pages_in_a_file_mapping(tmp_path: Path) -> None:
-    """Unlike Q5_0's, a Q6_K matrix's pages stay resident once packed: llama.cpp's tiled path, which prompts take,
-    reads them."""
+    """Unlike Q5_0's, a Q6_K matrix's pages stay resident once packed (llama.cpp's tiled path, where a benchmark
+    turns it on, reads them)."""
     assert KERNEL is not None
     ours = _signature(KERNEL.llamafile_sgemm)
     rng = np.random.default_rng(9)
@@ -566,9 +566,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @needs_kernel
-def test_llama_cpps_tiled_path_is_declined_for_small_batches() -> None:
-    """Below 32 tokens the stand-in for llama.cpp's tiled K-quant path says no (llama.cpp then runs its plain
-    path); it reads nothing of the tensor but its token count."""
+def test_llama_cpps_tiled_path_is_declined() -> None:
+    """The stand-in for llama.cpp's tiled K-quant path says no at any size (llama.cpp then runs its plain path,
+    which sends Q6_K and Q4_K to the kernel); it reads nothing of the tensor but its token count."""
     assert KERNEL is not None
 
     class TensorHead(ctypes.Structure):
@@ -577,15 +577,17 @@ def test_llama_cpps_tiled_path_is_declined_for_small_batches() -> None:
     tiled = KERNEL.ggml_compute_forward_mul_mat_tiled
     tiled.restype = ctypes.c_bool
     tiled.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    for tokens in (8, 16, 31):
+    for tokens in (8, 16, 31, 32, 512):
         head = TensorHead(0, None, (896, tokens, 1, 1))
         assert not tiled(None, ctypes.byref(head))
 
 
 @needs_kernel
-def test_the_real_models_small_passes_decline_llama_cpps_tiled_path_and_prompts_take_it(default_gguf: Path) -> None:
-    """With the real model (its Q6_K matrices take llama.cpp's tiled path from 8 tokens on): a pass over 8 tokens
-    declines it, one over a 40-token prompt chunk hands it over to llama.cpp's own."""
+def test_the_real_models_passes_decline_llama_cpps_tiled_path_prompts_too(default_gguf: Path) -> None:
+    """With the real model (its Q6_K matrices would take llama.cpp's tiled path from 8 tokens on): a pass over a
+    40-token prompt chunk and one over 8 tokens decline it, and the kernel multiplies their Q6_K matrices (the tiled
+    path rounds a token by where it falls in its tiles: a prompt computed whole and continued from a kept cache
+    answered differently)."""
     assert KERNEL is not None
     model = LlamaModel(default_gguf, context_size=512, sequences=1, threads=2, ubatch=64)
     try:
@@ -594,13 +596,12 @@ def test_the_real_models_small_passes_decline_llama_cpps_tiled_path_and_prompts_
                                 "later, and paper made from rags made books cheaper than parchment ever was.",
                                 add_bos=True, parse_special=False)
         assert len(prompt) >= 48
-        declined, handed_over = KERNEL.q5_0_tiled_calls(0), KERNEL.q5_0_tiled_calls(1)
-        model.decode([(0, 0, prompt[:40], False)])
-        assert KERNEL.q5_0_tiled_calls(1) > handed_over
-        assert KERNEL.q5_0_tiled_calls(0) == declined
         handed_over = KERNEL.q5_0_tiled_calls(1)
-        model.decode([(0, 40, prompt[40:48], True)])
-        assert KERNEL.q5_0_tiled_calls(0) > declined
+        for start, end in ((0, 40), (40, 48)):
+            declined, q6_k = KERNEL.q5_0_tiled_calls(0), q5_0.k_quant_products("Q6_K")
+            model.decode([(0, start, prompt[start:end], end == 48)])
+            assert KERNEL.q5_0_tiled_calls(0) > declined
+            assert q5_0.k_quant_products("Q6_K") > q6_k
         assert KERNEL.q5_0_tiled_calls(1) == handed_over
     finally:
         model.close()

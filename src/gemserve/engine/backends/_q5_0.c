@@ -710,20 +710,23 @@ bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, 
 }
 #endif
 
-/* ---- llama.cpp's tiled products of quantized matrices, below a batch size ---------------------------------- */
+/* ---- llama.cpp's tiled products of quantized matrices ------------------------------------------------------ */
 
 /* llama.cpp takes products of quantized matrices it has no repacked form for (Q6_K among them; also the other
    K-quants and IQ types) with 8 or more tokens through its tiled path, also called through the PLT. On the AMD
    EPYC machine it costs more than its plain path for small batches (a pass over 8 Qwen sequences: 62.9 against
-   47.5 ms, 16: 90.7 against 84.2) and less for prompts. Below `tiled_from` tokens this declines it, and llama.cpp
-   runs its plain path, as it does below 8; from there on it hands over to llama.cpp's own (were that not found,
-   every size would take the plain path: slower prompts, the same results). Reads only the destination's ne[1]
-   (tokens): ggml_tensor begins with its type, its buffer and ne[4]. */
+   47.5 ms, 16: 90.7 against 84.2) and a little less for prompts (a 1000-token Gemma prompt 6% less), but its
+   rounding depends on where a token falls in its tiles: the same prompt's last logits differed by up to 0.65
+   computed whole and continued from a kept cache (36, 64 and 100 tokens; `benchmarks/q5_0.py prompts`). So it is
+   declined below `tiled_from` tokens, by default always, and llama.cpp runs its plain path, which sends Q6_K and
+   Q4_K to the kernels here: a token's products are the same bits in any pass. Benchmarks set `tiled_from` to
+   compare (from there on it hands over to llama.cpp's own; were that not found, every size would take the plain
+   path). Reads only the destination's ne[1] (tokens): ggml_tensor begins with its type, its buffer and ne[4]. */
 #if HAVE_X86
 struct tensor_head { int type; void *buffer; int64_t ne[4]; };
 typedef bool (*tiled_fn)(const struct compute_params *, struct tensor_head *);
 static _Atomic(tiled_fn) tiled_original;
-static atomic_llong tiled_from = 32;
+static atomic_llong tiled_from = INT64_MAX;
 static atomic_llong tiled_calls[2]; /* declined, handed over: for tests */
 
 void q5_0_set_tiled_from(int64_t tokens) { atomic_store(&tiled_from, tokens); }

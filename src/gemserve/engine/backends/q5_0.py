@@ -5,8 +5,9 @@ llama.cpp (`_q5_0.c` and `_attention.h` say how and why).
 RTLD_NOW, which binds every function they call as they load, so the kernel must be in the process's global scope
 before `llama_cpp` is imported. `gemserve/__init__.py` calls it first thing, so importing any part of gemserve does.
 `install()` then hands the kernel llama.cpp's own function, for the products it leaves to llama.cpp. The same
-library declines llama.cpp's tiled path for products of other quantized types over fewer than 32 tokens, slower
-there than llama.cpp's plain one, which is where the Q6_K and Q4_K products come to the kernel (`_q5_0.c`).
+library declines llama.cpp's tiled path for products of other quantized types (slower than llama.cpp's plain one
+for a few tokens, and rounding a prompt's tokens by where they fall in its tiles), which is where the Q6_K and
+Q4_K products come to the kernel (`_q5_0.c`).
 `ModelWeights` registers the memory a model's file is mapped at while the model is loaded, and frees the kernel's
 packed copies when it is gone; pages of Q5_0 matrices in a shared read-only mapping are let go once packed.
 Without the built kernel, without AVX2, where `llama_cpp` was imported first, or where the model's file is not
