@@ -65,7 +65,7 @@ struct ggml_tensor_view {
 };
 
 typedef void (*attention_fn)(const struct compute_params *, struct ggml_tensor_view *);
-static _Atomic(attention_fn) attention_original;
+static _Atomic(void *) attention_original;
 static atomic_int attention_enabled = 0;    /* set once attention_check confirms the layout */
 static atomic_int attention_op = -1;        /* ggml's op number for FLASH_ATTN_EXT, from attention_check */
 static atomic_llong attention_rows;         /* query rows (token x head) computed here, for tests */
@@ -197,8 +197,24 @@ void q5_0_positions_loading(int first) {
     pthread_mutex_unlock(&pos_lock);
 }
 
+/* llama.cpp's own definition of `name`, a function this library also defines (`ours`), found once into `slot`: in
+   ggml's `library` that llama.cpp loaded, else the next definition after this library's (the one llama.cpp would
+   have called). Where llama.cpp called ours there is always one; were there none, the process could not go on. */
+static void *required_original(_Atomic(void *) *slot, const char *library, const char *name, const void *ours) {
+    void *fn = atomic_load_explicit(slot, memory_order_acquire);
+    if (fn) return fn;
+    fn = llama_cpp_symbol_in(library, name, ours);
+    if (!fn) fn = dlsym(RTLD_NEXT, name);
+    if (!fn || fn == ours) {
+        fprintf(stderr, "gemserve: llama.cpp's %s was not found\n", name);
+        abort();
+    }
+    atomic_store_explicit(slot, fn, memory_order_release);
+    return fn;
+}
+
 typedef void (*tensor_set_fn)(struct ggml_tensor_view *, const void *, size_t, size_t);
-static _Atomic(tensor_set_fn) tensor_set_original;
+static _Atomic(void *) tensor_set_original;
 
 void ggml_backend_tensor_set(struct ggml_tensor_view *tensor, const void *data, size_t offset, size_t size);
 
@@ -222,18 +238,8 @@ static void note_loaded(const struct ggml_tensor_view *tensor, size_t offset, si
 
 void ggml_backend_tensor_set(struct ggml_tensor_view *tensor, const void *data, size_t offset, size_t size) {
     if (atomic_load_explicit(&loading_first, memory_order_relaxed) >= 0) note_loaded(tensor, offset, size);
-    tensor_set_fn fn = atomic_load_explicit(&tensor_set_original, memory_order_acquire);
-    if (!fn) {
-        fn = (tensor_set_fn)llama_cpp_symbol_in(GGML_BASE, "ggml_backend_tensor_set",
-                                                (const void *)ggml_backend_tensor_set);
-        if (!fn) fn = (tensor_set_fn)dlsym(RTLD_NEXT, "ggml_backend_tensor_set");
-        if (!fn || fn == (tensor_set_fn)ggml_backend_tensor_set) {
-            fputs("gemserve: ggml's ggml_backend_tensor_set was not found\n", stderr);
-            abort();
-        }
-        atomic_store_explicit(&tensor_set_original, fn, memory_order_release);
-    }
-    fn(tensor, data, offset, size);
+    ((tensor_set_fn)required_original(&tensor_set_original, GGML_BASE, "ggml_backend_tensor_set",
+                                      (const void *)ggml_backend_tensor_set))(tensor, data, offset, size);
 }
 
 int64_t q5_0_attention_reordered_rows(void) { return atomic_load(&reordered_rows); }
@@ -246,19 +252,10 @@ static __thread int32_t *rope_values;
 static __thread int64_t rope_count, rope_capacity;
 
 typedef void (*op_fn)(const struct compute_params *, struct ggml_tensor_view *);
-static _Atomic(op_fn) rope_original, set_rows_original;
+static _Atomic(void *) rope_original, set_rows_original;
 
-static op_fn op_theirs(_Atomic(op_fn) *slot, const char *name, const void *ours) {
-    op_fn fn = atomic_load_explicit(slot, memory_order_acquire);
-    if (fn) return fn;
-    fn = (op_fn)llama_cpp_symbol(name, ours);
-    if (!fn) fn = (op_fn)dlsym(RTLD_NEXT, name);
-    if (!fn || fn == (op_fn)ours) {
-        fprintf(stderr, "gemserve: llama.cpp's %s was not found\n", name);
-        abort();
-    }
-    atomic_store_explicit(slot, fn, memory_order_release);
-    return fn;
+static op_fn op_theirs(_Atomic(void *) *slot, const char *name, const void *ours) {
+    return (op_fn)required_original(slot, GGML_CPU, name, ours);
 }
 
 void ggml_compute_forward_rope(const struct compute_params *params, struct ggml_tensor_view *dst) {
@@ -499,29 +496,13 @@ AVX2 static void attention(const struct compute_params *params, struct ggml_tens
     atomic_fetch_add_explicit(&attention_rows, (long long)(u1 - u0), memory_order_relaxed);
 }
 
-/* llama.cpp's own, looked up in its libggml-cpu as llama_cpps() does, else the next definition after this library's
-   (the one llama.cpp would have called). There is always one where llama.cpp called this; were there none, the
-   process could not go on: there would be no attention to compute. */
-static attention_fn attention_theirs(void) {
-    attention_fn fn = atomic_load_explicit(&attention_original, memory_order_acquire);
-    if (fn) return fn;
-    fn = (attention_fn)llama_cpp_symbol("ggml_compute_forward_flash_attn_ext",
-                                        (const void *)ggml_compute_forward_flash_attn_ext);
-    if (!fn) fn = (attention_fn)dlsym(RTLD_NEXT, "ggml_compute_forward_flash_attn_ext");
-    if (!fn || fn == (attention_fn)ggml_compute_forward_flash_attn_ext) {
-        fputs("gemserve: llama.cpp's flash attention was not found\n", stderr);
-        abort();
-    }
-    atomic_store_explicit(&attention_original, fn, memory_order_release);
-    return fn;
-}
-
 void ggml_compute_forward_flash_attn_ext(const struct compute_params *params, struct ggml_tensor_view *dst) {
     if (attention_takes(dst)) {
         attention(params, dst);
         return;
     }
-    attention_theirs()(params, dst);
+    ((attention_fn)required_original(&attention_original, GGML_CPU, "ggml_compute_forward_flash_attn_ext",
+                                     (const void *)ggml_compute_forward_flash_attn_ext))(params, dst);
 }
 
 /* Confirms the mirrored tensor layout on a flash-attention node built by the ggml in this process, and
@@ -562,8 +543,8 @@ static int positions_check(void *base, void *ctx, struct ggml_tensor_view *(*ten
     if (ok) {
         atomic_store(&rope_op, rotated->op);
         atomic_store(&set_rows_op, written->op);
-        atomic_store_explicit(&rope_original, rope_theirs, memory_order_release);
-        atomic_store_explicit(&set_rows_original, set_rows_theirs, memory_order_release);
+        atomic_store_explicit(&rope_original, (void *)rope_theirs, memory_order_release);
+        atomic_store_explicit(&set_rows_original, (void *)set_rows_theirs, memory_order_release);
     }
     return ok;
 }
@@ -602,7 +583,7 @@ int q5_0_attention_check(void) {
                  dst->view_src == NULL;
             if (ok) {
                 atomic_store(&attention_op, dst->op);
-                atomic_store_explicit(&attention_original, theirs, memory_order_release);
+                atomic_store_explicit(&attention_original, (void *)theirs, memory_order_release);
                 noting = positions_check(base, ctx, tensor, data_of);
             }
             release(ctx);
