@@ -86,6 +86,7 @@ class ScriptedEngine:
         self.scripts = script if isinstance(script, list) else [script]
         self.prompts: list[tuple[int, ...]] = []
         self.pinned: dict[str, tuple[int, ...]] = {}
+        self.reused = 0  # prompt tokens each generation says it took from a kept cache
         self.metadata = ModelMetadata(context_length=8192, vocab_size=256 + len(SPECIAL), bos_text="",
                                       eos_text="<eos>", chat_template=chat_template, architecture="scripted")
         self._lltokenizer = grammar_tokenizer()
@@ -133,6 +134,7 @@ class ScriptedEngine:
         queue: asyncio.Queue[Message] = asyncio.Queue()
         seq = Sequence(request=request, loop=asyncio.get_running_loop(), queue=queue,
                        rng=rng_for(request.sampling.seed))
+        seq.cached_tokens = min(self.reused, len(request.prompt))  # as if a kept cache held that much
         outbox = Outbox()
         while True:
             n = seq.n_generated
@@ -167,9 +169,11 @@ def served(engine: ScriptedEngine, model_id: str = "scripted") -> ServedModel:
 
 
 def run(script: str | list[str], body: dict[str, Any], template: str | None = TOOLS_TEMPLATE, stream: bool = False,
-        sandbox: Any = None) -> tuple[Any, ScriptedEngine]:
-    """A generateContent request (streamed: the list of chunks) answered by a model that wants to write `script`."""
+        sandbox: Any = None, reused: int = 0) -> tuple[Any, ScriptedEngine]:
+    """A generateContent request (streamed: the list of chunks) answered by a model that wants to write `script`
+    (`reused`: prompt tokens the engine says a kept cache held)."""
     engine = ScriptedEngine(script, chat_template=template)
+    engine.reused = reused
     model = served(engine)
 
     async def go() -> Any:

@@ -21,7 +21,7 @@ from gemserve.service.cached_contents import CachedContents
 from gemserve.service.requests import base_target, plan_generation, request_prompt
 from gemserve.store.cached_contents import CachedContentStore
 from gemserve.store.db import Database
-from tests.service.scripted import ScriptedEngine
+from tests.service.scripted import ScriptedEngine, request_body, run
 
 ALICE = Caller("alice", 1)
 BOB = Caller("bob", 2)
@@ -162,3 +162,15 @@ def test_a_cache_larger_than_the_models_budget_is_refused(
     with pytest.raises(ApiError, match="keeps at most 50 tokens of cached content") as caught:
         create(caches)
     assert caught.value.code == 400 and not engine.pinned
+
+
+def test_a_prefix_reused_implicitly_is_reported_in_every_streamed_chunk() -> None:
+    """Implicit caching: the tokens a kept cache gave the prompt count as cachedContentTokenCount from the first
+    chunk on, like a named cache's, not only in the last (it came with the engine's finish before)."""
+    chunks, _ = run("Hello there, friend.", request_body(), stream=True, reused=3)
+    assert len(chunks) >= 2  # text, then the finish
+    assert [chunk["usageMetadata"].get("cachedContentTokenCount") for chunk in chunks] == [3] * len(chunks)
+    whole, _ = run("Hello there, friend.", request_body(), reused=3)
+    assert whole["usageMetadata"]["cachedContentTokenCount"] == 3
+    fresh, _ = run("Hello there, friend.", request_body(), stream=True)
+    assert all("cachedContentTokenCount" not in chunk["usageMetadata"] for chunk in fresh)

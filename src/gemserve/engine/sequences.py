@@ -89,7 +89,8 @@ def advance(seq: Sequence, logits: np.ndarray, is_end: Callable[[int], bool], ou
         return True
     seq.generated[choice.token] += 1
     seq.n_generated += 1
-    outbox.put(seq, TokenEvent(choice.token, choice.logprob, choice.top))
+    outbox.put(seq, TokenEvent(choice.token, choice.logprob, choice.top,
+                               seq.cached_tokens if seq.n_generated == 1 else None))
     if constraint is not None and constraint.finished:
         outbox.put(seq, FinishEvent("STOP", seq.cached_tokens))
         return True

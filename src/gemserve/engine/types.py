@@ -54,11 +54,14 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token, with its log-probability under the model's distribution when asked for."""
+    """One generated token, with its log-probability under the model's distribution when asked for. A sequence's
+    first token also says how many prompt tokens came from a kept or pinned cache (`cached_tokens`), so that
+    usage can report them from the first streamed chunk on."""
 
     token: int
     logprob: float | None = None
     top: tuple[tuple[int, float], ...] = ()
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)

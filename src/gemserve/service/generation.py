@@ -246,6 +246,8 @@ class Generation:
             cand.finish = "MALFORMED_FUNCTION_CALL" if cand.malformed and event.reason == "STOP" else event.reason
             return Delta(cand.index, parts, *self._release(cand, [], []), cand.finish)
         assert isinstance(event, TokenEvent)
+        if event.cached_tokens is not None and cand.attempt == 0:  # known from the first token: every chunk says it
+            self.reused_tokens = max(self.reused_tokens, min(event.cached_tokens, self.prompt_token_count))
         cand.tokens += 1
         cand.written.append(event.token)
         chosen: list[LogprobsCandidate] = []
