@@ -44,10 +44,9 @@ library defines no such function and llama.cpp runs untouched.
 Only matrices inside address ranges registered as a model's weights (`q5_0_add_file_range`: the model file's
 mappings) are packed, since a packed copy is valid only while the original never changes; `q5_0_release_range`
 frees the copies when the model is gone. Matrices whose rows are not a multiple of 8 stay with llama.cpp. Once a
-Q5_0 matrix of a shared read-only file mapping (rows contiguous) is packed whole, llama.cpp's copy is no longer
-read: its pages are let go (`MADV_DONTNEED`; read again from the file should anything need them), so the Q5_0
-copies add no resident memory to what llama.cpp held. Q6_K and Q4_K copies add their size: prompts take
-llama.cpp's tiled path for those matrices (faster there: 4-7% of a 1000-token prompt), which reads llama.cpp's rows.
+matrix of a shared read-only file mapping (rows contiguous) is packed whole, llama.cpp's copy is no longer read
+(prompts too take the kernels: llama.cpp's tiled path is declined, below): its pages are let go (`MADV_DONTNEED`;
+read again from the file should anything need them), so the copies add no resident memory to what llama.cpp held.
 
 Plain C functions, called through ctypes; the module init only makes the file importable as an extension.
 */
@@ -469,7 +468,7 @@ typedef struct {
     uint8_t *packed;
     _Atomic uint8_t *state; /* per group of rows */
     atomic_llong unpacked;  /* groups not packed yet */
-    bool let_pages_go;      /* Q5_0 in a read-only file mapping: pages let go once packed, read again if need be */
+    bool let_pages_go;      /* in a read-only file mapping: pages let go once packed, read again if need be */
 } matrix;
 
 typedef struct { uintptr_t start, end; bool mapped; } range;
@@ -623,9 +622,7 @@ static bool registered(const void *weights, int type, int64_t m, int64_t k, int6
         uint8_t *packed = aligned_alloc(32, ((size_t)packed_bytes(type, m, k) + 31) / 32 * 32);
         _Atomic uint8_t *state = calloc((size_t)(m / ROWS), 1);
         if (!e || !packed || !state) { free(e); free(packed); free((void *)state); goto done; }
-        /* Q6_K's and Q4_K's pages stay: prompts (32 tokens and more) take llama.cpp's tiled path, which reads
-           its rows */
-        const bool let_pages_go = where->mapped && lda == k && type == TYPE_Q5_0;
+        const bool let_pages_go = where->mapped && lda == k;
         *e = (matrix){weights, type, m, k, lda, packed, state, m / ROWS, let_pages_go};
         matrices[n_matrices++] = found = e;
     }
