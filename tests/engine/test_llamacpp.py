@@ -52,7 +52,7 @@ def test_concurrent_sequences_score_exactly_like_sequences_alone(engine: LlamaCp
     """Batched decoding must not mix sequences up, nor change what a sequence gets: its tokens and log-probabilities
     are the same bits decoded alone (where prompt lookup also feeds proposals), beside three others, or alone for
     its first tokens until the others join, since every product and the attention give a token the same result in
-    any pass of fewer than 32 tokens (`_attention.h`). Also on an engine whose cache has a history (earlier requests
+    any pass (`_attention.h`). Also on an engine whose cache has a history (earlier requests
     kept and dropped), where llama.cpp puts a sequence's later tokens in holes before its earlier ones: CI once saw
     log-probabilities 0.06 apart there, when the attention summed cells in cache order."""
     prompts = ["The history of Rome", "Once upon a time", "def fibonacci(n):", "The weather today"]

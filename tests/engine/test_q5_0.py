@@ -510,22 +510,24 @@ def test_a_packed_matrix_lets_go_of_its_pages_in_a_file_mapping(tmp_path: Path) 
 
 
 @needs_kernel
-def test_a_packed_q6_k_matrix_lets_go_of_its_pages_in_a_file_mapping(tmp_path: Path) -> None:
-    """Like Q5_0's, a Q6_K matrix's pages are let go once packed (prompts take the kernel too, not llama.cpp's tiled
-    path); the products stay the same, and the file's bytes come back when read."""
+@pytest.mark.parametrize("kind", ["Q6_K", "Q4_K"])
+def test_a_packed_k_quant_matrix_lets_go_of_its_pages_in_a_file_mapping(kind: str, tmp_path: Path) -> None:
+    """Like Q5_0's, a K-quant matrix's pages are let go once packed (prompts take the kernel too, not llama.cpp's
+    tiled path); the products stay the same, and the file's bytes come back when read."""
     assert KERNEL is not None
     ours = _signature(KERNEL.llamafile_sgemm)
     rng = np.random.default_rng(9)
-    matrix = q6_k_matrix(rng, 64, 19)
+    matrix = k_quant_matrix(kind, rng, 64, 19)
     x = q8_k_tokens(rng, 2, 19)
+    types = (k_quant_type(matrix), GGML_Q8_K)
     with _registered_file(tmp_path / "weights", matrix) as a:
         want = expected_k_quant(a, x)  # reads every page
         assert _resident_kib(a.ctypes.data) * 1024 >= a.nbytes - 4096
-        out, done = _sgemm(ours, a, x, types=(GGML_Q6_K, GGML_Q8_K))
+        out, done = _sgemm(ours, a, x, types=types)
         assert done
         assert _resident_kib(a.ctypes.data) <= 4  # whole pages only: the file's last one is partly another's
         assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
-        again, done = _sgemm(ours, a, x, types=(GGML_Q6_K, GGML_Q8_K))
+        again, done = _sgemm(ours, a, x, types=types)
         assert done and np.array_equal(again, out)
         assert np.array_equal(expected_k_quant(a, x), want)  # the file's bytes, read again
 

@@ -81,6 +81,8 @@ def test_token_counts_are_the_embedding_models(embedder: ServedEmbedder) -> None
     answer = asyncio.run(count_tokens(embedder, {"contents": [text("the cat"), text("a dog sat")]}))
     assert answer["totalTokens"] == 4 + 5
     assert answer["promptTokensDetails"] == [{"modality": "TEXT", "tokenCount": 9}]
+    empty = asyncio.run(count_tokens(embedder, {"contents": [text("")]}))  # counted, though embedContent refuses it
+    assert empty["totalTokens"] == 2  # [CLS] and [SEP]
 
 
 @pytest.mark.parametrize(("body", "field", "words"), [

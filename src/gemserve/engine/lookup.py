@@ -18,7 +18,7 @@ feed): the number k that gives the most tokens per unit of time, 1 + a + ... + a
 pass over 1 + k tokens, and none where no k beats one token a pass.
 
 Which passes are fed changes no logits: with the llama.cpp engine a token's logits are the same bits in any pass
-of fewer than 32 tokens (gemserve's products and attention, `_q5_0.c` and `_attention.h`; models loaded without
+(gemserve's products and attention, `_q5_0.c` and `_attention.h`; models loaded without
 llama.cpp's repacked products, `llamacpp_model._model_params`). The costs stay as measured at load all the same,
 so that what a request is fed does not move with the machine's load from one call to the next.
 """

@@ -35,7 +35,8 @@ MAX_BATCH = 100
 DIGITS = 8  # decimals sent per value: float32 carries about seven significant digits
 
 
-def _text(content: Content | None, field: str) -> str:
+def _text(content: Content | None, field: str, counting: bool = False) -> str:
+    """A content's text; every part text, and (but for countTokens) none empty."""
     if content is None:
         raise invalid_argument(f"* {field}: content is required.", field)
     if not content.parts:
@@ -45,7 +46,7 @@ def _text(content: Content | None, field: str) -> str:
         if part.text is None:
             raise invalid_argument(f"* {field}.parts[{i}]: only text parts can be embedded by this model.",
                                    f"{field}.parts[{i}]")
-        if not part.text:  # as Google answers an empty string
+        if not part.text and not counting:  # as Google's embedContent answers an empty string
             raise invalid_argument(f"* {field}.parts[{i}].text: EmbedContentRequest.content contains an empty Part.",
                                    f"{field}.parts[{i}].text")
         texts.append(part.text)
@@ -114,7 +115,7 @@ async def count_tokens(embedder: ServedEmbedder, body: Any) -> dict[str, Any]:
                                "only.", "generate_content_request")
     if not parsed.contents:
         raise invalid_argument("* CountTokensRequest: contents must be set.", "contents")
-    texts = [_text(content, f"contents[{i}]") for i, content in enumerate(parsed.contents)]
+    texts = [_text(content, f"contents[{i}]", counting=True) for i, content in enumerate(parsed.contents)]
     total = await embedder.engine.count_tokens(texts)
     details = [ModalityTokenCount(modality="TEXT", token_count=total)]
     return CountTokensResponse(total_tokens=total, prompt_tokens_details=details).to_wire()

@@ -236,7 +236,8 @@ class Generation:
         if cand.finish is not None:
             return None
         if isinstance(event, FinishEvent):
-            if cand.attempt == 0:  # later attempts start from the first one's own cache: not the prompt's reuse
+            if cand.attempt == 0 and cand.tokens == 0:  # no first token said it (later attempts start from the
+                # first one's own cache: not the prompt's reuse)
                 self.reused_tokens = max(self.reused_tokens, min(event.cached_tokens, self.prompt_token_count))
             parts = self._parts(cand, cand.text.flush(), final=True)
             if self._start_over(cand):

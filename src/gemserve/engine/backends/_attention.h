@@ -22,14 +22,15 @@ positions are noted as llama.cpp writes keys into the cache (`ggml_compute_forwa
 the keys were rotated with: `ggml_compute_forward_rope`, both also called through the PLT), and a row whose cells
 are out of order is put in order (a bucket per position: linear in its cells); keys read back from a saved state
 take their positions from the order llama.cpp writes them (`ggml_backend_tensor_set`). A row that sees a cell
-whose position is not known (more caches in use than POS_TABLES) keeps cell order. The matrix products around it are made so by
-the kernels in this library and by llama.cpp's plain path below 32 tokens; the engine loads models without
+whose position is not known (more caches in use than POS_TABLES) keeps cell order. The matrix products around it
+are made so by the kernels in this library and by llama.cpp's plain path (its tiled path is declined at every
+size, `_q5_0.c`); the engine loads models without
 llama.cpp's repacked Q4_K products, whose 4-token tiles round otherwise. The query stays in single precision
 (llama.cpp's one-cell-at-a-time path rounds it to f16 first), so results differ from llama.cpp's by more than the
 order of sums, a little more precise here.
 
-Prompts too: a 1000-token prompt takes 0.93 (Qwen) and 0.96 (Gemma) of the time it took with llama.cpp's tiled
-path, whose sums also depended on which cache cells the sequence sat in (the same prompt's logits up to 1.3 apart
+Prompts too: a 1000-token prompt took 0.93 (Qwen) and 0.96 (Gemma) of the time it took with llama.cpp's
+attention (with llama.cpp's tiled products; without them, the default since, 1.04 and 1.01 of that), whose sums also depended on which cache cells the sequence sat in (the same prompt's logits up to 1.3 apart
 between two slots), so a prompt computed whole and the same prompt continued from a kept cache could answer
 differently; now they are the same bits (`benchmarks/q5_0.py prompts`). Left to llama.cpp: shapes this does not
 cover (other cache types than f16, ALiBi, attention sinks, key heads not a multiple of 16 wide, value heads not

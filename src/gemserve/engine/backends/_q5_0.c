@@ -712,9 +712,10 @@ bool llamafile_sgemm(const struct compute_params *params, int64_t m, int64_t n, 
 /* llama.cpp takes products of quantized matrices it has no repacked form for (Q6_K among them; also the other
    K-quants and IQ types) with 8 or more tokens through its tiled path, also called through the PLT. On the AMD
    EPYC machine it costs more than its plain path for small batches (a pass over 8 Qwen sequences: 62.9 against
-   47.5 ms, 16: 90.7 against 84.2) and a little less for prompts (a 1000-token Gemma prompt 6% less), but its
-   rounding depends on where a token falls in its tiles: the same prompt's last logits differed by up to 0.65
-   computed whole and continued from a kept cache (36, 64 and 100 tokens; `benchmarks/q5_0.py prompts`). So it is
+   47.5 ms, 16: 90.7 against 84.2) and a little less for prompts (a 1000-token prompt: Gemma 1%, Qwen 4%), but
+   its rounding depends on where a token falls in its tiles: the same prompt's last logits differed computed whole
+   and continued from a kept cache (Gemma at 100 tokens by 0.65, Qwen at 36 and 64 by up to 0.40;
+   `benchmarks/q5_0.py prompts`). So it is
    declined below `tiled_from` tokens, by default always, and llama.cpp runs its plain path, which sends Q6_K and
    Q4_K to the kernels here: a token's products are the same bits in any pass. Benchmarks set `tiled_from` to
    compare (from there on it hands over to llama.cpp's own; were that not found, every size would take the plain

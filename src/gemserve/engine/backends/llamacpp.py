@@ -9,10 +9,11 @@ sequence). A step's events go back to the event loop together (`engine/sequences
 away (client disconnect, stop sequence) is dropped at the next step.
 
 A seeded request runs in a llama.cpp context of its own (`LlamaModel.solo`, sized to the request and freed when
-it ends), one forward pass per step for it alone. Decoding gives a token the same logits in any pass of fewer
-than 32 tokens (gemserve's products and attention), but a prompt's numbers depend on the passes it was computed
-in (llama.cpp's tiled kernels) and on whether it came from a kept cache, so only this gives the same tokens and
-log-probabilities alone, repeated, and beside any other requests. Its prompt advances SOLO_CHUNK
+it ends), one forward pass per step for it alone. A token's logits are now the same bits in any pass, prompts
+too, wherever its cells sit in the shared cache (gemserve's products and attention, `_attention.h`); this was
+made when they were not (a prompt's numbers depended on the passes it was computed in and on whether it came from
+a kept cache), and it stays: it gives a seeded request the same tokens and log-probabilities alone, repeated, and
+beside any other requests without resting on that. Its prompt advances SOLO_CHUNK
 tokens a step, whatever else runs. It costs that request the batching, and a context's set-up (10 ms for a short
 request, about 100 ms for one that may write 8192 tokens); requests without a seed are batched as ever.
 
@@ -694,10 +695,10 @@ class LlamaCppEngine:
 
 def _reuses_prefixes(seq: _Sequence) -> bool:
     """Seeded requests promise the same output every time: they run in contexts of their own, from their first
-    token. A prompt continued from a kept prefix scores differently from the same prompt computed whole
-    (log-probabilities moved by up to 0.07), and in the shared context a sequence's numbers depend on the batch and
-    on where its keys and values land in the cache (15 of 18 seeded runs beside 5 other streams differed, even in
-    forward passes of their own)."""
+    token. When this was written a prompt continued from a kept prefix scored differently from the same prompt
+    computed whole (log-probabilities moved by up to 0.07), and in the shared context a sequence's numbers depended
+    on the batch and on where its keys and values landed in the cache (15 of 18 seeded runs beside 5 other streams
+    differed); gemserve's kernels and attention have since made those the same bits, and the contexts stay."""
     return seq.request.sampling.seed is None
 
 

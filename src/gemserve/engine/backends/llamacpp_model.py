@@ -51,7 +51,7 @@ def _model_params() -> llama.llama_model_params:
     # Without llama.cpp's repacked copies of Q4_K (and Q4_0, Q8_0) matrices: their products over 4 tokens or more
     # round otherwise than over fewer, so a token's logits moved with the size of its pass (prompt lookup, other
     # sequences). llama.cpp's plain products, like gemserve's kernels and attention (q5_0.py), give each token the
-    # same bits in any pass of fewer than 32; they cost about as much on these models (docs/benchmarks.md).
+    # same bits in any pass; they cost about as much on these models (docs/benchmarks.md).
     if hasattr(params, "use_extra_bufts"):
         params.use_extra_bufts = False
     return params
