@@ -80,6 +80,9 @@ def test_plain_http_as_in_the_reference(server: Server) -> None:
     counted = httpx.post(f"{server.url}/v1beta/models/text-embedding-004:countTokens", timeout=60,
                          json={"contents": [{"parts": [{"text": "Hello world"}]}]})
     assert counted.status_code == 200 and counted.json()["totalTokens"] == 4  # [CLS] hello world [SEP]
+    empty = httpx.post(f"{server.url}/v1beta/models/text-embedding-004:embedContent", timeout=60,
+                       json={"content": {"parts": [{"text": ""}]}})
+    assert empty.status_code == 400 and "contains an empty Part" in empty.json()["error"]["message"]
 
 
 def test_models_claim_only_the_methods_they_serve(server: Server) -> None:

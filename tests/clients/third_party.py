@@ -144,7 +144,7 @@ def sentence_transformers_agreement() -> None:
     from google.genai import types
     from sentence_transformers import SentenceTransformer
 
-    texts = PASSAGES + QUESTIONS + ["", "a" * 3000, "Ünïcödé text, emoji 🙂 and CJK 漢字"]
+    texts = PASSAGES + QUESTIONS + [" ", "a" * 3000, "Ünïcödé text, emoji 🙂 and CJK 漢字"]  # "": a 400, as Google
 
     def lowest() -> float:
         client = genai.Client(api_key="test", http_options=types.HttpOptions(base_url=BASE))
