@@ -235,10 +235,12 @@ class Generation:
     def _apply(self, cand: _Candidate, event: Event) -> Delta | None:
         if cand.finish is not None:
             return None
+        # The prompt tokens a kept cache gave: said by the first token, or by the finish where no token came. Only
+        # the first attempt's: later attempts start from the first one's own cache, not the prompt's reuse.
+        reused = event.cached_tokens if isinstance(event, TokenEvent) or cand.tokens == 0 else None
+        if reused is not None and cand.attempt == 0:
+            self.reused_tokens = max(self.reused_tokens, min(reused, self.prompt_token_count))
         if isinstance(event, FinishEvent):
-            if cand.attempt == 0 and cand.tokens == 0:  # no first token said it (later attempts start from the
-                # first one's own cache: not the prompt's reuse)
-                self.reused_tokens = max(self.reused_tokens, min(event.cached_tokens, self.prompt_token_count))
             parts = self._parts(cand, cand.text.flush(), final=True)
             if self._start_over(cand):
                 return None
@@ -247,8 +249,6 @@ class Generation:
             cand.finish = "MALFORMED_FUNCTION_CALL" if cand.malformed and event.reason == "STOP" else event.reason
             return Delta(cand.index, parts, *self._release(cand, [], []), cand.finish)
         assert isinstance(event, TokenEvent)
-        if event.cached_tokens is not None and cand.attempt == 0:  # known from the first token: every chunk says it
-            self.reused_tokens = max(self.reused_tokens, min(event.cached_tokens, self.prompt_token_count))
         cand.tokens += 1
         cand.written.append(event.token)
         chosen: list[LogprobsCandidate] = []
