@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,10 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from gemserve.engine.backends import llamacpp as llamacpp_engine
 from gemserve.engine.backends.llamacpp import LlamaCppEngine
 from gemserve.engine.constraints import Constraint
+from gemserve.engine.drafting import DraftCosts, Drafter
 from gemserve.engine.lookup import PassCosts
 from gemserve.engine.sampling import log_softmax
 from gemserve.engine.types import EngineBusy, EngineError, FinishEvent, GenerationRequest, SamplingParams, TokenEvent
@@ -465,3 +468,81 @@ def test_forced_text_is_right_where_the_tokenizer_puts_a_space_before_text(engin
     monkeypatch.setattr(llm, "tokenize", with_space)
     constraint = Constraint(llm.grammar_tokenizer(), 'start: "say it"')
     assert b"".join(llm.token_bytes(t) for t in constraint.forced()) == b"say it"
+
+
+DRAFTS_PAY = DraftCosts(0.3, {n: 0.5 + 0.05 * n for n in range(1, 9)})  # chains pay whatever this machine's costs
+PLANETS = {"type": "array", "items": {"type": "object", "properties": {
+    "name": {"type": "string"}, "description": {"type": "string"}}, "required": ["name", "description"]}}
+
+
+def drafting_engines(default_gguf: Path) -> tuple[LlamaCppEngine, LlamaCppEngine]:
+    """One engine without drafting, one that drafts wherever it can (no prompt lookup in either: its proposals
+    would take the steps a chain could)."""
+    plain = LlamaCppEngine(default_gguf, context_size=2048, max_sequences=2, threads=2, lookup=False, drafting=False)
+    drafting = LlamaCppEngine(default_gguf, context_size=2048, max_sequences=2, threads=2, lookup=False,
+                              draft_costs=DRAFTS_PAY)
+    return plain, drafting
+
+
+def chat(engine: LlamaCppEngine, text: str, n: int, params: SamplingParams = GREEDY,
+         schema: dict[str, Any] | None = None) -> GenerationRequest:
+    prompt = engine.tokenize(f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n", add_bos=True,
+                             parse_special=True)
+    constraint = None if schema is None else engine.compile_grammar("start: %json " + json.dumps(schema))
+    return GenerationRequest(tuple(prompt), params, n, constraint=constraint)
+
+
+def test_drafted_chains_keep_the_greedy_tokens_and_log_probabilities(default_gguf: Path) -> None:
+    """New prose, free and under a JSON schema: what drafting gives is what one token a pass gives, bit for bit
+    (its logits are computed from the same hidden states, by the same kernel), and most drafts are kept."""
+    plain, drafting = drafting_engines(default_gguf)
+    params = SamplingParams(temperature=0.0, logprobs=2)
+    try:
+        for text, schema in (("Tell me a story about a dragon who learns to cook.", None),
+                             ("Describe the planets of the solar system as JSON.", PLANETS)):
+            expected, reason = asyncio.run(run(plain, chat(plain, text, 64, params, schema)))
+            got, finish = asyncio.run(run(drafting, chat(drafting, text, 64, params, schema)))
+            assert [(t.token, t.logprob, t.top) for t in got] == [(t.token, t.logprob, t.top) for t in expected]
+            assert finish == reason
+        assert drafting.drafted_tokens > 40 and drafting.draft_accepted > 0.8 * drafting.drafted_tokens
+        assert plain.drafted_tokens == 0
+    finally:
+        plain.close()
+        drafting.close()
+
+
+def test_wrong_drafts_are_dropped_with_their_cache_and_sampled_tokens_are_drawn_as_without_drafts(
+        default_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every other draft is made wrong (under a schema: a token the grammar permits, not the best): the tokens
+    after it are computed again, from a cache without the wrong one, and the grammar goes on from the tokens kept.
+    Sampled, with the same random stream for both engines, the same tokens come out: each position is drawn once,
+    from the same logits, drafted or not."""
+    propose = Drafter.propose
+    calls = 0
+
+    def sometimes_wrong(self: Drafter, hidden: np.ndarray, constraint: Any, params: SamplingParams,
+                        generated: Any) -> int | None:
+        nonlocal calls
+        calls += 1
+        token = propose(self, hidden, constraint, params, generated)
+        if token is None or calls % 2:
+            return token
+        wrong = [t for t in range(token + 1, token + 2000) if constraint is None or constraint.permits(t)]
+        return wrong[0] if wrong else token
+
+    monkeypatch.setattr(Drafter, "propose", sometimes_wrong)
+    monkeypatch.setattr(llamacpp_engine, "rng_for", lambda seed: np.random.default_rng(1234))
+    plain, drafting = drafting_engines(default_gguf)
+    try:
+        for text, schema, params in (
+                ("Describe the planets of the solar system as JSON.", PLANETS, GREEDY),
+                ("Tell me a story about a dragon who learns to cook.", None, SamplingParams(temperature=0.8)),
+                ("Describe the planets of the solar system as JSON.", PLANETS, SamplingParams(temperature=0.8))):
+            expected, _ = asyncio.run(run(plain, chat(plain, text, 48, params, schema)))
+            got, _ = asyncio.run(run(drafting, chat(drafting, text, 48, params, schema)))
+            assert [t.token for t in got] == [t.token for t in expected]
+            assert [t.logprob for t in got] == [t.logprob for t in expected]
+        assert drafting.drafted_tokens > drafting.draft_accepted > 0
+    finally:
+        plain.close()
+        drafting.close()

@@ -162,3 +162,34 @@ def test_a_disagreeing_output_layer_falls_back_to_llama_cpp(default_gguf: Path,
         assert float(np.max(np.abs(logits))) > 1.0
     finally:
         model.close()
+
+
+@needs_kernel
+def test_logits_computed_later_from_captured_hidden_states_are_the_same_bits(
+        models: tuple[LlamaModel, LlamaModel]) -> None:
+    """Drafting runs passes without logits and computes them later for several hidden states at once: the same
+    bits as each pass computing its own. The shortlist's scores are those tokens' logits, bit for bit; the
+    dequantized rows give them approximately."""
+    ours, _ = models
+    prompt = ours.tokenize("A list of the planets: Mercury, Venus, Earth", add_bos=True, parse_special=False)
+    assert ours.decode([(0, 0, prompt[:-3], False)])
+    direct, hidden = [], []
+    for i, token in enumerate(prompt[-3:]):
+        position = len(prompt) - 3 + i
+        assert ours.decode([(0, position, [token], True)])
+        direct.append(np.array(ours.logits(0)))
+        ours.forget(0, position)
+        assert ours.decode([(0, position, [token], True)], logits=False)
+        hidden.append(np.array(ours.hidden[0]))
+    ours.logits_of(np.stack(hidden))
+    for i in range(3):
+        assert np.array_equal(ours.logits(i), direct[i])
+    head = ours.drafts
+    assert head is not None
+    shortlist = head.shortlist
+    assert 16384 <= len(shortlist) < ours.n_vocab // 4
+    assert np.array_equal(head.shortlist_scores(hidden[0]), direct[0][shortlist])
+    for token in (int(np.argmax(direct[0])), ours.n_vocab - 1):
+        approximate = float(head.rows([token])[0] @ hidden[0])
+        assert abs(approximate - direct[0][token]) < 0.02 * float(np.max(np.abs(direct[0])))
+    ours.forget(0)

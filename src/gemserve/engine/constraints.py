@@ -64,6 +64,16 @@ class Constraint:
         if not self._matcher.consume_token(token):
             raise ConstraintError(self._matcher.get_error() or f"token {token} is not allowed here")
 
+    def speculate(self, token: int) -> bool:
+        """Consume `token` if the grammar permits it (a drafted token, to be rolled back); False, and nothing
+        consumed, if not."""
+        return self.permits(token) and bool(self._matcher.consume_token(token))
+
+    def rollback(self, tokens: int) -> None:
+        """Undo the last `tokens` tokens consumed."""
+        if tokens and not self._matcher.rollback(tokens):
+            raise ConstraintError(self._matcher.get_error() or f"could not roll back {tokens} tokens")
+
     @property
     def finished(self) -> bool:
         """The grammar is complete and nothing may follow: the sequence ends here."""

@@ -68,12 +68,17 @@ class Lookup:
 
     def propose(self, limit: int) -> list[int]:
         """Up to `limit` tokens that followed the latest earlier occurrence of the last 3 (else 2) tokens."""
-        t, n = self._tokens, len(self._tokens)
-        if limit <= 0 or n < 3:
+        return self.propose_after(self._tokens[-3:], limit) if len(self._tokens) >= 3 else []
+
+    def propose_after(self, last: list[int], limit: int) -> list[int]:
+        """Up to `limit` tokens that followed the latest occurrence of `last`'s last 3 (else 2) tokens among those
+        indexed (for tokens not indexed yet: a chain's drafts)."""
+        t = self._tokens
+        if limit <= 0 or len(last) < 3:
             return []
-        start = self._after3.get((t[n - 3], t[n - 2], t[n - 1]))
+        start = self._after3.get((last[-3], last[-2], last[-1]))
         if start is None:
-            start = self._after2.get((t[n - 2], t[n - 1]))
+            start = self._after2.get((last[-2], last[-1]))
         return [] if start is None else t[start : start + limit]
 
 

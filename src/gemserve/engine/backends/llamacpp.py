@@ -33,7 +33,9 @@ thirds of the per-token work for Gemma 3 270M, and the part that batching speeds
 
 A sequence that decodes alone feeds, beside its next token, the tokens its grammar forces next or else those prompt
 lookup proposes (`engine/lookup.py`), as many as pay by what such passes cost (timed as the model loads), and
-keeps those that decoding one token at a time would have chosen. When the engine runs out of work, its thread
+keeps those that decoding one token at a time would have chosen; where none pay, it may run a chain of passes
+through the layers alone, drafting each next token from a shortlist, and compute the output layer once for the
+chain (`engine/drafting.py`). When the engine runs out of work, its thread
 lets its OpenMP workers go (`engine/threads.py`), so an idle model does not slow a busy one.
 
 ctypes releases the GIL during `llama_decode`, so the event loop keeps serving HTTP while a step runs.
@@ -52,10 +54,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from gemserve.engine.backends import q5_0
 from gemserve.engine.backends.llamacpp_model import LlamaModel
 from gemserve.engine.constraints import Constraint, GrammarTokenizer
+from gemserve.engine.drafting import MAX_CHAIN, DraftCosts, Drafter, chain_length
 from gemserve.engine.lookup import MAX_PROPOSED, Acceptance, Lookup, PassCosts, worth_feeding
+from gemserve.engine.sampling import MIN_TEMPERATURE
 from gemserve.engine.sequences import Inbox, Message, Outbox, Sequence, advance, rng_for
 from gemserve.engine.threads import release_idle_threads
 from gemserve.engine.types import EngineError, Event, GenerationRequest
@@ -69,6 +75,7 @@ MAX_RESTARTS = 3  # failed steps the engine starts afresh after, within RESTART_
 RESTART_WINDOW = 60.0
 SOLO_CELLS = 256  # a seeded sequence's own context is a whole number of these
 SOLO_CHUNK = PROMPT_TOKENS_BESIDE_DECODING  # a seeded prompt's tokens per step, always
+RECENT_TOKENS = 2048  # tokens written lately that drafts also score (engine/drafting.py)
 FORCED_ACCEPTANCE = 0.9  # how often a grammar's forced tokens are taken to be chosen, until checked
 
 
@@ -78,6 +85,7 @@ class _Sequence(Sequence):
     history: list[int] = field(default_factory=list)  # tokens whose keys and values are in the cache
     solo: LlamaModel | None = None  # a seeded sequence's own context (sequence id 0 there)
     lookup: Lookup | None = None  # its n-gram index, once it has decoded alone
+    drafter: Drafter | None = None  # its drafts (engine/drafting.py), once it has decoded alone
     # How often the tokens its grammar forced were the ones chosen (the model may spell forced text otherwise).
     forced_acceptance: Acceptance = field(default_factory=lambda: Acceptance(FORCED_ACCEPTANCE))
 
@@ -107,7 +115,8 @@ class LlamaCppEngine:
     def __init__(self, path: Path, *, context_size: int | None = None, max_sequences: int = 8,
                  threads: int | None = None, ubatch: int = 512, own_output_layer: bool = True,
                  kept_tokens: int = KEPT_TOKENS, pin_budget: int | None = None, lookup: bool = True,
-                 pass_costs: PassCosts | None = None) -> None:
+                 pass_costs: PassCosts | None = None, drafting: bool = True,
+                 draft_costs: DraftCosts | None = None) -> None:
         self._max_running = max_sequences
         self._kept_tokens = kept_tokens
         self._free_ids = list(range(2 * max_sequences - 1, -1, -1))
@@ -117,6 +126,11 @@ class LlamaCppEngine:
         self._lookup = lookup  # prompt-lookup decoding for a sequence that decodes alone (engine/lookup.py)
         # What passes of a sequence decoding alone cost here: measured as the model loads, unless given.
         self._pass_costs = pass_costs if pass_costs is not None else PassCosts.guessed()
+        self._drafting = drafting  # chains of passes drafted from a shortlist (engine/drafting.py)
+        self._draft_costs = draft_costs if draft_costs is not None else DraftCosts.guessed()
+        self.drafted_tokens = 0  # tokens drafted and fed, and how many of them were kept
+        self._recent: OrderedDict[int, None] = OrderedDict()  # tokens sequences wrote lately, for drafts
+        self.draft_accepted = 0
         self.proposed_tokens = 0  # tokens proposed (by prompt lookup or a grammar), and how many of them were kept
         self.accepted_tokens = 0
         self.forced_tokens = 0  # of those proposed, how many a grammar forced, and how many of these were kept
@@ -144,8 +158,9 @@ class LlamaCppEngine:
                 # Twice as many llama.cpp sequence ids as running sequences: the other half holds kept prefixes.
                 self._llm = LlamaModel(path, context_size=context_size, sequences=2 * max_sequences,
                                        threads=threads, ubatch=ubatch, own_output_layer=own_output_layer)
-                if pass_costs is None and lookup and self._llm.can_cut:
-                    self._pass_costs = self._measure_pass_costs()
+                if (pass_costs is None and lookup or draft_costs is None and drafting) and self._llm.can_cut:
+                    self._measure_pass_costs(pass_costs is None and lookup,
+                                             draft_costs is None and drafting and self._llm.drafts is not None)
             except BaseException as exc:
                 loaded.set_exception(exc)
                 return
@@ -221,39 +236,58 @@ class LlamaCppEngine:
 
     # ---- the engine thread --------------------------------------------------------------------------------
 
-    def _measure_pass_costs(self) -> PassCosts:
+    def _measure_pass_costs(self, passes: bool, drafts: bool) -> None:
         """Time passes like the ones `_step` feeds with proposals, over 1 to MAX_PROPOSED + 1 tokens of sequence
-        0 after a short prompt, each with logits (lookup.PassCosts.measure; about 1 s for Gemma 3 270M and 2.5 s
-        for Qwen2.5-Coder-0.5B on two cores). LoRA adapters are served with the base model's costs."""
-        prompt = self._llm.tokenize("Passes of one to nine tokens are timed here, each with its logits.",
-                                    add_bos=True, parse_special=False)
+        0 after a short prompt, each with logits (lookup.PassCosts.measure), and with `drafts` the parts of a
+        drafted chain (drafting.DraftCosts.measure); about 1.5 s for Gemma 3 270M and 3 s for
+        Qwen2.5-Coder-0.5B on two cores. LoRA adapters are served with the base model's costs."""
+        llm = self._llm
+        prompt = llm.tokenize("Passes of one to nine tokens are timed here, each with its logits.",
+                              add_bos=True, parse_special=False)
         tokens = (prompt * MAX_PROPOSED)[1 : MAX_PROPOSED + 2]
         start = len(prompt)
 
-        def run(n: int) -> float:
+        def run(n: int, logits: bool = True) -> float:
             entries = [(0, start + i, [token], True) for i, token in enumerate(tokens[:n])]
             began = time.perf_counter()
-            fitted = self._llm.decode(entries)
+            fitted = llm.decode(entries, logits=logits)
+            if not logits:
+                head = llm.drafts
+                assert head is not None
+                head.shortlist_scores(llm.hidden[0])
             seconds = time.perf_counter() - began
-            self._llm.forget(0, start)
+            llm.forget(0, start)
             if not fitted:
                 raise EngineError("the cache has no room to time passes in")
             return seconds
 
         try:
-            if max(len(prompt), MAX_PROPOSED + 1) > self._llm.ubatch:
-                raise EngineError(f"a batch holds {self._llm.ubatch} tokens, too few to time passes with")
-            if not self._llm.decode([(0, 0, prompt, False)]):
+            if max(len(prompt), MAX_PROPOSED + 1) > llm.ubatch:
+                raise EngineError(f"a batch holds {llm.ubatch} tokens, too few to time passes with")
+            if not llm.decode([(0, 0, prompt, False)]):
                 raise EngineError("the cache has no room to time passes in")
-            costs = PassCosts.measure(run)
-        except Exception as exc:  # the model serves all the same, with proposals fed by a guess
-            log.warning("pass costs not measured (%s): proposals are fed at guessed costs", exc)
-            costs = PassCosts.guessed()
+            if passes:
+                self._pass_costs = PassCosts.measure(run)
+                log.info("pass costs, in single-token passes by tokens fed: %s", self._pass_costs)
+            if drafts:
+                run(1, logits=False)
+                hidden = np.repeat(np.array(llm.hidden[:1]), MAX_CHAIN, axis=0)
+
+                def logits_of(n: int) -> float:
+                    began = time.perf_counter()
+                    llm.logits_of(hidden[:n])
+                    return time.perf_counter() - began
+
+                unit = min(run(1) for _ in range(3))
+                self._draft_costs = DraftCosts.measure(lambda: run(1, logits=False), logits_of, unit)
+                log.info("drafting costs, in single-token passes: %s", self._draft_costs)
+        except Exception as exc:  # the model serves all the same: proposals fed by a guess, no drafting
+            log.warning("pass costs not measured (%s): proposals are fed at guessed costs, none drafted", exc)
+            self._pass_costs = PassCosts.guessed()
+            self._draft_costs = DraftCosts.guessed()
         finally:
-            self._llm.forget(0)
-        log.info("pass costs, in single-token passes by tokens fed: %s", costs)
+            llm.forget(0)
         log.info("Q5_0, Q6_K and Q4_K products, attention: %s", q5_0.describe())
-        return costs
 
     def _loop(self) -> None:
         """Runs steps until closed. A step that fails fails the requests it had; the engine starts afresh (an
@@ -504,18 +538,26 @@ class LlamaCppEngine:
             if prompt:
                 prompt_room -= len(chunk)
         # A sequence decoding alone also feeds the tokens its grammar forces or prompt lookup proposes
-        # (engine/lookup.py), each with logits, as many as pay by what such passes cost.
+        # (engine/lookup.py), each with logits, as many as pay by what such passes cost; where none do, it may run
+        # a chain of drafted tokens instead (engine/drafting.py). (Choosing between the two by their expected
+        # tokens per pass measured slower: the chain then took steps where lookup's streaks would have paid more.)
         lone = len(plan) == 1 and len(entries[0][2]) == 1 and bool(plan[0].history)
         proposed: list[int] = []
         forced = False
         unfed: tuple[int, Acceptance] | None = None  # a proposal not fed, checked against the token chosen
         if len(group) == 1 and lone and entries[0][3]:
-            proposed, forced, unfed = self._proposal(plan[0])
+            candidates, forced, acceptance, feeding = self._proposal(plan[0])
+            passes = 0 if feeding else self._chain_passes(plan[0])
+            first = (candidates[0], acceptance) if candidates and acceptance is not None else None
+            if passes and self._draft_chain(plan[0], passes, first):
+                return
+            proposed = candidates[:feeding]
+            unfed = first if not feeding else None
         if proposed:
             seq_id, start, chunk, _ = entries[0]
             entries += [(seq_id, start + 1 + i, [token], True) for i, token in enumerate(proposed)]
             if self._llm.decode(entries):
-                self._check_proposal(plan[0], chunk, proposed, forced)
+                self._check_proposal(plan[0], chunk, proposed, "forced" if forced else "lookup")
                 return
             # No cells for the proposals: the step goes on without them (llama.cpp left the cache as it was).
             entries = entries[:1]
@@ -529,21 +571,26 @@ class LlamaCppEngine:
             row += len(chunk)
             if wants_logits:
                 self._advance(seq, row - 1)
-        if unfed is not None and plan[0].pending:  # it goes on: the token chosen after the step's one is there
-            token, acceptance = unfed
-            acceptance.observe(1, int(plan[0].pending[-1] == token))
+        if lone and plan[0].pending:  # it goes on: the token chosen after the step's one is there
+            chosen = plan[0].pending[-1]
+            if unfed is not None:
+                token, acceptance = unfed
+                acceptance.observe(1, int(chosen == token))
+            drafter = plan[0].drafter
+            if drafter is not None:  # would a draft have been right? (its best guess is nearly always the argmax)
+                drafter.acceptance.observe(1, int(chosen == int(np.argmax(self._llm.logits(row - 1)))))
 
-    def _proposal(self, seq: _Sequence) -> tuple[list[int], bool, tuple[int, Acceptance] | None]:
-        """Tokens to feed after `seq`'s next one, within its budget and the cache's room, and whether its grammar
-        forces them: those a constraint forces if any, else those prompt lookup proposes; of them, as many as pay
-        (`lookup.worth_feeding`); and, where none do, the first proposed with the rate it counts toward."""
+    def _proposal(self, seq: _Sequence) -> tuple[list[int], bool, Acceptance | None, int]:
+        """Tokens that may be fed after `seq`'s next one, within its budget and the cache's room, and whether its
+        grammar forces them: those a constraint forces if any, else those prompt lookup proposes; the rate they
+        count toward; and how many of them pay (`lookup.worth_feeding`)."""
         if not self._lookup or not self._llm.can_cut or len(seq.pending) != 1 or not seq.history:
-            return [], False, None
+            return [], False, None, 0
         kept = sum(len(k.tokens) for k in self._kept.values())
         room = self._llm.n_ctx - len(seq.history) - 1 - kept - MAX_PROPOSED
         limit = min(seq.request.max_new_tokens - seq.n_generated - 1, self._llm.ubatch - 1, room, MAX_PROPOSED)
         if limit <= 0:
-            return [], False, None
+            return [], False, None, 0
         forced = seq.request.constraint.forced() if seq.request.constraint is not None else []
         if forced:
             candidates, acceptance = forced[:limit], seq.forced_acceptance
@@ -553,12 +600,82 @@ class LlamaCppEngine:
             seq.lookup.sync(seq.history, seq.pending)
             candidates, acceptance = seq.lookup.propose(limit), seq.lookup.acceptance
         feeding = worth_feeding(len(candidates), acceptance.rate, self._pass_costs)
-        unfed = (candidates[0], acceptance) if candidates and not feeding else None
-        return candidates[:feeding], bool(forced), unfed
+        return candidates, bool(forced), acceptance, feeding
 
-    def _check_proposal(self, seq: _Sequence, fed: list[int], proposed: list[int], forced: bool) -> None:
+    def _chain_passes(self, seq: _Sequence) -> int:
+        """How many passes a drafted chain of `seq` should run, within its budget and the cache's room; 0 where no
+        chain is expected to beat one token a pass (or none can run)."""
+        llm = self._llm
+        head = llm.drafts
+        if not self._drafting or head is None or not llm.can_cut:
+            return 0
+        if seq.drafter is None:
+            params = seq.request.sampling
+            seq.drafter = Drafter(head, greedy=params.temperature < MIN_TEMPERATURE or params.top_k == 1)
+            seq.drafter.add(list(self._recent))
+        kept = sum(len(k.tokens) for k in self._kept.values())
+        room = llm.n_ctx - len(seq.history) - 1 - kept - MAX_CHAIN
+        limit = min(seq.request.max_new_tokens - seq.n_generated, room + 1)
+        return chain_length(seq.drafter.acceptance.rate, self._draft_costs, limit)
+
+    def _draft_chain(self, seq: _Sequence, passes: int, unfed: tuple[int, Acceptance] | None) -> bool:
+        """Run `seq`'s next token and the tokens drafted after it through the layers, one pass each (`passes` at
+        most), then the output layer over all of them at once, and keep the drafts that decoding one token at a
+        time would have chosen (engine/drafting.py). False, and nothing done, where it cannot run."""
+        llm = self._llm
+        head, drafter, constraint = llm.drafts, seq.drafter, seq.request.constraint
+        assert head is not None and drafter is not None
+        drafter.sync(seq.history, seq.pending)
+        start = len(seq.history)
+        fed = [seq.pending[0]]
+        hidden = np.empty((passes, head.n_embd), np.float32)
+        done = consumed = 0
+        try:
+            for i in range(passes):
+                if not llm.decode([(seq.seq_id, start + i, [fed[i]], True)], logits=False):
+                    break  # no cells left: the chain ends here (llama.cpp left the cache as it was)
+                hidden[i] = llm.hidden[0]
+                done = i + 1
+                if done == passes:
+                    break
+                try:
+                    token = drafter.propose(hidden[i], constraint, seq.request.sampling, seq.generated)
+                    if token is None or llm.is_end_of_generation(token) or self._lookup_pays(seq, fed + [token]):
+                        break  # (where prompt lookup would feed tokens after this one, the next step feeds them)
+                    if constraint is not None:
+                        if not constraint.speculate(token):
+                            break
+                        consumed += 1
+                        if constraint.finished:  # the sequence ends with this token: nothing to draft after it
+                            break
+                except Exception:  # a grammar in error: choosing the chain's tokens below reports it to the request
+                    break
+                fed.append(token)
+        finally:
+            if constraint is not None:
+                constraint.rollback(consumed)
+        if done == 0:
+            return False
+        llm.logits_of(hidden[:done])
+        self._check_proposal(seq, fed[:1], fed[1:done], "draft")
+        if unfed is not None:  # the proposal prompt lookup did not feed, against the token chosen after the first
+            after = seq.history[start + 1 :] or seq.pending[-1:]
+            if after:
+                token, acceptance = unfed
+                acceptance.observe(1, int(after[0] == token))
+        return True
+
+    def _lookup_pays(self, seq: _Sequence, drafted: list[int]) -> bool:
+        """Whether prompt lookup would feed tokens after `seq`'s tokens so far and then `drafted`."""
+        if seq.lookup is None:
+            return False
+        candidates = seq.lookup.propose_after((seq.history[-3:] + drafted)[-3:], MAX_PROPOSED)
+        return bool(candidates) and worth_feeding(len(candidates), seq.lookup.acceptance.rate, self._pass_costs) > 0
+
+    def _check_proposal(self, seq: _Sequence, fed: list[int], proposed: list[int], source: str) -> None:
         """Choose `seq`'s tokens position by position, as one at a time would; keep each proposed token only while
-        it is the token chosen before it, and drop the cache of the rest."""
+        it is the token chosen before it, and drop the cache of the rest. `source`: who proposed them ("forced"
+        by a grammar, "lookup" or "draft")."""
         seq.history.extend(fed)
         seq.pending.clear()
         kept = 0
@@ -571,15 +688,21 @@ class LlamaCppEngine:
             kept += 1
         if kept < len(proposed) and not self._llm.forget(seq.seq_id, len(seq.history)):
             raise EngineError("the cache of rejected proposals could not be dropped")  # fails this step's requests
-        if forced:
-            seq.forced_acceptance.observe(len(proposed), kept)
-            self.forced_tokens += len(proposed)
-            self.forced_accepted += kept
+        if source == "draft":  # counted apart from prompt lookup's and a grammar's proposals
+            assert seq.drafter is not None
+            seq.drafter.acceptance.observe(len(proposed), kept)
+            self.drafted_tokens += len(proposed)
+            self.draft_accepted += kept
         else:
-            assert seq.lookup is not None
-            seq.lookup.acceptance.observe(len(proposed), kept)
-        self.proposed_tokens += len(proposed)
-        self.accepted_tokens += kept
+            if source == "forced":
+                seq.forced_acceptance.observe(len(proposed), kept)
+                self.forced_tokens += len(proposed)
+                self.forced_accepted += kept
+            else:
+                assert seq.lookup is not None
+                seq.lookup.acceptance.observe(len(proposed), kept)
+            self.proposed_tokens += len(proposed)
+            self.accepted_tokens += kept
         if ended:
             self._finish(seq)
 
@@ -633,6 +756,11 @@ class LlamaCppEngine:
     def _finish(self, seq: _Sequence, keep: bool = True) -> None:
         self._running.remove(seq)
         seq.cancelled = True
+        for token in seq.generated:
+            self._recent[token] = None
+            self._recent.move_to_end(token)
+        while len(self._recent) > RECENT_TOKENS:
+            self._recent.popitem(last=False)
         if seq.solo is not None:
             seq.solo.close()
             seq.solo = None

@@ -24,6 +24,8 @@ from gemserve.engine.types import EngineError, ModelMetadata
 
 log = logging.getLogger("gemserve.engine")
 
+SHORTLIST_PREFIX = 16384  # the first tokens of the vocabulary drafting scores (_shortlist_tokens)
+
 _backend_lock = threading.Lock()
 _backend_ready = False
 
@@ -118,6 +120,8 @@ class LlamaModel:
         self._capture_owner = self._head  # llama.cpp holds pointers into it for the context's life
         if self._head is not None and not self._head_agrees():
             self._head = None
+        if self._head is not None:
+            self._head.build_shortlist(np.array(self._shortlist_tokens()))
         self.metadata = ModelMetadata(
             context_length=min(n_ctx, trained),
             vocab_size=self.n_vocab,
@@ -192,10 +196,12 @@ class LlamaModel:
 
     # ---- forward passes (engine thread) -------------------------------------------------------------------
 
-    def decode(self, entries: list[tuple[int, int, list[int], bool]]) -> bool:
+    def decode(self, entries: list[tuple[int, int, list[int], bool]], logits: bool = True) -> bool:
         """One forward pass over `(seq_id, first position, tokens, want logits of the last)` entries.
 
-        False when the tokens did not fit the KV cache; llama.cpp then leaves the cache as it was."""
+        With `logits` False (only where `drafts` is not None), the wanted positions' final hidden states are left
+        in `hidden` instead, for `logits_of` later. False when the tokens did not fit the KV cache; llama.cpp then
+        leaves the cache as it was."""
         batch = self._batch
         n = 0
         output_rows: dict[int, int] = {}
@@ -223,14 +229,51 @@ class LlamaModel:
             self._output_rows = {}
             if head is not None:
                 try:
-                    by_head = head.finish()
+                    by_head = head.finish(logits)
                 except RuntimeError as exc:
                     raise EngineError(str(exc)) from exc
-                if by_head:
+                if by_head and logits:
                     self._output_rows = output_rows
+                elif not by_head and not logits and status == 0:
+                    raise EngineError("a decode without logits ran llama.cpp's output layer")
         if status < 0:
             raise EngineError(f"llama_decode failed with status {status}")
         return status == 0
+
+    @property
+    def drafts(self) -> OutputHead | None:
+        """The output layer whose shortlist drafts tokens (engine/drafting.py), while gemserve computes logits."""
+        return self._head if self._active_adapter not in self._adapters_changing_output else None
+
+    @property
+    def hidden(self) -> np.ndarray:
+        """The final hidden states a decode without logits captured, one row per wanted position (a view)."""
+        assert self._head is not None
+        return self._head.hidden
+
+    def logits_of(self, hidden: np.ndarray) -> None:
+        """Compute the logits of hidden states captured by decodes without logits: afterwards `logits(i)` is
+        those of `hidden[i]`, the same bits as if their decodes had computed them."""
+        assert self._head is not None
+        try:
+            self._head.compute(hidden)
+        except RuntimeError as exc:
+            raise EngineError(str(exc)) from exc
+        self._output_rows = {i: i for i in range(hidden.shape[0])}
+
+    def _shortlist_tokens(self) -> list[int]:
+        """The tokens drafting scores every time: the first SHORTLIST_PREFIX of the vocabulary (BPE vocabularies
+        list tokens by merge order, roughly by frequency), every token of one character below U+3000 (punctuation,
+        digits, letters; Gemma keeps them at the end of its vocabulary), and the end-of-generation tokens. Each
+        sequence adds the tokens it has seen (engine/drafting.py); CJK characters come in that way. Small matters:
+        reading the shortlist is most of a draft's cost beside the layers."""
+        chosen = list(range(min(SHORTLIST_PREFIX, self.n_vocab)))
+        buf = ctypes.create_string_buffer(8)
+        for token in range(SHORTLIST_PREFIX, self.n_vocab):
+            n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if (0 < n <= 3 and _one_character(buf.raw[:n])) or self.is_end_of_generation(token):
+                chosen.append(token)
+        return chosen
 
     @property
     def output_layer(self) -> str:
@@ -386,6 +429,15 @@ class LlamaModel:
         if token < 0:
             return ""
         return (llama.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
+
+
+def _one_character(piece: bytes) -> bool:
+    """Whether `piece` is one character below U+3000 (where CJK scripts begin)."""
+    try:
+        text = piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return len(text) == 1 and ord(text) < 0x3000
 
 
 def _changes_output_layer(adapter: Path) -> bool:

@@ -155,6 +155,7 @@ def _output_matrix(path: Path, n_embd: int, n_vocab: int) -> tuple[GGUFTensor | 
     return tensor, ""
 
 
+MAX_CACHED_ROWS = 8192  # dequantized rows `OutputHead.rows` keeps (2.5 KiB each for Gemma 3 270M)
 _PACK_ROWS = 16384  # rows packed at a time; a multiple of the kernel's 8-row groups
 
 
@@ -219,6 +220,10 @@ class OutputHead:
         self.logits = np.empty((0, n_vocab), np.float32)
         self._scratch = np.empty(0, np.uint8)
         self._expected = 0
+        self._short_packed = np.empty(0, np.uint8)  # see build_shortlist()
+        self.shortlist = np.empty(0, np.int64)  # token ids, in the order of the shortlist's scores
+        self._short_scores = np.empty(0, np.float32)
+        self._rows: dict[int, np.ndarray] = {}  # dequantized rows of tokens off the shortlist (row())
         base = _ggml_base()
         self.state = CaptureState(
             get_name=ctypes.cast(base.ggml_get_name, _PTR).value,
@@ -269,10 +274,11 @@ class OutputHead:
         state.enabled = 1
         self._expected = outputs
 
-    def finish(self) -> bool:
-        """After the decode: compute the captured rows' logits into `logits`. False when nothing was captured
-        (llama.cpp then computed its own logits); an error when what was captured is not one hidden state per
-        sampled position, in batch order, as gemserve's single-micro-batch decodes give."""
+    def finish(self, logits: bool = True) -> bool:
+        """After the decode: compute the captured rows' logits into `logits` (or, with `logits` False, leave
+        them in `hidden`, for `compute` later). False when nothing was captured (llama.cpp then computed its own
+        logits); an error when what was captured is not one hidden state per sampled position, in batch order,
+        as gemserve's single-micro-batch decodes give."""
         state = self.state
         state.enabled = 0
         if state.captured == 0 or (state.captured == -1 and state.rows == 0):
@@ -280,13 +286,76 @@ class OutputHead:
         if state.captured != 1 or state.rows != self._expected:
             raise RuntimeError(f"the output layer captured {state.rows} hidden states for {self._expected} "
                                f"sampled positions (capture state {state.captured})")
-        if state.rows:
-            status = self._lib.output_head_matmul(self._packed.ctypes.data, self.n_vocab, self.n_embd,
-                                                  self._hidden.ctypes.data, state.rows, self.logits.ctypes.data,
-                                                  self._scratch.ctypes.data, self._threads)
-            if status != 0:
-                raise RuntimeError("the output-layer kernel refused its input")
+        if state.rows and logits:
+            self._matmul(self._packed, self.n_vocab, self._hidden, state.rows, self.logits)
         return True
+
+    @property
+    def hidden(self) -> np.ndarray:
+        """The hidden states the last decode captured, one row per sampled position (a view)."""
+        return self._hidden[: self.state.rows]
+
+    def compute(self, hidden: np.ndarray) -> None:
+        """The logits of `hidden`'s rows (final hidden states captured earlier) into `logits`: the same bits as
+        computing them in the decodes that captured them."""
+        n = hidden.shape[0]
+        if n > self._hidden.shape[0]:
+            self.prepare(n)
+            self.state.enabled = 0
+        self._matmul(self._packed, self.n_vocab, np.ascontiguousarray(hidden, np.float32), n, self.logits)
+
+    def _matmul(self, packed: np.ndarray, rows: int, hidden: np.ndarray, n: int, out: np.ndarray) -> None:
+        if n > self._hidden.shape[0]:
+            raise RuntimeError(f"{n} hidden states for an output layer prepared for {self._hidden.shape[0]}")
+        status = self._lib.output_head_matmul(packed.ctypes.data, rows, self.n_embd, hidden.ctypes.data, n,
+                                              out.ctypes.data, self._scratch.ctypes.data, self._threads)
+        if status != 0:
+            raise RuntimeError("the output-layer kernel refused its input")
+
+    # ---- the shortlist: cheap guesses at the next token, for drafting (engine/drafting.py) ----------------
+
+    def build_shortlist(self, tokens: np.ndarray) -> None:
+        """Pack a second, small copy of the rows of `tokens` (the vocabulary's common tokens), whose scores
+        `shortlist_scores` computes in a fraction of the whole layer's time."""
+        ids = np.unique(np.asarray(tokens, np.int64))
+        ids = ids[(ids >= 0) & (ids < self.n_vocab)]
+        row_bytes = self.n_embd // 32 * 34
+        with self._path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            matrix = np.frombuffer(mapped, np.uint8, self.n_vocab * row_bytes, self._tensor.offset)
+            rows = matrix.reshape(self.n_vocab, row_bytes)[ids]  # a copy
+            del matrix
+        packed = np.empty(self._lib.output_head_packed_bytes(len(ids), self.n_embd), np.uint8)
+        if self._lib.output_head_pack(rows.ctypes.data, len(ids), self.n_embd, packed.ctypes.data,
+                                      self._threads) != 0:
+            raise RuntimeError("the output-layer kernel could not pack the shortlist")
+        self._short_packed, self.shortlist = packed, ids
+        self._short_scores = np.empty(len(ids), np.float32)
+
+    def shortlist_scores(self, hidden: np.ndarray) -> np.ndarray:
+        """The logits of the shortlist's tokens for one hidden state (a buffer reused by the next call)."""
+        self._matmul(self._short_packed, len(self.shortlist), np.ascontiguousarray(hidden[None], np.float32), 1,
+                     self._short_scores)
+        return self._short_scores
+
+    def rows(self, tokens: list[int]) -> np.ndarray:
+        """The rows of `tokens` in the output matrix, dequantized to float (read from the file, the recent ones
+        kept: for scoring a few tokens off the shortlist, approximately)."""
+        blocks = self.n_embd // 32
+        found = {t: self._rows[t] for t in tokens if t in self._rows}
+        missing = [t for t in dict.fromkeys(tokens) if t not in found]
+        if missing:
+            with self._path.open("rb", buffering=0) as f:
+                for token in missing:
+                    at = self._tensor.offset + token * blocks * 34
+                    raw = np.frombuffer(os.pread(f.fileno(), blocks * 34, at), np.uint8).reshape(blocks, 34)
+                    scales = raw[:, :2].copy().view(np.float16).astype(np.float32)
+                    found[token] = (raw[:, 2:].view(np.int8).astype(np.float32) * scales).reshape(-1)
+                    self._rows[token] = found[token]
+            while len(self._rows) > MAX_CACHED_ROWS:
+                self._rows.pop(next(iter(self._rows)))
+        if not tokens:
+            return np.empty((0, self.n_embd), np.float32)
+        return np.stack([found[t] for t in tokens])
 
     def pack(self) -> None:
         """Read and pack the matrix; needed before the first decode with capture on."""
