@@ -15,7 +15,9 @@ gemserve, a `gemserve serve` process this script starts on a free port of 127.0.
   - aggregate tokens/s of 8 concurrent streams of 128 tokens: all tokens produced divided by the time from
     sending the requests to the last chunk of the last stream (prompt processing included);
   - decode tokens/s under a JSON schema (responseMimeType application/json with a responseSchema), as the
-    single-stream decode is measured, alternating with it: the ratio is the cost of constrained decoding;
+    single-stream decode is measured, alternating with it: the ratio is the cost of constrained decoding; and
+    under a second schema whose answer is mostly new prose (the first one's answer may repeat itself, which
+    prompt lookup turns into several tokens a pass, as it does the free essay);
   - peak RSS of the server process (VmHWM in /proc/<pid>/status), read before it is stopped.
 
 llama-cpp-python in this process, `Llama(n_ctx=4096, n_threads=2)`, as the baseline, and the same with
@@ -83,6 +85,13 @@ JSON_PROMPT = ("Describe the history of the printing press as a list of ten even
 JSON_SCHEMA = {"type": "ARRAY", "items": {"type": "OBJECT", "properties": {
     "year": {"type": "INTEGER"}, "place": {"type": "STRING"}, "people": {"type": "ARRAY", "items": {"type": "STRING"}},
     "description": {"type": "STRING"}}, "required": ["year", "place", "people", "description"]}}
+# A second schema whose answers are mostly new prose (the first one's answer may repeat itself, which prompt lookup
+# turns into several tokens a pass): decode under it against free decode is the harder figure.
+PROSE_JSON_PROMPT = ("List five famous inventors as JSON, each with name, country, invention and a long description "
+                     "of their life.")
+PROSE_JSON_SCHEMA = {"type": "ARRAY", "items": {"type": "OBJECT", "properties": {
+    "name": {"type": "STRING"}, "country": {"type": "STRING"}, "invention": {"type": "STRING"},
+    "description": {"type": "STRING"}}, "required": ["name", "country", "invention", "description"]}}
 
 _LONG_PARAGRAPHS = (
     "Before the printing press, books in Europe were copied by hand, most often by monks working in the "
@@ -289,10 +298,11 @@ class Stream:
         return (self.tokens - 1) / span if span > 0 and self.tokens > 1 else float("nan")
 
 
-def stream_generate(client: httpx.Client, url: str, prompt: str, max_tokens: int, schema: bool = False) -> Stream:
+def stream_generate(client: httpx.Client, url: str, prompt: str, max_tokens: int,
+                    schema: dict[str, object] | None = None) -> Stream:
     config: dict[str, object] = {"temperature": 0, "maxOutputTokens": max_tokens}
-    if schema:
-        config.update(responseMimeType="application/json", responseSchema=JSON_SCHEMA)
+    if schema is not None:
+        config.update(responseMimeType="application/json", responseSchema=schema)
     body = {"contents": [{"role": "user", "parts": [{"text": prompt}]}], "generationConfig": config}
     endpoint = f"{url}/v1beta/{MODEL}:streamGenerateContent?alt=sse"
     result = Stream(sent=time.perf_counter())
@@ -460,6 +470,7 @@ class Results:
     starts: list[StartUp] = field(default_factory=list)
     server_decode: list[Stream] = field(default_factory=list)
     server_json: list[Stream] = field(default_factory=list)
+    server_json_prose: list[Stream] = field(default_factory=list)
     server_ttft: list[Stream] = field(default_factory=list)
     concurrent: list[Concurrent] = field(default_factory=list)
     baselines: list[BaselineFigures] = field(default_factory=list)
@@ -490,11 +501,14 @@ def measure_pairs(results: Results, client: httpx.Client, server: Server, baseli
     stream_generate(client, url, DECODE_PROMPT, 16)  # warm-ups, not counted
     for baseline in baselines:
         baseline.decode()
-    stream_generate(client, url, JSON_PROMPT, 16, schema=True)  # compiles the schema's grammar once
+    stream_generate(client, url, JSON_PROMPT, 16, schema=JSON_SCHEMA)  # compiles the schemas' grammars once
+    stream_generate(client, url, PROSE_JSON_PROMPT, 16, schema=PROSE_JSON_SCHEMA)
     for _ in range(runs):
         results.server_decode.append(noted(server, partial(stream_generate, client, url, DECODE_PROMPT, NEW_TOKENS)))
         results.server_json.append(noted(server, partial(stream_generate, client, url, JSON_PROMPT, NEW_TOKENS,
-                                                         schema=True)))
+                                                         schema=JSON_SCHEMA)))
+        results.server_json_prose.append(noted(server, partial(stream_generate, client, url, PROSE_JSON_PROMPT,
+                                                               NEW_TOKENS, schema=PROSE_JSON_SCHEMA)))
         for baseline, figures in zip(baselines, results.baselines, strict=True):
             figures.decode.append(noted(server, baseline.decode))
     for run in range(runs):
@@ -504,6 +518,8 @@ def measure_pairs(results: Results, client: httpx.Client, server: Server, baseli
             figures.ttft.append(noted(server, partial(baseline.ttft, baseline.tokens(prompt))))
     print("decode tok/s, gemserve:", _fmt_list(s.decode_rate for s in results.server_decode), flush=True)
     print("JSON-schema decode tok/s, gemserve:", _fmt_list(s.decode_rate for s in results.server_json), flush=True)
+    print("JSON-schema (prose) decode tok/s, gemserve:", _fmt_list(s.decode_rate for s in results.server_json_prose),
+          flush=True)
     print("long-prompt TTFT s, gemserve:", _fmt_list(s.ttft for s in results.server_ttft), flush=True)
     for figures in results.baselines:
         print(f"decode tok/s, {figures.label}:", _fmt_list(b.decode_rate for b in figures.decode), flush=True)
@@ -571,6 +587,7 @@ def _tokens_note(counts: list[int]) -> str:
 def report(r: Results, runs: int) -> str:
     s_decode = _median(s.decode_rate for s in r.server_decode)
     s_json = _median(s.decode_rate for s in r.server_json)
+    s_prose = _median(s.decode_rate for s in r.server_json_prose)
     s_ttft = _median(s.ttft for s in r.server_ttft)
     agg = _median(c.aggregate_rate for c in r.concurrent)
     per_stream = _median(s.decode_rate for c in r.concurrent for s in c.streams)
@@ -595,6 +612,9 @@ def report(r: Results, runs: int) -> str:
         [f"decode under a JSON schema, {NEW_TOKENS} tokens (tokens/s)"
          + _tokens_note([s.tokens for s in r.server_json]),
          f"{s_json:.1f} ({s_json / s_decode:.2f} of free decode)", *blank],
+        [f"decode under the second JSON schema (inventors, long descriptions), {NEW_TOKENS} tokens (tokens/s)"
+         + _tokens_note([s.tokens for s in r.server_json_prose]),
+         f"{s_prose:.1f} ({s_prose / s_decode:.2f} of free decode)", *blank],
         [f"time to first token, {server_prompts[1]}-token prompt (s)", *versus(s_ttft, b_ttft, ".3f")],
         [f"{CONCURRENCY} concurrent streams, aggregate (tokens/s)"
          + _tokens_note([s.tokens for c in r.concurrent for s in c.streams]),
@@ -617,7 +637,8 @@ def report(r: Results, runs: int) -> str:
         "",
         f"- cold start to models listed (s): {_fmt_list(s.listed_s for s in r.starts)}; to first token (s): "
         f"{_fmt_list(s.first_token_s for s in r.starts)}",
-        f"- JSON-schema decode (tokens/s): gemserve {_fmt_runs(r.server_json, 'decode_rate')}",
+        f"- JSON-schema decode (tokens/s): gemserve {_fmt_runs(r.server_json, 'decode_rate')}; second schema "
+        f"{_fmt_runs(r.server_json_prose, 'decode_rate')}",
         f"- decode (tokens/s): gemserve {_fmt_runs(r.server_decode, 'decode_rate')}; "
         + "; ".join(f"{f.label} {_fmt_runs(f.decode, 'decode_rate')}" for f in r.baselines),
         f"- long-prompt TTFT (s): gemserve {_fmt_runs(r.server_ttft, 'ttft')}; "
