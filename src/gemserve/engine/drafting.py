@@ -37,7 +37,7 @@ from gemserve.engine.types import SamplingParams
 
 MAX_CHAIN = 8  # passes in one chain (the output-layer kernel takes 8 hidden states in one sweep of its matrix)
 GREEDY_ACCEPTANCE = 0.9  # a greedy sequence's draft acceptance before any of its drafts was checked
-SAMPLED_ACCEPTANCE = 0.5  # a sampled one's: it learns from its plain steps (`observe_plain`) until it drafts
+SAMPLED_ACCEPTANCE = 0.5  # a sampled one's; both also learn from plain steps (the engine's `_step`)
 MEASURING_ROUNDS = 3
 CANDIDATES = 8  # best shortlist tokens asked of a constraint, in order, before giving up on a draft
 
@@ -76,7 +76,8 @@ class Drafter:
 
     def sync(self, history: list[int], pending: list[int]) -> None:
         """Take in the tokens of `history + pending` not seen yet (a sequence's tokens only ever grow)."""
-        tokens = (history + pending)[self._seen:]
+        have = self._seen
+        tokens = history[have:] + pending if have < len(history) else pending[have - len(history):]
         self._seen += len(tokens)
         self.add(tokens)
 

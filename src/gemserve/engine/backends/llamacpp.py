@@ -269,6 +269,12 @@ class LlamaCppEngine:
             if passes:
                 self._pass_costs = PassCosts.measure(run)
                 log.info("pass costs, in single-token passes by tokens fed: %s", self._pass_costs)
+        except Exception as exc:  # the model serves all the same: proposals fed by a guess, no drafting
+            log.warning("pass costs not measured (%s): proposals are fed at guessed costs, none drafted", exc)
+            if passes:
+                self._pass_costs = PassCosts.guessed()
+            drafts = False
+        try:
             if drafts:
                 run(1, logits=False)
                 hidden = np.repeat(np.array(llm.hidden[:1]), MAX_CHAIN, axis=0)
@@ -281,9 +287,8 @@ class LlamaCppEngine:
                 unit = min(run(1) for _ in range(3))
                 self._draft_costs = DraftCosts.measure(lambda: run(1, logits=False), logits_of, unit)
                 log.info("drafting costs, in single-token passes: %s", self._draft_costs)
-        except Exception as exc:  # the model serves all the same: proposals fed by a guess, no drafting
-            log.warning("pass costs not measured (%s): proposals are fed at guessed costs, none drafted", exc)
-            self._pass_costs = PassCosts.guessed()
+        except Exception as exc:  # the model serves all the same, without drafting
+            log.warning("drafting costs not measured (%s): no drafting", exc)
             self._draft_costs = DraftCosts.guessed()
         finally:
             llm.forget(0)
@@ -607,8 +612,8 @@ class LlamaCppEngine:
         chain is expected to beat one token a pass (or none can run)."""
         llm = self._llm
         head = llm.drafts
-        if not self._drafting or head is None or not llm.can_cut:
-            return 0
+        if not self._drafting or head is None or not llm.can_cut or chain_length(1.0, self._draft_costs) == 0:
+            return 0  # (the last: not even drafts always right would pay, on the costs measured)
         if seq.drafter is None:
             params = seq.request.sampling
             seq.drafter = Drafter(head, greedy=params.temperature < MIN_TEMPERATURE or params.top_k == 1)
@@ -625,37 +630,54 @@ class LlamaCppEngine:
         llm = self._llm
         head, drafter, constraint = llm.drafts, seq.drafter, seq.request.constraint
         assert head is not None and drafter is not None
-        drafter.sync(seq.history, seq.pending)
+        try:
+            drafter.sync(seq.history, seq.pending)
+        except OSError as exc:  # the model file's rows could not be read again: serve on without drafts
+            log.warning("drafting turned off for this model: %s", exc)
+            self._drafting = False
+            return False
         start = len(seq.history)
         fed = [seq.pending[0]]
         hidden = np.empty((passes, head.n_embd), np.float32)
         done = consumed = 0
-        try:
-            for i in range(passes):
-                if not llm.decode([(seq.seq_id, start + i, [fed[i]], True)], logits=False):
-                    break  # no cells left: the chain ends here (llama.cpp left the cache as it was)
-                hidden[i] = llm.hidden[0]
-                done = i + 1
-                if done == passes:
+        missed = False  # no draft came (none permitted, an end, a grammar in error): counts as a wrong one
+        for i in range(passes):  # (a failing decode fails the step, and with it this request and its grammar)
+            if not llm.decode([(seq.seq_id, start + i, [fed[i]], True)], logits=False):
+                break  # no cells left: the chain ends here (llama.cpp left the cache as it was)
+            hidden[i] = llm.hidden[0]
+            done = i + 1
+            if done == passes:
+                break
+            try:
+                token = drafter.propose(hidden[i], constraint, seq.request.sampling, seq.generated)
+                if token is None or llm.is_end_of_generation(token):
+                    missed = True
                     break
-                try:
-                    token = drafter.propose(hidden[i], constraint, seq.request.sampling, seq.generated)
-                    if token is None or llm.is_end_of_generation(token) or self._lookup_pays(seq, fed + [token]):
-                        break  # (where prompt lookup would feed tokens after this one, the next step feeds them)
-                    if constraint is not None:
-                        if not constraint.speculate(token):
-                            break
-                        consumed += 1
-                        if constraint.finished:  # the sequence ends with this token: nothing to draft after it
-                            break
-                except Exception:  # a grammar in error: choosing the chain's tokens below reports it to the request
-                    break
-                fed.append(token)
-        finally:
-            if constraint is not None:
+                if self._lookup_pays(seq, fed + [token]):
+                    break  # the next step feeds what prompt lookup proposes after this token
+                if constraint is not None:
+                    if not constraint.speculate(token):
+                        missed = True
+                        break
+                    consumed += 1
+                    if constraint.finished:  # the sequence ends with this token: nothing to draft after it
+                        break
+            except Exception:  # a grammar in error: choosing the chain's tokens below reports it to the request
+                missed = True
+                break
+            fed.append(token)
+        if constraint is not None and consumed:
+            try:
                 constraint.rollback(consumed)
+            except Exception as exc:  # this request's grammar is lost; the others go on
+                log.exception("a grammar could not undo its drafted tokens")
+                self._outbox.put(seq, EngineError(f"constrained decoding failed for this request: {exc}"))
+                self._finish(seq, keep=False)
+                return True
         if done == 0:
             return False
+        if missed:
+            drafter.acceptance.observe(1, 0)
         llm.logits_of(hidden[:done])
         self._check_proposal(seq, fed[:1], fed[1:done], "draft")
         if unfed is not None:  # the proposal prompt lookup did not feed, against the token chosen after the first

@@ -120,8 +120,13 @@ class LlamaModel:
         self._capture_owner = self._head  # llama.cpp holds pointers into it for the context's life
         if self._head is not None and not self._head_agrees():
             self._head = None
+        self._drafts: OutputHead | None = None
         if self._head is not None:
-            self._head.build_shortlist(np.array(self._shortlist_tokens()))
+            try:
+                self._head.build_shortlist(np.array(self._shortlist_tokens()))
+                self._drafts = self._head
+            except (OSError, RuntimeError) as exc:  # the model serves all the same, without drafting
+                log.warning("no shortlist for drafting: %s", exc)
         self.metadata = ModelMetadata(
             context_length=min(n_ctx, trained),
             vocab_size=self.n_vocab,
@@ -243,7 +248,7 @@ class LlamaModel:
     @property
     def drafts(self) -> OutputHead | None:
         """The output layer whose shortlist drafts tokens (engine/drafting.py), while gemserve computes logits."""
-        return self._head if self._active_adapter not in self._adapters_changing_output else None
+        return self._drafts if self._active_adapter not in self._adapters_changing_output else None
 
     @property
     def hidden(self) -> np.ndarray:

@@ -223,7 +223,7 @@ class OutputHead:
         self._short_packed = np.empty(0, np.uint8)  # see build_shortlist()
         self.shortlist = np.empty(0, np.int64)  # token ids, in the order of the shortlist's scores
         self._short_scores = np.empty(0, np.float32)
-        self._rows: dict[int, np.ndarray] = {}  # dequantized rows of tokens off the shortlist (row())
+        self._rows: dict[int, np.ndarray] = {}  # dequantized rows of tokens off the shortlist (rows())
         base = _ggml_base()
         self.state = CaptureState(
             get_name=ctypes.cast(base.ggml_get_name, _PTR).value,
