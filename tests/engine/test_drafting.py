@@ -89,7 +89,9 @@ def test_penalties_move_the_draft_as_they_move_sampling() -> None:
 
 def test_a_chain_runs_only_where_it_pays_and_longer_the_more_its_drafts_are_kept() -> None:
     assert chain_length(1.0, DraftCosts.guessed()) == 0  # a pass that costs a whole one never pays
+    assert not DraftCosts.guessed().can_pay
     costs = DraftCosts(0.4, {n: 0.6 + 0.05 * (n - 1) for n in range(1, MAX_CHAIN + 1)})
+    assert costs.can_pay
     assert chain_length(0.1, costs) == 0
     lengths = [chain_length(a, costs) for a in (0.6, 0.8, 0.95, 1.0)]
     assert lengths == sorted(lengths) and lengths[0] >= 2 and lengths[-1] == MAX_CHAIN

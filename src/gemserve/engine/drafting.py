@@ -142,6 +142,7 @@ class DraftCosts:
     def __init__(self, draft: float, logits: Mapping[int, float]) -> None:
         self.draft = draft
         self._logits = dict(logits)
+        self.can_pay = chain_length(1.0, self) > 0  # whether any chain pays, were every draft right
 
     @classmethod
     def guessed(cls) -> DraftCosts:

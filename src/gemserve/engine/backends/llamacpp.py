@@ -612,7 +612,7 @@ class LlamaCppEngine:
         chain is expected to beat one token a pass (or none can run)."""
         llm = self._llm
         head = llm.drafts
-        if not self._drafting or head is None or not llm.can_cut or chain_length(1.0, self._draft_costs) == 0:
+        if not self._drafting or head is None or not llm.can_cut or not self._draft_costs.can_pay:
             return 0  # (the last: not even drafts always right would pay, on the costs measured)
         if seq.drafter is None:
             params = seq.request.sampling
